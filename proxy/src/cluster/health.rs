@@ -1,0 +1,68 @@
+//! Health checks: connect and `SELECT 1` on every in-sync backend at an interval.
+//!
+//! A backend that fails `health_check_failures` checks in a row leaves as `down`. Sessions find
+//! failures on their own connections faster; this catches a backend nobody is using.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Backend, BackendState, Cluster};
+use crate::config::Config;
+
+/// One check: log in as the health user and run `SELECT 1` within `timeout`.
+pub async fn probe(cfg: &Config, b: &Backend, timeout: Duration) -> Result<(), String> {
+    let user = cfg.health_user();
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&b.host)
+        .port(b.port)
+        .user(&user.name)
+        .password(&user.password)
+        .dbname(&cfg.health_check_database)
+        .application_name("chorus-health")
+        .connect_timeout(timeout);
+    let check = async {
+        let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+        let conn = tokio::spawn(conn);
+        let res = client.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| e.to_string());
+        drop(client);
+        let _ = conn.await;
+        res
+    };
+    match tokio::time::timeout(timeout, check).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+pub fn spawn_health_checks(cfg: Arc<Config>, cluster: Arc<Cluster>, stop: CancellationToken) {
+    for b in cluster.backends().iter().cloned() {
+        let (cfg, cluster, stop) = (cfg.clone(), cluster.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut failures = 0u32;
+            let mut tick = tokio::time::interval(cfg.health_check_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if b.state() != BackendState::InSync {
+                    failures = 0;
+                    continue;
+                }
+                match probe(&cfg, &b, cfg.health_check_timeout).await {
+                    Ok(()) => failures = 0,
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!(backend = %b.name, failures, error = %e, "health check failed");
+                        if failures >= cfg.health_check_failures {
+                            cluster.eject(b.idx, BackendState::Down, &format!("health check failed {failures} times: {e}"));
+                        }
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,383 @@
+//! The configuration file: one TOML document, every key documented in docs/configuration.md.
+//!
+//! Unknown keys are refused so that a typo never silently falls back to a default. Secrets can
+//! come from the environment instead of the file (see `apply_env`).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadPolicy {
+    /// One in-sync backend, the least busy.
+    #[default]
+    One,
+    /// Every in-sync backend; the first reply wins.
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CommitAck {
+    #[default]
+    All,
+    First,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum AuthMethod {
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default)]
+    pub method: AuthMethod,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    #[serde(default)]
+    pub password: String,
+}
+
+impl std::fmt::Debug for UserConfig {
+    // Passwords never reach a log line, not even through a Debug print of the config.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserConfig").field("name", &self.name).field("password", &"<redacted>").finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl BackendConfig {
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "defaults::listen")]
+    pub listen: String,
+    #[serde(default = "defaults::admin_listen")]
+    pub admin_listen: String,
+    #[serde(default)]
+    pub admin_token: String,
+    #[serde(default = "defaults::data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub read_policy: ReadPolicy,
+    #[serde(default)]
+    pub commit_ack: CommitAck,
+    #[serde(default = "defaults::max_client_connections")]
+    pub max_client_connections: usize,
+    #[serde(default = "defaults::max_message_size")]
+    pub max_message_size: usize,
+    #[serde(default = "defaults::login_timeout", deserialize_with = "duration")]
+    pub login_timeout: Duration,
+    #[serde(default = "defaults::idle_in_transaction_timeout", deserialize_with = "duration")]
+    pub idle_in_transaction_timeout: Duration,
+    #[serde(default = "defaults::backend_timeout", deserialize_with = "duration")]
+    pub backend_timeout: Duration,
+    #[serde(default = "defaults::connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(default = "defaults::shutdown_timeout", deserialize_with = "duration")]
+    pub shutdown_timeout: Duration,
+    #[serde(default = "defaults::health_check_interval", deserialize_with = "duration")]
+    pub health_check_interval: Duration,
+    #[serde(default = "defaults::health_check_timeout", deserialize_with = "duration")]
+    pub health_check_timeout: Duration,
+    #[serde(default = "defaults::health_check_failures")]
+    pub health_check_failures: u32,
+    #[serde(default = "defaults::health_check_database")]
+    pub health_check_database: String,
+    #[serde(default)]
+    pub health_check_user: Option<String>,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("backends", &self.backends)
+            .field("users", &self.users)
+            .finish_non_exhaustive()
+    }
+}
+
+mod defaults {
+    use std::path::PathBuf;
+    use std::time::Duration;
+    pub fn listen() -> String {
+        "127.0.0.1:6432".into()
+    }
+    pub fn admin_listen() -> String {
+        "127.0.0.1:6433".into()
+    }
+    pub fn data_dir() -> PathBuf {
+        "./chorus-data".into()
+    }
+    pub fn max_client_connections() -> usize {
+        1000
+    }
+    pub fn max_message_size() -> usize {
+        64 * 1024 * 1024
+    }
+    pub fn login_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn idle_in_transaction_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn backend_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn health_check_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn health_check_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn health_check_failures() -> u32 {
+        2
+    }
+    pub fn health_check_database() -> String {
+        "postgres".into()
+    }
+}
+
+/// Parses "250ms", "5s", "2m", "1h"; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s, m or h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let mut cfg = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.into(), message },
+            other => other,
+        })?;
+        cfg.apply_env(|k| std::env::var(k).ok());
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: PathBuf::new(), message: e.to_string().trim().replace('\n', " ") })
+    }
+
+    /// Secrets from the environment win over the file: `CHORUS_ADMIN_TOKEN`, and
+    /// `CHORUS_PASSWORD_<USER>` (user name upper-cased, other characters as `_`).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(t) = get("CHORUS_ADMIN_TOKEN") {
+            self.admin_token = t;
+        }
+        for u in &mut self.users {
+            if let Some(p) = get(&password_env_var(&u.name)) {
+                u.password = p;
+            }
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.backends.is_empty() {
+            return bad("at least one [[backends]] entry is required".into());
+        }
+        let mut names = HashSet::new();
+        for b in &self.backends {
+            if b.name.is_empty() || !b.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return bad(format!("backend name {:?} must be non-empty letters, digits, '-' or '_'", b.name));
+            }
+            if !names.insert(&b.name) {
+                return bad(format!("backend name {:?} appears twice", b.name));
+            }
+        }
+        if self.users.is_empty() {
+            return bad("at least one [[users]] entry is required".into());
+        }
+        let mut users = HashSet::new();
+        for u in &self.users {
+            if !users.insert(&u.name) {
+                return bad(format!("user {:?} appears twice", u.name));
+            }
+            if u.password.is_empty() && self.auth.method != AuthMethod::Trust {
+                return bad(format!("user {:?} needs a password with auth method other than trust", u.name));
+            }
+        }
+        if let Some(h) = &self.health_check_user {
+            if !users.contains(h) {
+                return bad(format!("health_check_user {h:?} is not one of [[users]]"));
+            }
+        }
+        if self.max_client_connections == 0 {
+            return bad("max_client_connections must be at least 1".into());
+        }
+        if self.max_message_size < 1024 {
+            return bad("max_message_size must be at least 1024 bytes".into());
+        }
+        if self.backends.len() > 64 {
+            return bad("at most 64 backends are supported".into());
+        }
+        for (key, d) in [
+            ("login_timeout", self.login_timeout),
+            ("backend_timeout", self.backend_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("health_check_interval", self.health_check_interval),
+            ("health_check_timeout", self.health_check_timeout),
+        ] {
+            if d.is_zero() {
+                return bad(format!("{key} must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    /// The user health checks log in as.
+    pub fn health_user(&self) -> &UserConfig {
+        self.health_check_user.as_deref().and_then(|n| self.user(n)).unwrap_or(&self.users[0])
+    }
+}
+
+pub fn password_env_var(user: &str) -> String {
+    let up: String = user.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+    format!("CHORUS_PASSWORD_{up}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+listen = "127.0.0.1:6432"
+admin_listen = "127.0.0.1:6433"
+admin_token = "change-me"
+data_dir = "./chorus-data"
+read_policy = "one"          # or "all"
+commit_ack = "all"           # or "first"
+[auth]
+method = "scram-sha-256"     # or "md5", "trust"
+[[users]]
+name = "app"
+password = "secret"          # also used to log in to the backends
+[[backends]]
+name = "pg1"
+host = "127.0.0.1"
+port = 5432
+"#;
+
+    #[test]
+    fn accepts_the_documented_sample() {
+        let c = Config::parse(SAMPLE).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.read_policy, ReadPolicy::One);
+        assert_eq!(c.commit_ack, CommitAck::All);
+        assert_eq!(c.auth.method, AuthMethod::ScramSha256);
+        assert_eq!(c.backends[0].addr(), "127.0.0.1:5432");
+        assert_eq!(c.idle_in_transaction_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn refuses_unknown_keys() {
+        let err = Config::parse(&format!("{SAMPLE}\nbogus = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let err = Config::parse(&SAMPLE.replace("port = 5432", "port = 5432\nweight = 2")).unwrap_err();
+        assert!(err.to_string().contains("weight"), "{err}");
+    }
+
+    #[test]
+    fn refuses_bad_values() {
+        assert!(Config::parse(&SAMPLE.replace("\"one\"", "\"some\"")).is_err());
+        assert!(Config::parse(&format!("login_timeout = \"5 parsecs\"\n{SAMPLE}")).is_err());
+        let c = Config::parse(&SAMPLE.replace("password = \"secret\"", "")).unwrap();
+        assert!(c.validate().is_err());
+        let dup = format!("{SAMPLE}\n[[backends]]\nname = \"pg1\"\nhost = \"h\"\nport = 1\n");
+        assert!(Config::parse(&dup).unwrap().validate().is_err());
+    }
+
+    #[test]
+    fn environment_overrides_secrets() {
+        let mut c = Config::parse(SAMPLE).unwrap();
+        c.apply_env(|k| match k {
+            "CHORUS_ADMIN_TOKEN" => Some("tok".into()),
+            "CHORUS_PASSWORD_APP" => Some("pw".into()),
+            _ => None,
+        });
+        assert_eq!(c.admin_token, "tok");
+        assert_eq!(c.users[0].password, "pw");
+        assert!(!format!("{c:?}").contains("pw\""));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("x").is_err());
+    }
+}

@@ -1,0 +1,171 @@
+//! One session's connection to one backend: opening it, logging in, and its buffers.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::outcome::Outcome;
+use crate::cluster::Backend;
+use crate::protocol::message::{self, AUTH_CLEARTEXT, AUTH_MD5, AUTH_OK, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL};
+use crate::protocol::{Frame, FrameCodec};
+use crate::wire::OutQueue;
+
+/// A live connection from one session to one backend.
+pub struct BackendConn {
+    pub backend: Arc<Backend>,
+    pub stream: TcpStream,
+    /// Bytes read from the backend and not yet handled.
+    pub rbuf: BytesMut,
+    /// Frames waiting to be written to the backend.
+    pub out: OutQueue,
+    pub alive: bool,
+    /// The backend's own cancel key, for forwarding CancelRequest.
+    pub key: (i32, i32),
+    /// Sequence numbers of the requests sent and not yet answered, oldest first.
+    pub queue: VecDeque<u64>,
+    /// Reply messages (async ones excluded) consumed for the oldest request.
+    pub pos: u32,
+    /// What the backend answered so far to the oldest request.
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    /// The backend could not be reached or broke the protocol: a fault of the backend.
+    #[error("{0}")]
+    Io(String),
+    /// The backend refused the login with an ErrorResponse (kept whole, to forward it).
+    #[error("backend refused the login: {}", message::error_fields(.0.body()).message)]
+    Refused(Frame),
+}
+
+fn io(e: impl std::fmt::Display) -> LoginError {
+    LoginError::Io(e.to_string())
+}
+
+/// The result of a successful login: the connection and the ParameterStatus frames it sent.
+pub struct Login {
+    pub conn: BackendConn,
+    pub params: Vec<Frame>,
+}
+
+/// Connects to `backend` and logs in as `user` with `password`, passing the client's startup
+/// parameters, by whatever method the backend asks for.
+pub async fn connect(
+    backend: Arc<Backend>,
+    params: &[(String, String)],
+    user: &str,
+    password: &str,
+    timeout: Duration,
+) -> Result<Login, LoginError> {
+    let fut = async {
+        let mut stream = TcpStream::connect(&backend.addr).await.map_err(io)?;
+        stream.set_nodelay(true).map_err(io)?;
+        let mut buf = BytesMut::with_capacity(512);
+        startup_message(params, &mut buf);
+        stream.write_all(&buf).await.map_err(io)?;
+        let mut rbuf = BytesMut::with_capacity(4096);
+        let mut codec = FrameCodec::new(1 << 20);
+        let mut scram: Option<ScramSha256> = None;
+        let mut param_frames = Vec::new();
+        let mut key = (0, 0);
+        loop {
+            let frame = read_frame(&mut stream, &mut rbuf, &mut codec).await?;
+            match frame.tag {
+                message::AUTHENTICATION => {
+                    let (code, data) = message::authentication(frame.body()).map_err(io)?;
+                    buf.clear();
+                    match code {
+                        AUTH_OK => continue,
+                        AUTH_CLEARTEXT => frontend::password_message(password.as_bytes(), &mut buf).map_err(io)?,
+                        AUTH_MD5 => {
+                            let salt: [u8; 4] =
+                                data.get(..4).and_then(|s| s.try_into().ok()).ok_or_else(|| io("bad md5 salt"))?;
+                            let hash = postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt);
+                            frontend::password_message(hash.as_bytes(), &mut buf).map_err(io)?;
+                        }
+                        AUTH_SASL => {
+                            let offers_scram = data.split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256");
+                            if !offers_scram {
+                                return Err(io("backend offers no SASL mechanism Chorus speaks"));
+                            }
+                            let s = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut buf).map_err(io)?;
+                            scram = Some(s);
+                        }
+                        AUTH_SASL_CONTINUE => {
+                            let s = scram.as_mut().ok_or_else(|| io("SASL continue without SASL start"))?;
+                            s.update(data).map_err(io)?;
+                            frontend::sasl_response(s.message(), &mut buf).map_err(io)?;
+                        }
+                        AUTH_SASL_FINAL => {
+                            let s = scram.as_mut().ok_or_else(|| io("SASL final without SASL start"))?;
+                            s.finish(data).map_err(|e| io(format!("backend's SCRAM signature is wrong: {e}")))?;
+                            continue;
+                        }
+                        other => return Err(io(format!("backend asks for unsupported authentication method {other}"))),
+                    }
+                    stream.write_all(&buf).await.map_err(io)?;
+                }
+                message::ERROR_RESPONSE => return Err(LoginError::Refused(frame)),
+                message::PARAMETER_STATUS => param_frames.push(frame),
+                message::BACKEND_KEY_DATA => key = message::backend_key_data(frame.body()).map_err(io)?,
+                message::READY_FOR_QUERY => {
+                    let conn = BackendConn {
+                        backend: backend.clone(),
+                        stream,
+                        rbuf,
+                        out: OutQueue::default(),
+                        alive: true,
+                        key,
+                        queue: VecDeque::new(),
+                        pos: 0,
+                        outcome: Outcome::new(),
+                    };
+                    return Ok(Login { conn, params: param_frames });
+                }
+                // Notices and protocol negotiation during login change nothing for us.
+                _ => {}
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(LoginError::Io(format!("no login within {timeout:?}"))),
+    }
+}
+
+async fn read_frame(stream: &mut TcpStream, rbuf: &mut BytesMut, codec: &mut FrameCodec) -> Result<Frame, LoginError> {
+    use tokio_util::codec::Decoder;
+    loop {
+        if let Some(f) = codec.decode(rbuf).map_err(io)? {
+            return Ok(f);
+        }
+        if stream.read_buf(rbuf).await.map_err(io)? == 0 {
+            return Err(io("backend closed the connection during login"));
+        }
+    }
+}
+
+/// A protocol 3.0 StartupMessage. Written by hand because the values are passed on as the
+/// client sent them.
+fn startup_message(params: &[(String, String)], buf: &mut BytesMut) {
+    let start = buf.len();
+    buf.put_u32(0);
+    buf.put_i32(crate::protocol::startup::PROTOCOL_3_0);
+    for (k, v) in params {
+        buf.put_slice(k.as_bytes());
+        buf.put_u8(0);
+        buf.put_slice(v.as_bytes());
+        buf.put_u8(0);
+    }
+    buf.put_u8(0);
+    let len = (buf.len() - start) as u32;
+    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}

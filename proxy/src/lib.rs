@@ -1,0 +1,19 @@
+//! Chorus: a PostgreSQL wire-protocol proxy that replicates by sending every change to every
+//! in-sync backend and answering with the first good reply.
+//!
+//! The data path, in module order: `server` accepts a client; `session` runs it; `protocol`
+//! cuts and reads frames; `sql` classifies statements; `order` decides when a write may run;
+//! `fanout` holds the backend connections and compares their outcomes; `cluster` owns the
+//! backends' states.
+
+pub mod cluster;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod fanout;
+pub mod order;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod sql;
+pub mod wire;

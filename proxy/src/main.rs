@@ -1,0 +1,96 @@
+//! The `chorus` command: run the proxy, run a throwaway demo cluster, or set a backend's state.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use chorus::cluster::{BackendState, Cluster};
+use chorus::config::Config;
+use chorus::server::Server;
+
+#[derive(Parser)]
+#[command(name = "chorus", version, about = "A replicating PostgreSQL proxy")]
+struct Cli {
+    /// The configuration file (TOML); see docs/configuration.md.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default when no command is given).
+    Run,
+    /// Start throwaway local PostgreSQL servers and Chorus in front of them.
+    Demo {
+        /// How many backends to start.
+        #[arg(long, default_value_t = 2)]
+        backends: usize,
+        /// Where clients connect.
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: String,
+        /// Where the servers and Chorus's state live (default: a fresh temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Check the configuration file and exit.
+    CheckConfig,
+    /// Set a backend's recorded state while Chorus is stopped (see docs/operations.md).
+    SetState {
+        backend: String,
+        /// joining, in_sync, down, diverged, detached or removed.
+        state: String,
+        #[arg(long, default_value = "set by operator")]
+        reason: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    chorus::demo::init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chorus: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: Option<PathBuf>) -> Result<Config, String> {
+    let path = path.ok_or("no configuration file given (use --config FILE)")?;
+    Config::load(&path).map_err(|e| e.to_string())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let cfg = load(cli.config)?;
+            runtime()?.block_on(async {
+                let server = Server::start(cfg).await.map_err(|e| e.to_string())?;
+                server.run(chorus::demo::shutdown_signal()).await;
+                Ok(())
+            })
+        }
+        Command::Demo { backends, listen, dir } => runtime()?.block_on(chorus::demo::run(backends, listen, dir)),
+        Command::CheckConfig => {
+            load(cli.config)?;
+            println!("configuration is valid");
+            Ok(())
+        }
+        Command::SetState { backend, state, reason } => {
+            let cfg = load(cli.config)?;
+            let to = BackendState::parse(&state).ok_or_else(|| format!("unknown state {state:?}"))?;
+            let cluster = Cluster::open(&cfg).map_err(|e| e.to_string())?;
+            cluster.set_state(&backend, to, &reason).map_err(|e| e.to_string())?;
+            println!("{backend} is now {to}");
+            Ok(())
+        }
+    }
+}

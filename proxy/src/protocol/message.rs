@@ -1,0 +1,319 @@
+//! The handful of messages Chorus reads a field of, and the handful it writes itself.
+//!
+//! Routing needs only: the SQL of Query and Parse, the statement and portal names of Bind,
+//! Describe, Close and Execute; from backends the command tag, the SQLSTATE of an error, the
+//! transaction status of ReadyForQuery. Everything else passes through unread.
+
+use bytes::{BufMut, BytesMut};
+
+use super::codec::{take_cstr, take_i16, take_i32, ProtocolError, HEADER_LEN};
+
+// Frontend tags.
+pub const QUERY: u8 = b'Q';
+pub const PARSE: u8 = b'P';
+pub const BIND: u8 = b'B';
+pub const DESCRIBE: u8 = b'D';
+pub const EXECUTE: u8 = b'E';
+pub const CLOSE: u8 = b'C';
+pub const FLUSH: u8 = b'H';
+pub const SYNC: u8 = b'S';
+pub const FUNCTION_CALL: u8 = b'F';
+pub const COPY_DATA: u8 = b'd';
+pub const COPY_DONE: u8 = b'c';
+pub const COPY_FAIL: u8 = b'f';
+pub const TERMINATE: u8 = b'X';
+pub const PASSWORD: u8 = b'p';
+
+// Backend tags.
+pub const AUTHENTICATION: u8 = b'R';
+pub const PARAMETER_STATUS: u8 = b'S';
+pub const BACKEND_KEY_DATA: u8 = b'K';
+pub const READY_FOR_QUERY: u8 = b'Z';
+pub const COMMAND_COMPLETE: u8 = b'C';
+pub const ERROR_RESPONSE: u8 = b'E';
+pub const NOTICE_RESPONSE: u8 = b'N';
+pub const NOTIFICATION_RESPONSE: u8 = b'A';
+pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+
+/// Messages a backend may send at any moment, outside the reply to a request.
+#[inline]
+pub fn is_async_backend_message(tag: u8) -> bool {
+    matches!(tag, NOTICE_RESPONSE | NOTIFICATION_RESPONSE | PARAMETER_STATUS)
+}
+
+/// The SQL text of a Query message.
+pub fn query_sql(body: &[u8]) -> Result<&[u8], ProtocolError> {
+    let mut b = body;
+    take_cstr(&mut b)
+}
+
+/// Statement name and SQL of a Parse message.
+pub fn parse_fields(body: &[u8]) -> Result<(&[u8], &[u8]), ProtocolError> {
+    let mut b = body;
+    let name = take_cstr(&mut b)?;
+    let sql = take_cstr(&mut b)?;
+    Ok((name, sql))
+}
+
+/// Portal and statement names of a Bind message.
+pub fn bind_names(body: &[u8]) -> Result<(&[u8], &[u8]), ProtocolError> {
+    let mut b = body;
+    let portal = take_cstr(&mut b)?;
+    let stmt = take_cstr(&mut b)?;
+    Ok((portal, stmt))
+}
+
+/// Kind ('S' statement or 'P' portal) and name of a Describe or Close message.
+pub fn target_name(body: &[u8]) -> Result<(u8, &[u8]), ProtocolError> {
+    let (&kind, mut b) = body.split_first().ok_or(ProtocolError::Malformed("empty Describe/Close"))?;
+    if kind != b'S' && kind != b'P' {
+        return Err(ProtocolError::Malformed("Describe/Close target must be 'S' or 'P'"));
+    }
+    Ok((kind, take_cstr(&mut b)?))
+}
+
+/// Portal name of an Execute message.
+pub fn execute_portal(body: &[u8]) -> Result<&[u8], ProtocolError> {
+    let mut b = body;
+    let portal = take_cstr(&mut b)?;
+    take_i32(&mut b)?;
+    Ok(portal)
+}
+
+/// The command tag of a CommandComplete message.
+pub fn command_tag(body: &[u8]) -> &[u8] {
+    let mut b = body;
+    take_cstr(&mut b).unwrap_or(body)
+}
+
+/// Fields of an ErrorResponse or NoticeResponse that Chorus uses.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ErrorFields {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+}
+
+pub fn error_fields(body: &[u8]) -> ErrorFields {
+    let mut out = ErrorFields::default();
+    let mut b = body;
+    while let Some((&field, rest)) = b.split_first() {
+        if field == 0 {
+            break;
+        }
+        b = rest;
+        let Ok(value) = take_cstr(&mut b) else { break };
+        let value = String::from_utf8_lossy(value).into_owned();
+        match field {
+            b'V' => out.severity = value,
+            b'S' if out.severity.is_empty() => out.severity = value,
+            b'C' => out.code = value,
+            b'M' => out.message = value,
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The SQLSTATE of an ErrorResponse, without allocating.
+pub fn error_code(body: &[u8]) -> [u8; 5] {
+    let mut b = body;
+    while let Some((&field, rest)) = b.split_first() {
+        if field == 0 {
+            break;
+        }
+        b = rest;
+        let Ok(value) = take_cstr(&mut b) else { break };
+        if field == b'C' && value.len() == 5 {
+            let mut code = [0u8; 5];
+            code.copy_from_slice(value);
+            return code;
+        }
+    }
+    *b"XX000"
+}
+
+/// Name and value of a ParameterStatus message.
+pub fn parameter_status(body: &[u8]) -> Result<(&[u8], &[u8]), ProtocolError> {
+    let mut b = body;
+    Ok((take_cstr(&mut b)?, take_cstr(&mut b)?))
+}
+
+/// Process id and secret of a BackendKeyData message.
+pub fn backend_key_data(body: &[u8]) -> Result<(i32, i32), ProtocolError> {
+    let mut b = body;
+    Ok((take_i32(&mut b)?, take_i32(&mut b)?))
+}
+
+/// The authentication request code and its data.
+pub fn authentication(body: &[u8]) -> Result<(i32, &[u8]), ProtocolError> {
+    let mut b = body;
+    let code = take_i32(&mut b)?;
+    Ok((code, b))
+}
+
+/// Mechanism name and client-first-message of a SASLInitialResponse.
+pub fn sasl_initial_response(body: &[u8]) -> Result<(&[u8], &[u8]), ProtocolError> {
+    let mut b = body;
+    let mechanism = take_cstr(&mut b)?;
+    let len = take_i32(&mut b)?;
+    if len < 0 || len as usize != b.len() {
+        return Err(ProtocolError::Malformed("SASL response length does not match"));
+    }
+    Ok((mechanism, b))
+}
+
+/// Number of parameters a Bind carries (used to sanity-check Bind messages in tests).
+pub fn bind_param_count(body: &[u8]) -> Result<i16, ProtocolError> {
+    let mut b = body;
+    take_cstr(&mut b)?;
+    take_cstr(&mut b)?;
+    let nfmt = take_i16(&mut b)?;
+    if nfmt < 0 || b.len() < nfmt as usize * 2 {
+        return Err(ProtocolError::Malformed("bad Bind format count"));
+    }
+    b = &b[nfmt as usize * 2..];
+    take_i16(&mut b)
+}
+
+// ---- builders -------------------------------------------------------------------------------
+
+/// Writes a frame: tag, then a length patched in after `body` wrote the body.
+fn put_frame(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    let start = buf.len();
+    buf.put_u8(tag);
+    buf.put_u32(0);
+    body(buf);
+    let len = (buf.len() - start - 1) as u32;
+    buf[start + 1..start + HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+}
+
+fn put_cstr(buf: &mut BytesMut, s: &[u8]) {
+    buf.put_slice(s);
+    buf.put_u8(0);
+}
+
+/// Severity of a message Chorus writes itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+    Notice,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+            Severity::Notice => "NOTICE",
+        }
+    }
+}
+
+pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, message: &str) {
+    let tag = if severity == Severity::Notice { NOTICE_RESPONSE } else { ERROR_RESPONSE };
+    put_frame(buf, tag, |b| {
+        for (field, value) in [(b'S', severity.as_str()), (b'V', severity.as_str()), (b'C', code), (b'M', message)] {
+            b.put_u8(field);
+            put_cstr(b, value.as_bytes());
+        }
+        b.put_u8(0);
+    });
+}
+
+pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
+    put_frame(buf, READY_FOR_QUERY, |b| b.put_u8(status));
+}
+
+pub fn auth_request(buf: &mut BytesMut, code: i32, data: &[u8]) {
+    put_frame(buf, AUTHENTICATION, |b| {
+        b.put_i32(code);
+        b.put_slice(data);
+    });
+}
+
+pub const AUTH_OK: i32 = 0;
+pub const AUTH_CLEARTEXT: i32 = 3;
+pub const AUTH_MD5: i32 = 5;
+pub const AUTH_SASL: i32 = 10;
+pub const AUTH_SASL_CONTINUE: i32 = 11;
+pub const AUTH_SASL_FINAL: i32 = 12;
+
+pub fn parameter_status_msg(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
+    put_frame(buf, PARAMETER_STATUS, |b| {
+        put_cstr(b, name);
+        put_cstr(b, value);
+    });
+}
+
+pub fn backend_key_data_msg(buf: &mut BytesMut, pid: i32, secret: i32) {
+    put_frame(buf, BACKEND_KEY_DATA, |b| {
+        b.put_i32(pid);
+        b.put_i32(secret);
+    });
+}
+
+pub fn negotiate_protocol_version(buf: &mut BytesMut, newest_minor: i32, unknown: &[String]) {
+    put_frame(buf, NEGOTIATE_PROTOCOL_VERSION, |b| {
+        b.put_i32(newest_minor);
+        b.put_i32(unknown.len() as i32);
+        for o in unknown {
+            put_cstr(b, o.as_bytes());
+        }
+    });
+}
+
+/// A CancelRequest packet for one backend.
+pub fn cancel_request(pid: i32, secret: i32) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[0..4].copy_from_slice(&16u32.to_be_bytes());
+    out[4..8].copy_from_slice(&super::startup::CANCEL_REQUEST_CODE.to_be_bytes());
+    out[8..12].copy_from_slice(&pid.to_be_bytes());
+    out[12..16].copy_from_slice(&secret.to_be_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::codec::FrameCodec;
+    use tokio_util::codec::Decoder;
+
+    #[test]
+    fn error_response_round_trips() {
+        let mut buf = BytesMut::new();
+        error_response(&mut buf, Severity::Fatal, "08006", "no backend");
+        let frame = FrameCodec::new(1024).decode(&mut buf).unwrap().unwrap();
+        assert_eq!(frame.tag, ERROR_RESPONSE);
+        let f = error_fields(frame.body());
+        assert_eq!((f.severity.as_str(), f.code.as_str(), f.message.as_str()), ("FATAL", "08006", "no backend"));
+        assert_eq!(&error_code(frame.body()), b"08006");
+    }
+
+    #[test]
+    fn reads_routing_fields() {
+        assert_eq!(parse_fields(b"s1\0select 1\0\0\0").unwrap(), (&b"s1"[..], &b"select 1"[..]));
+        assert_eq!(bind_names(b"p\0s1\0\0\0\0\0\0\0").unwrap(), (&b"p"[..], &b"s1"[..]));
+        assert_eq!(target_name(b"Sname\0").unwrap(), (b'S', &b"name"[..]));
+        assert!(target_name(b"Xname\0").is_err());
+        assert!(target_name(b"").is_err());
+        assert_eq!(execute_portal(b"\0\0\0\0\0").unwrap(), &b""[..]);
+        assert!(execute_portal(b"\0\0").is_err());
+        assert_eq!(command_tag(b"UPDATE 3\0"), b"UPDATE 3");
+        assert_eq!(&error_code(b"SERROR\0Mboom\0\0"), b"XX000");
+        assert_eq!(sasl_initial_response(b"SCRAM-SHA-256\0\0\0\0\x03abc").unwrap(), (&b"SCRAM-SHA-256"[..], &b"abc"[..]));
+        assert!(sasl_initial_response(b"SCRAM-SHA-256\0\0\0\0\x09abc").is_err());
+        assert_eq!(bind_param_count(b"\0s\0\0\0\0\x02").unwrap(), 2);
+    }
+
+    #[test]
+    fn ready_for_query_and_key_data() {
+        let mut buf = BytesMut::new();
+        ready_for_query(&mut buf, b'T');
+        assert_eq!(&buf[..], &[b'Z', 0, 0, 0, 5, b'T']);
+        let mut buf = BytesMut::new();
+        backend_key_data_msg(&mut buf, 7, -1);
+        assert_eq!(backend_key_data(&buf[5..]).unwrap(), (7, -1));
+    }
+}

@@ -1,0 +1,183 @@
+//! The server side of SCRAM-SHA-256 (RFC 5802, RFC 7677) as PostgreSQL speaks it.
+//!
+//! Client libraries carry the client side; no maintained crate offers the server side apart
+//! from a framework's socket-bound handler, so this is a small sans-IO state machine. The
+//! verifier (salt, StoredKey, ServerKey) comes from `postgres_protocol::password`, the same
+//! code that makes PostgreSQL-compatible SCRAM secrets. Channel binding is not offered (no TLS).
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::{Digest, Sha256};
+
+pub const MECHANISM: &str = "SCRAM-SHA-256";
+
+/// A user's SCRAM secret, derived once from the configured password.
+#[derive(Clone)]
+pub struct Verifier {
+    iterations: u32,
+    salt_b64: String,
+    stored_key: [u8; 32],
+    server_key: [u8; 32],
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Verifier(..)")
+    }
+}
+
+impl Verifier {
+    pub fn from_password(password: &str) -> Verifier {
+        // "SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>"
+        let secret = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        Self::parse(&secret).expect("postgres_protocol makes well-formed SCRAM secrets")
+    }
+
+    pub fn parse(secret: &str) -> Option<Verifier> {
+        let rest = secret.strip_prefix("SCRAM-SHA-256$")?;
+        let (iter_salt, keys) = rest.split_once('$')?;
+        let (iter, salt) = iter_salt.split_once(':')?;
+        let (stored, server) = keys.split_once(':')?;
+        let mut stored_key = [0u8; 32];
+        let mut server_key = [0u8; 32];
+        stored_key.copy_from_slice(&B64.decode(stored).ok().filter(|k| k.len() == 32)?);
+        server_key.copy_from_slice(&B64.decode(server).ok().filter(|k| k.len() == 32)?);
+        Some(Verifier { iterations: iter.parse().ok()?, salt_b64: salt.to_string(), stored_key, server_key })
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ScramError {
+    #[error("malformed SCRAM message: {0}")]
+    Malformed(&'static str),
+    #[error("channel binding is not supported")]
+    ChannelBinding,
+    #[error("password authentication failed")]
+    BadProof,
+}
+
+/// The exchange after the client-first message.
+pub struct ServerExchange {
+    verifier: Verifier,
+    client_first_bare: String,
+    server_first: String,
+    nonce: String,
+}
+
+fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(msg);
+    m.finalize().into_bytes().into()
+}
+
+impl ServerExchange {
+    /// Takes the client-first-message; returns the exchange and the server-first-message.
+    pub fn start(verifier: &Verifier, client_first: &[u8]) -> Result<(ServerExchange, String), ScramError> {
+        let text = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        // gs2 header: "n,," or "y,," (client could bind but thinks we cannot); "p=" demands binding.
+        let bare = if let Some(b) = text.strip_prefix("n,,").or_else(|| text.strip_prefix("y,,")) {
+            b
+        } else if text.starts_with("p=") {
+            return Err(ScramError::ChannelBinding);
+        } else {
+            return Err(ScramError::Malformed("bad gs2 header"));
+        };
+        let client_nonce = bare
+            .split(',')
+            .find_map(|attr| attr.strip_prefix("r="))
+            .filter(|n| !n.is_empty())
+            .ok_or(ScramError::Malformed("missing client nonce"))?;
+        let mut raw = [0u8; 18];
+        rand::fill(&mut raw);
+        let nonce = format!("{client_nonce}{}", B64.encode(raw));
+        let server_first = format!("r={nonce},s={},i={}", verifier.salt_b64, verifier.iterations);
+        let ex = ServerExchange {
+            verifier: verifier.clone(),
+            client_first_bare: bare.to_string(),
+            server_first: server_first.clone(),
+            nonce,
+        };
+        Ok((ex, server_first))
+    }
+
+    /// Takes the client-final-message; on a valid proof returns the server-final-message.
+    pub fn finish(self, client_final: &[u8]) -> Result<String, ScramError> {
+        let text = std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let (without_proof, proof) = text.rsplit_once(",p=").ok_or(ScramError::Malformed("missing proof"))?;
+        let mut channel = None;
+        let mut nonce = None;
+        for attr in without_proof.split(',') {
+            if let Some(c) = attr.strip_prefix("c=") {
+                channel = Some(c);
+            } else if let Some(r) = attr.strip_prefix("r=") {
+                nonce = Some(r);
+            }
+        }
+        // "biws" is base64("n,,"), "eSws" is base64("y,,"): no channel binding data.
+        if !matches!(channel, Some("biws") | Some("eSws")) {
+            return Err(ScramError::ChannelBinding);
+        }
+        if nonce != Some(self.nonce.as_str()) {
+            return Err(ScramError::BadProof);
+        }
+        let proof = B64.decode(proof).map_err(|_| ScramError::Malformed("proof is not base64"))?;
+        if proof.len() != 32 {
+            return Err(ScramError::BadProof);
+        }
+        let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
+        let client_signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
+        let mut client_key = [0u8; 32];
+        for i in 0..32 {
+            client_key[i] = proof[i] ^ client_signature[i];
+        }
+        let computed: [u8; 32] = Sha256::digest(client_key).into();
+        // Compare without an early exit so timing says nothing about the key.
+        let diff = computed.iter().zip(self.verifier.stored_key.iter()).fold(0u8, |d, (a, b)| d | (a ^ b));
+        if diff != 0 {
+            return Err(ScramError::BadProof);
+        }
+        let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
+        Ok(format!("v={}", B64.encode(server_signature)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+
+    fn run(server_password: &str, client_password: &str) -> Result<(), ScramError> {
+        let verifier = Verifier::from_password(server_password);
+        let mut client = ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
+        let (ex, server_first) = ServerExchange::start(&verifier, client.message())?;
+        client.update(server_first.as_bytes()).unwrap();
+        let server_final = ex.finish(client.message())?;
+        client.finish(server_final.as_bytes()).expect("client accepts server signature");
+        Ok(())
+    }
+
+    #[test]
+    fn accepts_the_right_password() {
+        run("secret", "secret").unwrap();
+        run("pässwörd", "pässwörd").unwrap();
+    }
+
+    #[test]
+    fn refuses_a_wrong_password() {
+        assert_eq!(run("secret", "Secret"), Err(ScramError::BadProof));
+    }
+
+    #[test]
+    fn refuses_malformed_messages() {
+        let v = Verifier::from_password("x");
+        assert!(ServerExchange::start(&v, b"garbage").is_err());
+        assert_eq!(ServerExchange::start(&v, b"p=tls-server-end-point,,n=,r=abc").err(), Some(ScramError::ChannelBinding));
+        assert!(ServerExchange::start(&v, b"n,,n=,r=").is_err());
+        let (ex, _) = ServerExchange::start(&v, b"n,,n=,r=abc").unwrap();
+        assert!(ex.finish(b"c=biws,r=wrong").is_err());
+        let (ex, first) = ServerExchange::start(&v, b"n,,n=,r=abc").unwrap();
+        let nonce = first.split(',').next().unwrap();
+        assert_eq!(ex.finish(format!("c=biws,{nonce},p=AAAA").as_bytes()), Err(ScramError::BadProof));
+    }
+}

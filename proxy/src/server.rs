@@ -1,0 +1,157 @@
+//! The listener: startup checks, accepting clients, the connection limit, clean shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cluster::{self, BackendState, Cluster, ClusterError};
+use crate::config::Config;
+use crate::order::WriteOrder;
+use crate::protocol::message::{self, Severity};
+use crate::protocol::scram::Verifier;
+use crate::session::{self, CancelRegistry};
+
+/// What every session shares.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub cluster: Arc<Cluster>,
+    pub order: WriteOrder,
+    pub cancels: Arc<CancelRegistry>,
+    /// Cancelled when Chorus starts shutting down.
+    pub stop: CancellationToken,
+    verifiers: HashMap<String, Verifier>,
+    clients: AtomicUsize,
+}
+
+impl Shared {
+    pub fn verifier(&self, user: &str) -> Option<&Verifier> {
+        self.verifiers.get(user)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("no reachable in-sync backend ({0})")]
+    NoBackend(String),
+}
+
+pub struct Server {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+}
+
+impl Server {
+    /// Opens the cluster state, binds the listener and checks that a backend answers.
+    pub async fn start(cfg: Config) -> Result<Server, StartError> {
+        let cfg = Arc::new(cfg);
+        let cluster = Arc::new(Cluster::open(&cfg)?);
+        let listener =
+            TcpListener::bind(&cfg.listen).await.map_err(|source| StartError::Listen { addr: cfg.listen.clone(), source })?;
+        let in_sync: Vec<_> = cluster.in_sync().cloned().collect();
+        if in_sync.is_empty() {
+            let states: Vec<String> = cluster.backends().iter().map(|b| format!("{} is {}", b.name, b.state())).collect();
+            return Err(StartError::NoBackend(states.join(", ")));
+        }
+        let probes = futures::future::join_all(in_sync.iter().map(|b| cluster::probe(&cfg, b, cfg.connect_timeout))).await;
+        let mut failures = Vec::new();
+        for (b, r) in in_sync.iter().zip(probes) {
+            if let Err(e) = r {
+                failures.push(format!("{} at {}: {e}", b.name, b.addr));
+                if in_sync.len() > 1 {
+                    cluster.eject(b.idx, BackendState::Down, &format!("unreachable when Chorus started: {e}"));
+                }
+            }
+        }
+        if failures.len() == in_sync.len() {
+            return Err(StartError::NoBackend(failures.join("; ")));
+        }
+        let verifiers = cfg.users.iter().map(|u| (u.name.clone(), Verifier::from_password(&u.password))).collect();
+        let shared = Arc::new(Shared {
+            cfg,
+            cluster,
+            order: WriteOrder::default(),
+            cancels: Arc::new(CancelRegistry::default()),
+            stop: CancellationToken::new(),
+            verifiers,
+            clients: AtomicUsize::new(0),
+        });
+        Ok(Server { shared, listener })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Serves clients until `shutdown` completes, then stops accepting, lets open
+    /// transactions finish for up to `shutdown_timeout`, and returns.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let Server { shared, listener } = self;
+        let tracker = TaskTracker::new();
+        cluster::spawn_health_checks(shared.cfg.clone(), shared.cluster.clone(), shared.stop.clone());
+        tracing::info!(listen = %shared.cfg.listen, backends = shared.cluster.in_sync_count(), "Chorus is ready");
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let shared = shared.clone();
+                        tracker.spawn(async move { client(stream, peer, shared).await });
+                    }
+                    Err(e) => {
+                        // Out of descriptors, say: wait a moment rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+        drop(listener);
+        tracing::info!(
+            sessions = shared.clients.load(Ordering::Relaxed),
+            "shutting down: no new clients; waiting for open transactions"
+        );
+        shared.stop.cancel();
+        tracker.close();
+        if tokio::time::timeout(shared.cfg.shutdown_timeout, tracker.wait()).await.is_err() {
+            tracing::warn!("shutdown_timeout passed; closing the remaining sessions");
+        }
+        tracing::info!("Chorus stopped");
+    }
+}
+
+/// Counts the client for `max_client_connections` while it lives.
+async fn client(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let n = shared.clients.fetch_add(1, Ordering::AcqRel) + 1;
+    struct Count<'a>(&'a AtomicUsize);
+    impl Drop for Count<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let _count = Count(&shared.clients);
+    if n > shared.cfg.max_client_connections {
+        tracing::warn!(%peer, limit = shared.cfg.max_client_connections, "too many clients");
+        metrics::counter!("chorus_clients_refused_total").increment(1);
+        let mut buf = BytesMut::new();
+        message::error_response(&mut buf, Severity::Fatal, "53300", "sorry, too many clients already");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(&buf)).await;
+        return;
+    }
+    session::serve(stream, shared.clone()).await;
+}

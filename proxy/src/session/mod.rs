@@ -1,0 +1,882 @@
+//! A client session: client → session → fan-out → backends → comparison → client.
+//!
+//! One task per client drives one event loop (`Session::run`). Client frames are cut, routed
+//! (`route`) and queued to the chosen backends; each dispatched request is remembered in
+//! `pending`. Backend replies are read from every connection; the first backend to answer a
+//! request becomes its primary and its frames go to the client as they arrived. The other
+//! backends' replies are only condensed into an `Outcome` and compared when every target has
+//! finished. Replies are matched to requests by position (per-backend FIFO), so if the primary
+//! dies mid-reply another backend takes over at the same message.
+//!
+//! The loop never awaits on one socket while another waits: all reads and writes are polled
+//! together, so a slow client or backend cannot deadlock the session, and no lock is held
+//! across an await.
+
+mod cancel;
+mod route;
+mod startup;
+
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Sleep;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+pub use cancel::{CancelRegistry, CancelTarget};
+use route::{Dispatch, Router};
+
+use crate::cluster::BackendState;
+use crate::config::CommitAck;
+use crate::error::SessionError;
+use crate::fanout::{self, vote, BackendConn, LoginError, Outcome};
+use crate::order::{OrderWaiter, WriteGuard};
+use crate::protocol::message::{self, Severity};
+use crate::protocol::{FrameCodec, ProtocolError};
+use crate::server::Shared;
+use crate::wire::{shutdown_now, OutQueue};
+
+/// Stop reading backends while this much waits for the client.
+const CLIENT_OUT_HIGH: usize = 1 << 20;
+/// Stop reading the client while this much waits for one backend.
+const BACKEND_OUT_HIGH: usize = 4 << 20;
+/// Unhandled bytes a backend may have buffered while it waits for its turn.
+const BACKEND_IN_HIGH: usize = 256 << 10;
+/// Backends may send messages as large as PostgreSQL allows (1 GB rows plus framing).
+const BACKEND_MAX_MESSAGE: usize = (1 << 30) + 1024;
+
+static RFQ_IDLE: &[u8] = b"Z\0\0\0\x05I";
+static RFQ_TX: &[u8] = b"Z\0\0\0\x05T";
+static RFQ_FAILED: &[u8] = b"Z\0\0\0\x05E";
+
+fn rfq(status: u8) -> Bytes {
+    Bytes::from_static(match status {
+        b'T' => RFQ_TX,
+        b'E' => RFQ_FAILED,
+        _ => RFQ_IDLE,
+    })
+}
+
+/// One request in flight: a Query, a FunctionCall, or an extended-protocol batch up to Sync.
+struct Request {
+    seq: u64,
+    /// Connections it was sent to, and those that have not finished it yet.
+    targets: u64,
+    remaining: u64,
+    /// The connection whose reply the client gets.
+    primary: Option<usize>,
+    primary_done: bool,
+    /// Reply messages (async ones excluded) already sent to the client.
+    forwarded: u32,
+    rfq_sent: bool,
+    writes: bool,
+    /// The request's first frame, for log lines.
+    sql: Bytes,
+    /// The whole request, kept when a single backend serves a read so another can retry it.
+    retry: Option<Bytes>,
+    first_done_at: Option<Instant>,
+}
+
+/// Why a session ends.
+enum End {
+    /// Tell the client this, then close.
+    Error(SessionError),
+    /// Close quietly (client gone or said Terminate).
+    Quiet,
+}
+
+impl From<SessionError> for End {
+    fn from(e: SessionError) -> End {
+        End::Error(e)
+    }
+}
+
+impl From<ProtocolError> for End {
+    fn from(e: ProtocolError) -> End {
+        End::Error(SessionError::Protocol(e))
+    }
+}
+
+/// What one poll of all sockets found.
+#[derive(Default)]
+struct Events {
+    client_data: bool,
+    client_eof: bool,
+    backend_data: bool,
+    backend_failed: Vec<(usize, String)>,
+    token: bool,
+    timer: bool,
+    shutdown: bool,
+}
+
+impl Events {
+    fn any(&self) -> bool {
+        self.client_data
+            || self.client_eof
+            || self.backend_data
+            || !self.backend_failed.is_empty()
+            || self.token
+            || self.timer
+            || self.shutdown
+    }
+}
+
+pub struct Session {
+    shared: Arc<Shared>,
+    client: TcpStream,
+    cbuf: BytesMut,
+    client_out: OutQueue,
+    /// Frames being forwarded to the client that sit next to each other in memory.
+    run: Option<BytesMut>,
+    client_codec: FrameCodec,
+    backend_codec: FrameCodec,
+    conns: Vec<BackendConn>,
+    pending: VecDeque<Request>,
+    next_seq: u64,
+    router: Router,
+    waiter: OrderWaiter,
+    guard: Option<WriteGuard>,
+    want_token: bool,
+    last_status: u8,
+    timer: Pin<Box<Sleep>>,
+    timer_at: Option<Instant>,
+    last_client_activity: Instant,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    shutting_down: bool,
+    _cancel: cancel::CancelGuard,
+}
+
+/// Serves one client connection from its first byte to its last.
+pub async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
+    let _ = client.set_nodelay(true);
+    let login = tokio::time::timeout(shared.cfg.login_timeout, login(&mut client, &shared)).await;
+    let session = match login {
+        Err(_) => {
+            tracing::debug!("client sent no complete login within login_timeout");
+            let mut buf = BytesMut::new();
+            message::error_response(&mut buf, Severity::Fatal, "08P01", "login timeout expired");
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), client.write_all(&buf)).await;
+            return;
+        }
+        Ok(Ok(Some((conns, guard)))) => Session::new(client, shared, conns, guard),
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tell_and_close(&mut client, &e).await;
+            return;
+        }
+    };
+    session.run().await;
+}
+
+async fn tell_and_close(client: &mut TcpStream, e: &SessionError) {
+    if let Some(code) = e.sqlstate() {
+        tracing::info!(sqlstate = code, error = %e, "client refused");
+        let mut buf = BytesMut::new();
+        message::error_response(&mut buf, Severity::Fatal, code, &e.to_string());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), client.write_all(&buf)).await;
+    }
+}
+
+/// Startup, authentication and backend logins. None for a cancel request.
+async fn login(
+    client: &mut TcpStream,
+    shared: &Arc<Shared>,
+) -> Result<Option<(Vec<BackendConn>, cancel::CancelGuard)>, SessionError> {
+    let Some(params) = startup::read_startup(client, shared).await? else {
+        return Ok(None);
+    };
+    if shared.stop.is_cancelled() {
+        return Err(SessionError::ShuttingDown);
+    }
+    let st = startup::authenticate(client, shared, params).await?;
+    let password = shared.cfg.user(&st.user).map(|u| u.password.clone()).unwrap_or_default();
+    let in_sync: Vec<_> = shared.cluster.in_sync().cloned().collect();
+    if in_sync.is_empty() {
+        return Err(SessionError::NoBackend("every backend is out of the in-sync set".into()));
+    }
+    let logins = futures::future::join_all(
+        in_sync.iter().map(|b| fanout::connect(b.clone(), &st.params, &st.user, &password, shared.cfg.connect_timeout)),
+    )
+    .await;
+    let mut conns = Vec::new();
+    let mut params = None;
+    let mut refusals = Vec::new();
+    for (b, res) in in_sync.iter().zip(logins) {
+        match res {
+            Ok(l) => {
+                if params.is_none() {
+                    params = Some(l.params);
+                }
+                conns.push(l.conn);
+            }
+            Err(LoginError::Io(e)) => {
+                shared.cluster.eject(b.idx, BackendState::Down, &format!("login failed: {e}"));
+            }
+            Err(LoginError::Refused(frame)) => refusals.push((b.clone(), frame)),
+        }
+    }
+    if conns.is_empty() {
+        // Every backend refused alike (no such database, say): the client gets the lead's own error.
+        if let Some((_, frame)) = refusals.into_iter().next() {
+            client.write_all(&frame.data).await?;
+            return Ok(None);
+        }
+        return Err(SessionError::NoBackend("no backend accepted the login".into()));
+    }
+    for (b, frame) in refusals {
+        // Others accepted this very login: this backend differs from them.
+        let f = message::error_fields(frame.body());
+        shared.cluster.eject(
+            b.idx,
+            BackendState::Down,
+            &format!("refused a login the others accepted: {} {}", f.code, f.message),
+        );
+    }
+    let targets = conns.iter().map(|c| CancelTarget { addr: c.backend.addr.clone(), pid: c.key.0, secret: c.key.1 }).collect();
+    let ((pid, secret), guard) = shared.cancels.register(targets);
+    let mut out = BytesMut::with_capacity(512);
+    message::auth_request(&mut out, message::AUTH_OK, &[]);
+    for p in params.unwrap_or_default() {
+        out.extend_from_slice(&p.data);
+    }
+    message::backend_key_data_msg(&mut out, pid, secret);
+    message::ready_for_query(&mut out, b'I');
+    client.write_all(&out).await?;
+    tracing::debug!(user = %st.user, backends = conns.len(), "session started");
+    Ok(Some((conns, guard)))
+}
+
+impl Session {
+    fn new(client: TcpStream, shared: Arc<Shared>, conns: Vec<BackendConn>, cancel: cancel::CancelGuard) -> Session {
+        let waiter = shared.order.waiter();
+        let shutdown = Box::pin(shared.stop.clone().cancelled_owned());
+        let max = shared.cfg.max_message_size;
+        Session {
+            client,
+            cbuf: BytesMut::with_capacity(4096),
+            client_out: OutQueue::default(),
+            run: None,
+            client_codec: FrameCodec::new(max),
+            backend_codec: FrameCodec::new(BACKEND_MAX_MESSAGE),
+            conns,
+            pending: VecDeque::new(),
+            next_seq: 1,
+            router: Router::default(),
+            waiter,
+            guard: None,
+            want_token: false,
+            last_status: b'I',
+            timer: Box::pin(tokio::time::sleep(std::time::Duration::from_secs(3600))),
+            timer_at: None,
+            last_client_activity: Instant::now(),
+            shutdown,
+            shutting_down: false,
+            _cancel: cancel,
+            shared,
+        }
+    }
+
+    async fn run(mut self) {
+        metrics::gauge!("chorus_sessions").increment(1.0);
+        let end = self.event_loop().await;
+        metrics::gauge!("chorus_sessions").decrement(1.0);
+        if let End::Error(e) = &end {
+            if let Some(code) = e.sqlstate() {
+                tracing::info!(sqlstate = code, error = %e, "ending session");
+                self.flush_run();
+                let mut buf = BytesMut::new();
+                message::error_response(&mut buf, Severity::Fatal, code, &e.to_string());
+                self.client_out.push(buf.freeze());
+            }
+        }
+        // Best effort: let the last words reach the client.
+        let deadline = tokio::time::sleep(std::time::Duration::from_secs(1));
+        tokio::pin!(deadline);
+        let _ = poll_fn(|cx| {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            match self.client_out.poll_flush(&mut self.client, cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(_) => Poll::Ready(()),
+            }
+        })
+        .await;
+        for c in &self.conns {
+            shutdown_now(&c.stream);
+        }
+    }
+
+    async fn event_loop(&mut self) -> End {
+        loop {
+            let ev = poll_fn(|cx| self.poll_events(cx)).await;
+            if let Err(end) = self.handle(ev) {
+                return end;
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Events) -> Result<(), End> {
+        for (i, why) in ev.backend_failed {
+            self.fail_conn(i, &why, true)?;
+        }
+        if ev.backend_data {
+            self.on_backend_data()?;
+        }
+        if ev.token {
+            self.want_token = false;
+        }
+        if ev.client_data || ev.token {
+            self.last_client_activity = Instant::now();
+            self.on_client_data()?;
+        }
+        if ev.client_eof {
+            if self.cbuf.is_empty() {
+                return Err(End::Quiet);
+            }
+            // A frame cut short, then the client left: nothing of it is forwarded.
+            tracing::debug!(bytes = self.cbuf.len(), "client disconnected in the middle of a message");
+            return Err(End::Quiet);
+        }
+        if ev.timer {
+            self.on_timer()?;
+        }
+        if ev.shutdown {
+            self.shutting_down = true;
+        }
+        if self.shutting_down && self.pending.is_empty() && self.last_status == b'I' && !self.router.tx_open {
+            return Err(SessionError::ShuttingDown.into());
+        }
+        self.flush_run();
+        Ok(())
+    }
+
+    // ---- polling ---------------------------------------------------------------------------
+
+    fn poll_events(&mut self, cx: &mut Context<'_>) -> Poll<Events> {
+        let mut ev = Events::default();
+        if let Poll::Ready(Err(_)) = self.client_out.poll_flush(&mut self.client, cx) {
+            ev.client_eof = true;
+            return Poll::Ready(ev);
+        }
+        for (i, c) in self.conns.iter_mut().enumerate() {
+            if c.alive {
+                if let Poll::Ready(Err(e)) = c.out.poll_flush(&mut c.stream, cx) {
+                    ev.backend_failed.push((i, format!("write failed: {e}")));
+                }
+            }
+        }
+        if self.want_token && self.guard.is_none() {
+            if let Poll::Ready(g) = self.waiter.poll_acquire(cx) {
+                self.guard = Some(g);
+                ev.token = true;
+            }
+        }
+        let backends_drained = self.conns.iter().all(|c| !c.alive || c.out.len() < BACKEND_OUT_HIGH);
+        let client_ok = self.client_out.len() < CLIENT_OUT_HIGH;
+        if !self.want_token && backends_drained && client_ok {
+            self.client_codec.reserve_for_partial(&mut self.cbuf);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.client), cx, &mut self.cbuf) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => ev.client_eof = true,
+                Poll::Ready(Ok(_)) => ev.client_data = true,
+                Poll::Pending => {}
+            }
+        }
+        if client_ok {
+            for (i, c) in self.conns.iter_mut().enumerate() {
+                if !c.alive || ev.backend_failed.iter().any(|(j, _)| *j == i) {
+                    continue;
+                }
+                let has_frame = matches!(self.backend_codec.peek(&c.rbuf), Ok(Some(_)));
+                if has_frame && c.rbuf.len() >= BACKEND_IN_HIGH {
+                    continue;
+                }
+                self.backend_codec.reserve_for_partial(&mut c.rbuf);
+                match tokio_util::io::poll_read_buf(Pin::new(&mut c.stream), cx, &mut c.rbuf) {
+                    Poll::Ready(Ok(0)) => ev.backend_failed.push((i, "backend closed the connection".into())),
+                    Poll::Ready(Err(e)) => ev.backend_failed.push((i, format!("read failed: {e}"))),
+                    Poll::Ready(Ok(_)) => ev.backend_data = true,
+                    Poll::Pending => {}
+                }
+            }
+        }
+        if let Some(at) = self.deadline() {
+            if self.timer_at != Some(at) {
+                self.timer.as_mut().reset(at.into());
+                self.timer_at = Some(at);
+            }
+            if self.timer.as_mut().poll(cx).is_ready() {
+                self.timer_at = None;
+                ev.timer = true;
+            }
+        }
+        if !self.shutting_down && self.shutdown.as_mut().poll(cx).is_ready() {
+            ev.shutdown = true;
+        }
+        if ev.any() {
+            Poll::Ready(ev)
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// The next moment something times out: an idle transaction holding the write order, or
+    /// a backend lagging behind the others on the current request.
+    fn deadline(&self) -> Option<Instant> {
+        let cfg = &self.shared.cfg;
+        let idle = (self.guard.is_some() && self.pending.is_empty())
+            .then(|| self.last_client_activity + cfg.idle_in_transaction_timeout);
+        let lag = self.pending.front().and_then(|r| r.first_done_at).map(|t| t + cfg.backend_timeout);
+        match (idle, lag) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn on_timer(&mut self) -> Result<(), End> {
+        let now = Instant::now();
+        let cfg = self.shared.cfg.clone();
+        if self.guard.is_some() && self.pending.is_empty() && now >= self.last_client_activity + cfg.idle_in_transaction_timeout {
+            return Err(SessionError::IdleInTransaction(cfg.idle_in_transaction_timeout).into());
+        }
+        let laggards = match self.pending.front() {
+            Some(r) if r.first_done_at.is_some_and(|t| now >= t + cfg.backend_timeout) => r.remaining,
+            _ => 0,
+        };
+        for i in bits(laggards) {
+            let why = format!("no reply within backend_timeout ({:?}) after another backend answered", cfg.backend_timeout);
+            self.fail_conn(i, &why, true)?;
+        }
+        Ok(())
+    }
+
+    // ---- client side -----------------------------------------------------------------------
+
+    fn on_client_data(&mut self) -> Result<(), End> {
+        loop {
+            if self.want_token {
+                return Ok(());
+            }
+            self.refresh_conns()?;
+            let alive = self.alive_mask();
+            let has_token = self.guard.is_some();
+            let policy = self.shared.cfg.read_policy;
+            let d = self.router.next(
+                &mut self.cbuf,
+                &self.client_codec,
+                alive,
+                &self.conns,
+                policy,
+                &mut self.next_seq,
+                has_token,
+            )?;
+            let Some(d) = d else { return Ok(()) };
+            match d {
+                Dispatch::NeedsToken => {
+                    self.want_token = true;
+                    return Ok(());
+                }
+                Dispatch::Terminate => return Err(End::Quiet),
+                Dispatch::Send { bytes, targets, request } => {
+                    if targets == 0 {
+                        return Err(
+                            SessionError::NoBackend("every backend of this session has left the in-sync set".into()).into()
+                        );
+                    }
+                    if let Some(r) = request {
+                        for i in bits(r.targets) {
+                            self.conns[i].queue.push_back(r.seq);
+                            self.conns[i].backend.inflight.fetch_add(1, Ordering::Relaxed);
+                        }
+                        metrics::counter!("chorus_requests_total", "fanout" => if r.targets.count_ones() > 1 { "all" } else { "one" })
+                            .increment(1);
+                        self.pending.push_back(Request {
+                            seq: r.seq,
+                            targets: r.targets,
+                            remaining: r.targets,
+                            primary: None,
+                            primary_done: false,
+                            forwarded: 0,
+                            rfq_sent: false,
+                            writes: r.writes,
+                            sql: r.sql,
+                            retry: r.retry,
+                            first_done_at: None,
+                        });
+                    }
+                    for i in bits(targets) {
+                        self.conns[i].out.push(bytes.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    fn alive_mask(&self) -> u64 {
+        self.conns.iter().enumerate().filter(|(_, c)| c.alive).fold(0, |m, (i, _)| m | 1 << i)
+    }
+
+    /// The session's lead: its highest-priority live connection.
+    fn lead(&self) -> Option<usize> {
+        self.conns.iter().position(|c| c.alive)
+    }
+
+    /// Drops connections to backends that left the in-sync set since the last request.
+    fn refresh_conns(&mut self) -> Result<(), End> {
+        for i in 0..self.conns.len() {
+            if self.conns[i].alive && !self.conns[i].backend.is_in_sync() {
+                self.fail_conn(i, "backend left the in-sync set", false)?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- backend side ----------------------------------------------------------------------
+
+    fn on_backend_data(&mut self) -> Result<(), End> {
+        loop {
+            let mut progress = false;
+            for i in 0..self.conns.len() {
+                progress |= self.drain_conn(i)?;
+            }
+            if !progress {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Handles the frames of connection `i` that can be handled now. Returns whether any was.
+    fn drain_conn(&mut self, i: usize) -> Result<bool, End> {
+        let mut progress = false;
+        while self.conns[i].alive {
+            let (tag, len) = match self.backend_codec.peek(&self.conns[i].rbuf) {
+                Ok(Some(x)) => x,
+                Ok(None) => break,
+                Err(e) => {
+                    self.fail_conn(i, &format!("protocol error: {e}"), true)?;
+                    break;
+                }
+            };
+            let current = self.conns[i].queue.front().copied();
+            let head = self.pending.front().map(|r| r.seq);
+            if current.is_some() && current != head {
+                break; // this backend is ahead: its reply waits for the requests before it
+            }
+            if message::is_async_backend_message(tag) {
+                let frame = self.conns[i].rbuf.split_to(len);
+                let primary = self.pending.front().and_then(|r| r.primary);
+                let forward = match tag {
+                    message::NOTIFICATION_RESPONSE => Some(i) == self.lead(),
+                    _ if current.is_some() => primary == Some(i),
+                    _ => Some(i) == self.lead() && self.pending.is_empty(),
+                };
+                if forward {
+                    self.forward(frame);
+                }
+                progress = true;
+                continue;
+            }
+            if tag == message::ERROR_RESPONSE {
+                let body = &self.conns[i].rbuf[5..len];
+                let f = message::error_fields(body);
+                if f.severity == "FATAL" || f.severity == "PANIC" {
+                    let why = format!("backend ended the connection: {} {}", f.code, f.message);
+                    self.conns[i].rbuf.clear();
+                    self.fail_conn(i, &why, true)?;
+                    return Ok(true);
+                }
+            }
+            if current.is_none() {
+                self.conns[i].rbuf.clear();
+                self.fail_conn(i, &format!("unexpected message '{}' outside any request", tag as char), true)?;
+                return Ok(true);
+            }
+            let Some(req) = self.pending.front_mut() else {
+                break;
+            };
+            let pos = self.conns[i].pos;
+            let frame;
+            if pos < req.forwarded || (req.primary_done && req.primary != Some(i)) {
+                // Already delivered by the primary (or the primary is done): compare only.
+                frame = self.conns[i].rbuf.split_to(len);
+                self.conns[i].outcome.record(tag, &frame[5..]);
+            } else if req.primary.is_none() || req.primary == Some(i) {
+                req.primary = Some(i);
+                frame = self.conns[i].rbuf.split_to(len);
+                self.conns[i].outcome.record(tag, &frame[5..]);
+                if tag == message::READY_FOR_QUERY {
+                    req.primary_done = true;
+                    req.first_done_at.get_or_insert_with(Instant::now);
+                    // Commit points wait for every backend unless commit_ack = "first".
+                    let hold = self.shared.cfg.commit_ack == CommitAck::All
+                        && req.targets.count_ones() > 1
+                        && (req.writes || self.guard.is_some())
+                        && frame[5] == b'I';
+                    if !hold {
+                        req.rfq_sent = true;
+                        let status = frame[5];
+                        self.forward_static(rfq(status));
+                    }
+                } else {
+                    req.forwarded += 1;
+                    self.forward(frame);
+                    self.conns[i].pos += 1;
+                    progress = true;
+                    continue;
+                }
+            } else {
+                break; // a secondary caught up with the primary: wait for the primary
+            }
+            self.conns[i].pos += 1;
+            progress = true;
+            if tag == message::READY_FOR_QUERY {
+                self.finish_conn_request(i);
+                if self.pending.front().is_some_and(|r| r.remaining == 0) {
+                    self.complete_head()?;
+                }
+            }
+        }
+        Ok(progress)
+    }
+
+    /// Connection `i` has answered its oldest request in full.
+    fn finish_conn_request(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        c.queue.pop_front();
+        c.pos = 0;
+        c.backend.inflight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(req) = self.pending.front_mut() {
+            req.remaining &= !(1 << i);
+            req.first_done_at.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Every target has answered the oldest request: compare, eject losers, release the reply.
+    fn complete_head(&mut self) -> Result<(), End> {
+        let Some(req) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        self.router.request_done(req.seq);
+        let mut finished: Vec<(usize, Outcome)> = Vec::with_capacity(req.targets.count_ones() as usize);
+        for i in bits(req.targets) {
+            let c = &mut self.conns[i];
+            let o = std::mem::replace(&mut c.outcome, Outcome::new());
+            if c.alive {
+                finished.push((i, o));
+            }
+        }
+        if finished.is_empty() {
+            return Err(SessionError::NoBackend("every backend serving the request failed".into()).into());
+        }
+        let winner = if finished.len() == 1 {
+            finished[0].1
+        } else {
+            let v = vote(&finished);
+            for &loser in &v.losers {
+                let theirs = finished.iter().find(|(j, _)| *j == loser).map(|(_, o)| *o).unwrap_or_default();
+                let sql = statement_text(&req.sql);
+                let why = format!("outcome differs from the majority on {sql:?}: this backend: {theirs}; majority: {}", v.winner);
+                tracing::error!(backend = %self.conns[loser].backend.name, statement = %sql, theirs = %theirs, majority = %v.winner, "backend diverged");
+                if self.shared.cluster.eject(self.conns[loser].backend.idx, BackendState::Diverged, &why) {
+                    metrics::counter!("chorus_divergences_total").increment(1);
+                }
+                self.close_conn(loser);
+            }
+            v.winner
+        };
+        if !req.rfq_sent {
+            self.forward_static(rfq(winner.status));
+        }
+        self.last_status = winner.status;
+        if self.pending.is_empty() {
+            self.router.settle(winner.status);
+            if winner.status == b'I' {
+                self.guard = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks connection `i` failed; if `eject`, the backend leaves the in-sync set as `down`.
+    /// Requests it was serving continue on the other targets.
+    fn fail_conn(&mut self, i: usize, why: &str, eject: bool) -> Result<(), End> {
+        if !self.conns[i].alive {
+            return Ok(());
+        }
+        let name = self.conns[i].backend.name.clone();
+        if eject && !self.shutting_down {
+            self.shared.cluster.eject(self.conns[i].backend.idx, BackendState::Down, why);
+        }
+        tracing::debug!(backend = %name, reason = %why, "session lost a backend connection");
+        self.close_conn(i);
+        let bit = 1u64 << i;
+        let alive = self.alive_mask();
+        let mut retry = None;
+        for (k, req) in self.pending.iter_mut().enumerate() {
+            if req.remaining & bit == 0 {
+                continue;
+            }
+            req.remaining &= !bit;
+            if k == 0 && req.primary == Some(i) && !req.primary_done {
+                // Promote a backend still answering: it resumes at the same message.
+                req.primary = bits(req.remaining & alive).next();
+                if req.primary.is_none() {
+                    if req.forwarded == 0 && req.retry.is_some() {
+                        retry = Some(k);
+                    } else {
+                        return Err(
+                            SessionError::NoBackend(format!("lost backend {name} in the middle of a reply: {why}")).into()
+                        );
+                    }
+                }
+            } else if req.remaining & alive == 0 && !req.primary_done {
+                if req.retry.is_some() && req.forwarded == 0 {
+                    retry = Some(k);
+                } else {
+                    return Err(SessionError::NoBackend(format!("lost backend {name} while it served a request: {why}")).into());
+                }
+            }
+        }
+        if alive == 0 {
+            return Err(SessionError::NoBackend(format!("lost the last backend ({name}): {why}")).into());
+        }
+        if let Some(k) = retry {
+            self.retry_elsewhere(k)?;
+        }
+        if self.pending.front().is_some_and(|r| r.remaining == 0) {
+            self.complete_head()?;
+        }
+        // Frames other backends held back may be free to go now.
+        self.on_backend_data()
+    }
+
+    /// Sends a read that lost its only backend before any reply to another backend.
+    fn retry_elsewhere(&mut self, k: usize) -> Result<(), End> {
+        if k + 1 != self.pending.len() {
+            return Err(SessionError::NoBackend("lost the backend serving a pipelined read".into()).into());
+        }
+        let alive = self.alive_mask();
+        let Some(j) = bits(alive).min_by_key(|&j| (self.conns[j].queue.len(), j)) else {
+            return Err(SessionError::NoBackend("no backend left to retry a read on".into()).into());
+        };
+        if !self.conns[j].queue.is_empty() {
+            return Err(SessionError::NoBackend("lost the backend serving a pipelined read".into()).into());
+        }
+        let req = &mut self.pending[k];
+        let bytes = req.retry.clone().unwrap_or_default();
+        req.targets |= 1 << j;
+        req.remaining |= 1 << j;
+        req.primary = None;
+        let seq = req.seq;
+        tracing::debug!(backend = %self.conns[j].backend.name, "retrying a read on another backend");
+        self.conns[j].queue.push_back(seq);
+        self.conns[j].backend.inflight.fetch_add(1, Ordering::Relaxed);
+        self.conns[j].out.push(bytes);
+        Ok(())
+    }
+
+    fn close_conn(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        if c.alive {
+            c.alive = false;
+            shutdown_now(&c.stream);
+            c.backend.inflight.fetch_sub(c.queue.len() as u32, Ordering::Relaxed);
+            c.rbuf = BytesMut::new();
+            c.out = OutQueue::default();
+        }
+    }
+
+    // ---- to the client ---------------------------------------------------------------------
+
+    /// Queues a backend frame for the client; neighbouring frames join without a copy.
+    #[inline]
+    fn forward(&mut self, frame: BytesMut) {
+        match &mut self.run {
+            Some(run) => run.unsplit(frame),
+            None => self.run = Some(frame),
+        }
+    }
+
+    fn forward_static(&mut self, b: Bytes) {
+        self.flush_run();
+        self.client_out.push(b);
+    }
+
+    fn flush_run(&mut self) {
+        if let Some(run) = self.run.take() {
+            self.client_out.push(run.freeze());
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for c in &self.conns {
+            if c.alive {
+                c.backend.inflight.fetch_sub(c.queue.len() as u32, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The set bits of a mask, lowest first.
+fn bits(mut m: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if m == 0 {
+            return None;
+        }
+        let i = m.trailing_zeros() as usize;
+        m &= m - 1;
+        Some(i)
+    })
+}
+
+/// The SQL of a Query or Parse frame, for log lines (cut to a readable length).
+fn statement_text(frame: &Bytes) -> String {
+    let body = frame.get(5..).unwrap_or_default();
+    let sql = match frame.first() {
+        Some(&message::QUERY) => message::query_sql(body).ok(),
+        Some(&message::PARSE) => message::parse_fields(body).ok().map(|(_, s)| s),
+        _ => None,
+    };
+    let mut s = match sql {
+        Some(s) => String::from_utf8_lossy(s).into_owned(),
+        None => format!("<{} message>", frame.first().map(|&t| t as char).unwrap_or('?')),
+    };
+    if s.len() > 200 {
+        let mut cut = 200;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str("...");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_lists_set_bits() {
+        assert_eq!(bits(0b1011).collect::<Vec<_>>(), vec![0, 1, 3]);
+        assert_eq!(bits(0).count(), 0);
+    }
+
+    #[test]
+    fn statement_text_reads_query_and_parse() {
+        let mut q = BytesMut::from(&b"Q\0\0\0\x0dselect 1\0"[..]);
+        assert_eq!(statement_text(&q.split().freeze()), "select 1");
+        let p = Bytes::from_static(b"P\0\0\0\x10s\0update t\0\0\0");
+        assert_eq!(statement_text(&p), "update t");
+        assert_eq!(statement_text(&Bytes::from_static(b"F\0\0\0\x04")), "<F message>");
+    }
+}

@@ -1,0 +1,584 @@
+//! Statement classification: is this SQL provably a read, or must every backend run it?
+//!
+//! This is a conservative lexical classifier: a statement is a read only when its first word
+//! says so and nothing in it can write (no data-changing keyword, no locking clause, no call of
+//! a function outside a list of known side-effect-free built-ins). Everything else is a write.
+//! A wrong "write" costs speed; a wrong "read" would cost G1, so every doubt is a write.
+
+mod lexer;
+
+use lexer::{Lexer, Tok};
+
+/// How a statement (or a string of them) must be routed and ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Class {
+    /// Every statement in it is provably a read.
+    pub read_only: bool,
+    /// At least one statement may change data, sequences or locks: takes the write order.
+    pub writes: bool,
+    /// It changes the transaction state: the last BEGIN/COMMIT-like statement in it.
+    pub tx: TxEffect,
+    /// It contains COPY ... FROM STDIN: the client will stream CopyData next.
+    pub copy_in: bool,
+    /// It contains no statement at all.
+    pub empty: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TxEffect {
+    #[default]
+    None,
+    Begin,
+    End,
+}
+
+impl Class {
+    /// The class of something unknown: a write on every backend.
+    pub const UNKNOWN: Class = Class { read_only: false, writes: true, tx: TxEffect::None, copy_in: false, empty: false };
+    const READ: Class = Class { read_only: true, writes: false, tx: TxEffect::None, copy_in: false, empty: false };
+    const SESSION: Class = Class { read_only: false, writes: false, tx: TxEffect::None, copy_in: false, empty: false };
+
+    /// Combines the classes of statements that run one after the other.
+    pub fn then(self, next: Class) -> Class {
+        if self.empty {
+            return next;
+        }
+        if next.empty {
+            return self;
+        }
+        Class {
+            read_only: self.read_only && next.read_only,
+            writes: self.writes || next.writes,
+            tx: if next.tx == TxEffect::None { self.tx } else { next.tx },
+            copy_in: self.copy_in || next.copy_in,
+            empty: false,
+        }
+    }
+}
+
+/// Classifies a Query message's text, which may hold several statements.
+pub fn classify(sql: &[u8]) -> Class {
+    let mut lx = Lexer::new(sql);
+    let mut total = Class { empty: true, ..Class::default() };
+    loop {
+        let (class, more) = classify_one(&mut lx);
+        total = total.then(class);
+        if !more {
+            return total;
+        }
+    }
+}
+
+/// Classifies one statement, consuming it and its terminating ';'. Returns whether more follow.
+fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
+    let mut first = None;
+    let mut words: Vec<Tok> = Vec::new();
+    let mut depth = 0i32;
+    let mut more = false;
+    let mut unsafe_call = false;
+    let mut prev_word: Option<Tok> = None;
+    while let Some(tok) = lx.next() {
+        match tok {
+            Tok::Punct(b';') if depth == 0 => {
+                more = true;
+                break;
+            }
+            Tok::Punct(b'(') => {
+                if let Some(Tok::Word(s, e)) = prev_word {
+                    if !is_safe_call(&lx.src()[s..e]) {
+                        unsafe_call = true;
+                    }
+                } else if let Some(Tok::Quoted) = prev_word {
+                    unsafe_call = true;
+                }
+                depth += 1;
+            }
+            Tok::Punct(b')') => depth -= 1,
+            Tok::Word(..) => {
+                if first.is_none() {
+                    first = Some(tok);
+                }
+                if words.len() < 512 {
+                    words.push(tok);
+                }
+            }
+            _ => {}
+        }
+        prev_word = match tok {
+            Tok::Word(..) | Tok::Quoted => Some(tok),
+            // A qualified name "schema.func(": the dot keeps the last word as the callee.
+            _ => None,
+        };
+    }
+    let src = lx.src();
+    let word = |t: &Tok| match *t {
+        Tok::Word(s, e) => &src[s..e],
+        _ => &b""[..],
+    };
+    let is = |t: Option<&Tok>, w: &str| t.map(|t| word(t).eq_ignore_ascii_case(w.as_bytes())).unwrap_or(false);
+    let Some(first) = first else {
+        // Only punctuation or nothing: an empty query (or garbage PostgreSQL will reject).
+        let empty = words.is_empty() && !unsafe_call;
+        return (if empty { Class { empty: true, ..Class::default() } } else { Class::UNKNOWN }, more);
+    };
+    let kw = word(&first).to_ascii_lowercase();
+    let second = words.get(1);
+    let class = match kw.as_slice() {
+        b"select" | b"values" | b"table" | b"with" => {
+            if unsafe_call || has_write_marker(&words, src) {
+                Class::UNKNOWN
+            } else {
+                Class::READ
+            }
+        }
+        b"show" => Class::READ,
+        b"explain" => {
+            if unsafe_call || words.iter().any(|w| word(w).eq_ignore_ascii_case(b"analyze")) || has_write_marker(&words, src) {
+                Class::UNKNOWN
+            } else {
+                Class::READ
+            }
+        }
+        b"begin" | b"start" => Class { tx: TxEffect::Begin, ..Class::SESSION },
+        b"commit" | b"end" if !is(second, "prepared") => Class { tx: TxEffect::End, ..Class::SESSION },
+        b"abort" => Class { tx: TxEffect::End, ..Class::SESSION },
+        b"rollback" if is(second, "to") => Class::SESSION,
+        b"rollback" if !is(second, "prepared") => Class { tx: TxEffect::End, ..Class::SESSION },
+        b"prepare" if !is(second, "transaction") => Class::SESSION,
+        b"set" | b"reset" | b"discard" | b"deallocate" | b"listen" | b"unlisten" | b"declare" | b"fetch" | b"move" | b"close"
+        | b"savepoint" | b"release" | b"load" => Class::SESSION,
+        b"copy" => classify_copy(&words, src),
+        _ => Class::UNKNOWN,
+    };
+    (class, more)
+}
+
+fn classify_copy(words: &[Tok], src: &[u8]) -> Class {
+    let w = |t: &Tok| match *t {
+        Tok::Word(s, e) => src[s..e].to_ascii_lowercase(),
+        _ => Vec::new(),
+    };
+    let lower: Vec<Vec<u8>> = words.iter().map(w).collect();
+    // COPY (query) TO STDOUT reads; COPY ... FROM STDIN streams a write; anything touching
+    // server files or programs runs everywhere as a write.
+    if let Some(i) = lower.iter().rposition(|x| x == b"to") {
+        if lower.get(i + 1).map(|x| x == b"stdout").unwrap_or(false) && !lower.iter().any(|x| x == b"from") {
+            return Class::READ;
+        }
+        if lower.get(i + 1).map(|x| x == b"stdout").unwrap_or(false) {
+            // "COPY (SELECT ... FROM t) TO STDOUT": FROM belongs to the query.
+            return Class::READ;
+        }
+    }
+    if let Some(i) = lower.iter().position(|x| x == b"from") {
+        if lower.get(i + 1).map(|x| x == b"stdin").unwrap_or(false) {
+            return Class { copy_in: true, ..Class::UNKNOWN };
+        }
+    }
+    Class::UNKNOWN
+}
+
+/// Words that make a SELECT-like statement write or lock.
+fn has_write_marker(words: &[Tok], src: &[u8]) -> bool {
+    let w = |t: &Tok| match *t {
+        Tok::Word(s, e) => &src[s..e],
+        _ => &b""[..],
+    };
+    words.iter().enumerate().any(|(i, t)| {
+        let x = w(t);
+        let eq = |k: &str| x.eq_ignore_ascii_case(k.as_bytes());
+        if eq("insert") || eq("update") || eq("delete") || eq("merge") || eq("into") || eq("lock") {
+            return true;
+        }
+        if eq("for") {
+            if let Some(n) = words.get(i + 1) {
+                let n = w(n);
+                return ["update", "share", "no", "key"].iter().any(|k| n.eq_ignore_ascii_case(k.as_bytes()));
+            }
+        }
+        false
+    })
+}
+
+/// Names that may stand before "(" in a read: SQL keywords that take parentheses, type names
+/// used in casts, and built-in functions that change nothing.
+fn is_safe_call(name: &[u8]) -> bool {
+    const SAFE: &[&str] = &[
+        // keywords and syntax
+        "select",
+        "from",
+        "where",
+        "and",
+        "or",
+        "not",
+        "in",
+        "exists",
+        "any",
+        "all",
+        "some",
+        "as",
+        "on",
+        "join",
+        "using",
+        "values",
+        "over",
+        "filter",
+        "within",
+        "cast",
+        "row",
+        "array",
+        "case",
+        "when",
+        "then",
+        "else",
+        "by",
+        "union",
+        "intersect",
+        "except",
+        "limit",
+        "offset",
+        "having",
+        "lateral",
+        "between",
+        "like",
+        "ilike",
+        "is",
+        "distinct",
+        "with",
+        "table",
+        "partition",
+        "order",
+        "group",
+        "grouping",
+        "rollup",
+        "cube",
+        "sets",
+        "window",
+        "rows",
+        "range",
+        "similar",
+        "escape",
+        "interval",
+        "only",
+        "recursive",
+        "materialized",
+        "cycle",
+        "search",
+        "tablesample",
+        "fetch",
+        "first",
+        "next",
+        "nulls",
+        "asc",
+        "desc",
+        "to",
+        // types in casts
+        "numeric",
+        "decimal",
+        "varchar",
+        "char",
+        "character",
+        "timestamp",
+        "timestamptz",
+        "time",
+        "timetz",
+        "bit",
+        "varbit",
+        "float",
+        "double",
+        "precision",
+        "int",
+        "integer",
+        "bigint",
+        "smallint",
+        "text",
+        "boolean",
+        "date",
+        // aggregates, window functions
+        "count",
+        "sum",
+        "avg",
+        "min",
+        "max",
+        "bool_and",
+        "bool_or",
+        "every",
+        "array_agg",
+        "string_agg",
+        "json_agg",
+        "jsonb_agg",
+        "json_object_agg",
+        "jsonb_object_agg",
+        "stddev",
+        "variance",
+        "row_number",
+        "rank",
+        "dense_rank",
+        "percent_rank",
+        "cume_dist",
+        "ntile",
+        "lag",
+        "lead",
+        "first_value",
+        "last_value",
+        "nth_value",
+        "percentile_cont",
+        "percentile_disc",
+        "mode",
+        // scalar functions without side effects
+        "coalesce",
+        "nullif",
+        "greatest",
+        "least",
+        "abs",
+        "round",
+        "floor",
+        "ceil",
+        "ceiling",
+        "trunc",
+        "mod",
+        "power",
+        "sqrt",
+        "exp",
+        "ln",
+        "log",
+        "sign",
+        "length",
+        "char_length",
+        "octet_length",
+        "lower",
+        "upper",
+        "substr",
+        "substring",
+        "trim",
+        "btrim",
+        "ltrim",
+        "rtrim",
+        "position",
+        "strpos",
+        "replace",
+        "split_part",
+        "concat",
+        "concat_ws",
+        "format",
+        "left",
+        "right",
+        "lpad",
+        "rpad",
+        "repeat",
+        "reverse",
+        "md5",
+        "encode",
+        "decode",
+        "to_char",
+        "to_number",
+        "to_date",
+        "to_timestamp",
+        "date_trunc",
+        "date_part",
+        "extract",
+        "age",
+        "make_date",
+        "make_timestamp",
+        "make_interval",
+        "now",
+        "current_timestamp",
+        "current_date",
+        "statement_timestamp",
+        "transaction_timestamp",
+        "clock_timestamp",
+        "timeofday",
+        "to_json",
+        "to_jsonb",
+        "json_build_object",
+        "jsonb_build_object",
+        "json_build_array",
+        "jsonb_build_array",
+        "row_to_json",
+        "jsonb_set",
+        "jsonb_pretty",
+        "json_extract_path",
+        "jsonb_extract_path",
+        "jsonb_array_length",
+        "array_length",
+        "array_to_string",
+        "string_to_array",
+        "unnest",
+        "generate_series",
+        "cardinality",
+        "array_position",
+        "regexp_replace",
+        "regexp_match",
+        "regexp_matches",
+        "pg_sleep",
+        "version",
+        "current_setting",
+        "current_database",
+        "current_schema",
+        "current_schemas",
+        "pg_backend_pid",
+        "pg_typeof",
+        "pg_is_in_recovery",
+        "pg_postmaster_start_time",
+        "pg_database_size",
+        "pg_relation_size",
+        "pg_total_relation_size",
+        "pg_table_size",
+        "pg_indexes_size",
+        "pg_size_pretty",
+        "has_table_privilege",
+        "has_schema_privilege",
+        "has_database_privilege",
+        "format_type",
+        "obj_description",
+        "col_description",
+        "pg_get_expr",
+        "pg_get_indexdef",
+        "pg_get_constraintdef",
+        "pg_get_viewdef",
+        "pg_get_functiondef",
+        "pg_get_userbyid",
+        "pg_get_serial_sequence",
+        "pg_encoding_to_char",
+        "pg_client_encoding",
+        "quote_ident",
+        "quote_literal",
+        "quote_nullable",
+        "inet_server_port",
+        "inet_server_addr",
+        "hashtext",
+        "num_nonnulls",
+        "num_nulls",
+        "width_bucket",
+        "isfinite",
+        "justify_days",
+        "justify_hours",
+        "justify_interval",
+        "initcap",
+        "ascii",
+        "chr",
+        "translate",
+        "starts_with",
+        "to_hex",
+        "bit_length",
+        "overlay",
+        "convert_to",
+        "convert_from",
+        "pg_column_size",
+        "random_normal",
+    ];
+    // random() and friends are reads (they change no data): routed to one backend they cannot
+    // make backends differ. Writes that use them are the replication-safety issue's concern.
+    const SAFE_NONDETERMINISTIC: &[&str] = &["random", "gen_random_uuid", "uuid_generate_v4"];
+    let lower = name.to_ascii_lowercase();
+    let s = match std::str::from_utf8(&lower) {
+        Ok(s) => s,
+        Err(_) => return false,
+    };
+    SAFE.contains(&s) || SAFE_NONDETERMINISTIC.contains(&s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(sql: &str) -> Class {
+        classify(sql.as_bytes())
+    }
+
+    #[test]
+    fn plain_reads() {
+        for q in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 42;",
+            "select 1",
+            "  /* hi */ SELECT count(*) FROM t",
+            "(SELECT 1) UNION (SELECT 2)",
+            "WITH x AS (SELECT 1) SELECT * FROM x",
+            "select pg_sleep(30)",
+            "SHOW server_version",
+            "VALUES (1), (2)",
+            "TABLE t",
+            "select 'insert into x' as s",
+            "select $$update$$",
+            "select coalesce(a, 0)::numeric(10,2) from t where b in (1,2)",
+            "COPY (SELECT * FROM t) TO STDOUT",
+            "COPY t TO STDOUT WITH (FORMAT csv)",
+            "EXPLAIN SELECT 1",
+            "select pg_catalog.count(*) from t",
+        ] {
+            let cl = c(q);
+            assert!(cl.read_only && !cl.writes, "{q}: {cl:?}");
+        }
+    }
+
+    #[test]
+    fn writes_and_unknowns() {
+        for q in [
+            "UPDATE t SET v = v + 1",
+            "insert into t values (1)",
+            "SELECT * FROM t FOR UPDATE",
+            "select * from t for no key update",
+            "SELECT nextval('s')",
+            "select my_func(1)",
+            "select \"MyFunc\"(1)",
+            "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+            "SELECT * INTO t2 FROM t",
+            "CREATE TABLE t (a int)",
+            "EXPLAIN ANALYZE UPDATE t SET a = 1",
+            "COPY t TO '/tmp/x'",
+            "DO $$ BEGIN END $$",
+            "select set_config('a.b', '1', false)",
+            "COMMIT PREPARED 'x'",
+            "select pg_advisory_lock(1)",
+        ] {
+            let cl = c(q);
+            assert!(!cl.read_only && cl.writes, "{q}: {cl:?}");
+        }
+    }
+
+    #[test]
+    fn session_state_goes_everywhere_without_ordering() {
+        for q in [
+            "SET search_path = a",
+            "RESET ALL",
+            "LISTEN ch",
+            "UNLISTEN *",
+            "PREPARE p AS SELECT 1",
+            "DEALLOCATE p",
+            "DISCARD ALL",
+            "SAVEPOINT a",
+            "ROLLBACK TO SAVEPOINT a",
+            "RELEASE a",
+        ] {
+            let cl = c(q);
+            assert!(!cl.read_only && !cl.writes && cl.tx == TxEffect::None, "{q}: {cl:?}");
+        }
+    }
+
+    #[test]
+    fn transaction_boundaries() {
+        assert_eq!(c("BEGIN").tx, TxEffect::Begin);
+        assert_eq!(c("start transaction isolation level serializable").tx, TxEffect::Begin);
+        assert_eq!(c("COMMIT").tx, TxEffect::End);
+        assert_eq!(c("end").tx, TxEffect::End);
+        assert_eq!(c("ROLLBACK").tx, TxEffect::End);
+        assert_eq!(c("abort").tx, TxEffect::End);
+        let multi = c("BEGIN; UPDATE t SET a = 1; COMMIT;");
+        assert_eq!(multi.tx, TxEffect::End);
+        assert!(multi.writes && !multi.read_only);
+        assert_eq!(c("COMMIT; BEGIN").tx, TxEffect::Begin);
+    }
+
+    #[test]
+    fn copy_in_and_multi_statements() {
+        let cl = c("COPY t (a, b) FROM STDIN WITH (FORMAT csv)");
+        assert!(cl.copy_in && cl.writes);
+        let cl = c("select 1; select 2;");
+        assert!(cl.read_only);
+        let cl = c("select 1; update t set a = 1");
+        assert!(!cl.read_only && cl.writes);
+        assert!(c("").empty);
+        assert!(c(" ; ;").empty);
+        assert!(c("-- only a comment").empty);
+    }
+}

@@ -1,0 +1,617 @@
+//! Real PostgreSQL servers for Chorus's tests, benchmarks and demo.
+//!
+//! `PgServer` starts a throwaway server from the installed binaries (`PG_BIN`, else
+//! `pg_config --bindir`) on a free port in a temporary directory and removes it when dropped.
+//! PostgreSQL refuses to run as root, so as root the servers run as an unprivileged user that
+//! is created when missing. A data directory made by initdb once is copied for every server,
+//! which makes a server start in a fraction of a second. `checksums` reads per-table md5 sums
+//! so tests can prove the backends identical; `ChorusProcess` runs the real `chorus` binary.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Msg(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("postgres: {0}")]
+    Pg(#[from] tokio_postgres::Error),
+}
+
+fn err(m: impl Into<String>) -> Error {
+    Error::Msg(m.into())
+}
+
+/// The user servers run as when the tests run as root.
+pub const PG_USER: &str = "chorus_pg";
+/// Superuser and application user every test server has.
+pub const SUPERUSER: (&str, &str) = ("postgres", "postgres");
+pub const APP_USER: (&str, &str) = ("app", "secret");
+
+/// How host (TCP) connections authenticate on a test server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostAuth {
+    #[default]
+    Scram,
+    Md5,
+    Password,
+    Trust,
+}
+
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Where initdb and postgres live; default `PG_BIN` or `pg_config --bindir`.
+    pub bin_dir: Option<PathBuf>,
+    pub host_auth: HostAuth,
+    /// Shorthand for `host_auth = Trust` (the demo).
+    pub trust: bool,
+    pub max_connections: u32,
+    /// Extra `postgresql.conf` lines.
+    pub extra_conf: Vec<String>,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions { bin_dir: None, host_auth: HostAuth::Scram, trust: false, max_connections: 200, extra_conf: Vec::new() }
+    }
+}
+
+/// The directory holding PostgreSQL's server binaries.
+pub fn default_bin_dir() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("PG_BIN") {
+        return Ok(p.into());
+    }
+    let out = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .map_err(|e| err(format!("pg_config not found ({e}); install PostgreSQL or set PG_BIN")))?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().into())
+}
+
+/// (uid, gid) to run servers as, creating the unprivileged user when running as root.
+fn server_user() -> Result<Option<(u32, u32)>> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let lookup = || -> Option<(u32, u32)> {
+        let uid = Command::new("id").args(["-u", PG_USER]).output().ok()?;
+        let gid = Command::new("id").args(["-g", PG_USER]).output().ok()?;
+        if !uid.status.success() {
+            return None;
+        }
+        Some((
+            String::from_utf8_lossy(&uid.stdout).trim().parse().ok()?,
+            String::from_utf8_lossy(&gid.stdout).trim().parse().ok()?,
+        ))
+    };
+    if let Some(ids) = lookup() {
+        return Ok(Some(ids));
+    }
+    let _ = Command::new("useradd").args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER]).status();
+    lookup().map(Some).ok_or_else(|| err(format!("cannot create the unprivileged user {PG_USER}")))
+}
+
+fn chown_r(path: &Path, ids: Option<(u32, u32)>) -> Result<()> {
+    if let Some((u, g)) = ids {
+        let st = Command::new("chown").arg("-R").arg(format!("{u}:{g}")).arg(path).status()?;
+        if !st.success() {
+            return Err(err(format!("chown {} failed", path.display())));
+        }
+    }
+    Ok(())
+}
+
+fn as_server_user(cmd: &mut Command, ids: Option<(u32, u32)>) -> &mut Command {
+    if let Some((u, g)) = ids {
+        cmd.uid(u).gid(g);
+    }
+    cmd
+}
+
+/// A data directory made by initdb once per binary directory, copied for each server.
+fn template(bin: &Path, ids: Option<(u32, u32)>) -> Result<PathBuf> {
+    let key: u64 = bin.to_string_lossy().bytes().fold(0xcbf29ce484222325, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    let root = std::env::temp_dir().join("chorus-testkit");
+    std::fs::create_dir_all(&root)?;
+    // Everyone must reach the template (the server user copies from it).
+    let _ = Command::new("chmod").arg("755").arg(&root).status();
+    let dir = root.join(format!("template-{key:016x}-v2"));
+    if dir.join("PG_VERSION").exists() && dir.join(".complete").exists() {
+        return Ok(dir);
+    }
+    let tmp = root.join(format!("template-{key:016x}-tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    chown_r(&tmp, ids)?;
+    let out = as_server_user(Command::new(bin.join("initdb")).arg("-D").arg(&tmp), ids)
+        .args(["-U", SUPERUSER.0, "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+        .output()?;
+    if !out.status.success() {
+        return Err(err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr))));
+    }
+    std::fs::write(tmp.join(".complete"), b"")?;
+    chown_r(&tmp, ids)?;
+    if std::fs::rename(&tmp, &dir).is_err() {
+        // Another test process made it first.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    Ok(dir)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Every process whose parent is `pid` (a postmaster's backends).
+fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+                continue;
+            };
+            // Fields after the command name in parentheses: state, ppid, ...
+            let Some(rest) = stat.rsplit_once(')').map(|x| x.1) else {
+                continue;
+            };
+            let mut f = rest.split_whitespace();
+            f.next();
+            if f.next().and_then(|x| x.parse::<i32>().ok()) == Some(pid) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// One running PostgreSQL server.
+pub struct PgServer {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+    ids: Option<(u32, u32)>,
+    child: Option<Child>,
+    opts: PgOptions,
+    version: String,
+}
+
+impl PgServer {
+    pub async fn start(opts: PgOptions) -> Result<PgServer> {
+        let bin = match &opts.bin_dir {
+            Some(b) => b.clone(),
+            None => default_bin_dir()?,
+        };
+        let ids = server_user()?;
+        let tpl = template(&bin, ids)?;
+        let dir = tempfile::Builder::new().prefix("chorus-pg-").tempdir()?;
+        let data = dir.path().join("data");
+        let st = Command::new("cp").arg("-a").arg(&tpl).arg(&data).status()?;
+        if !st.success() {
+            return Err(err("copying the template data directory failed"));
+        }
+        let _ = std::fs::remove_file(data.join(".complete"));
+        let auth = if opts.trust { HostAuth::Trust } else { opts.host_auth };
+        let method = match auth {
+            HostAuth::Scram => "scram-sha-256",
+            HostAuth::Md5 => "md5",
+            HostAuth::Password => "password",
+            HostAuth::Trust => "trust",
+        };
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            format!("local all all trust\nhost all all 127.0.0.1/32 {method}\nhost all all ::1/128 {method}\n"),
+        )?;
+        let mut conf = format!(
+            "listen_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = {}\nfsync = off\n\
+             synchronous_commit = off\nfull_page_writes = off\nshared_buffers = 64MB\nlog_min_messages = warning\n",
+            data.display(),
+            opts.max_connections
+        );
+        if auth == HostAuth::Md5 {
+            conf.push_str("password_encryption = md5\n");
+        }
+        for l in &opts.extra_conf {
+            conf.push_str(l);
+            conf.push('\n');
+        }
+        std::fs::write(data.join("postgresql.auto.conf"), conf)?;
+        chown_r(dir.path(), ids)?;
+        let version = std::fs::read_to_string(data.join("PG_VERSION"))?.trim().to_string();
+        let mut s = PgServer { dir, bin, port: 0, ids, child: None, opts, version };
+        let mut last = None;
+        for _ in 0..5 {
+            s.port = free_port()?;
+            match s.spawn().await {
+                Ok(()) => {
+                    s.setup_roles().await?;
+                    return Ok(s);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| err("postgres did not start")))
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's major version, as its data directory says ("15").
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// The postmaster's process id, while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log"))?;
+        let log2 = log.try_clone()?;
+        let child = as_server_user(Command::new(self.bin.join("postgres")).arg("-D").arg(self.data()), self.ids)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    self.child = None;
+                    return Err(err(format!("postgres exited with {status}: {}", self.log())));
+                }
+            }
+            if self.local_client("postgres").await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(err(format!("postgres did not accept connections within 30 s: {}", self.log())));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn setup_roles(&self) -> Result<()> {
+        let c = self.local_client("postgres").await?;
+        c.batch_execute(&format!(
+            "ALTER ROLE {} PASSWORD '{}'; CREATE ROLE {} LOGIN SUPERUSER PASSWORD '{}';",
+            SUPERUSER.0, SUPERUSER.1, APP_USER.0, APP_USER.1
+        ))
+        .await?;
+        Ok(())
+    }
+
+    /// A superuser connection over the server's Unix socket (trust), for setup and checks.
+    pub async fn local_client(&self, db: &str) -> Result<Client> {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host_path(self.data()).port(self.port).user(SUPERUSER.0).dbname(db).connect_timeout(Duration::from_secs(5));
+        let (client, conn) = cfg.connect(NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// SIGKILL the postmaster and every backend process: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = c.id() as i32;
+            let kids = children(pid);
+            signal(pid, libc::SIGKILL);
+            for k in kids {
+                signal(k, libc::SIGKILL);
+            }
+            let _ = c.wait();
+            // Backends forked after the list was read notice the postmaster's death and exit.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !children(pid).is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// SIGSTOP the postmaster and its backends: a hang.
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, libc::SIGSTOP);
+            for k in children(pid) {
+                signal(k, libc::SIGSTOP);
+            }
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            for k in children(pid) {
+                signal(k, libc::SIGCONT);
+            }
+            signal(pid, libc::SIGCONT);
+        }
+    }
+
+    /// `pg_ctl -m immediate stop`: the server quits without a checkpoint.
+    pub fn stop_immediate(&mut self) -> Result<()> {
+        let out = as_server_user(Command::new(self.bin.join("pg_ctl")).arg("-D").arg(self.data()), self.ids)
+            .args(["-m", "immediate", "-w", "stop"])
+            .output()?;
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+        if !out.status.success() {
+            return Err(err(format!("pg_ctl stop failed: {}", String::from_utf8_lossy(&out.stderr))));
+        }
+        Ok(())
+    }
+
+    /// Starts the server again on the same port and data (after `kill` or `stop_immediate`).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn().await
+    }
+
+    pub fn options(&self) -> &PgOptions {
+        &self.opts
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.resume();
+        self.kill();
+    }
+}
+
+/// Per-table (row count, md5 of the rows in text order) of every user table in `db`.
+pub async fn checksums(client: &Client) -> Result<BTreeMap<String, (i64, String)>> {
+    let tables = client
+        .query(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables \
+             WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+            &[],
+        )
+        .await?;
+    let mut out = BTreeMap::new();
+    for t in tables {
+        let name: String = t.get(0);
+        let row = client
+            .query_one(
+                &format!("SELECT count(*), coalesce(md5(string_agg(t::text, E'\\n' ORDER BY t::text)), '') FROM {name} t"),
+                &[],
+            )
+            .await?;
+        out.insert(name, (row.get(0), row.get(1)));
+    }
+    Ok(out)
+}
+
+/// Checks that every server holds the same user tables with the same rows; returns the sums.
+pub async fn assert_identical(servers: &[&PgServer], db: &str) -> BTreeMap<String, (i64, String)> {
+    let mut first: Option<BTreeMap<String, (i64, String)>> = None;
+    for (i, s) in servers.iter().enumerate() {
+        let c = s.local_client(db).await.expect("connect for checksums");
+        let sums = checksums(&c).await.expect("checksums");
+        match &first {
+            None => first = Some(sums),
+            Some(f) => assert_eq!(f, &sums, "backend {i} (port {}) differs from backend 0", s.port()),
+        }
+    }
+    first.unwrap_or_default()
+}
+
+/// The real `chorus` binary running as a child process.
+pub struct ChorusProcess {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    port: u16,
+    config: PathBuf,
+    bin: PathBuf,
+}
+
+/// Settings for `ChorusProcess::config`.
+#[derive(Debug, Clone)]
+pub struct ChorusOptions {
+    pub auth: &'static str,
+    pub extra: String,
+}
+
+impl Default for ChorusOptions {
+    fn default() -> Self {
+        ChorusOptions { auth: "scram-sha-256", extra: String::new() }
+    }
+}
+
+impl ChorusProcess {
+    /// A config for `servers` with the test users; `extra` is added at the top level.
+    pub fn config(port: u16, data_dir: &Path, servers: &[&PgServer], opts: &ChorusOptions) -> String {
+        let mut s = format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nhealth_check_interval = \"1s\"\n{}\n\
+             [auth]\nmethod = \"{}\"\n[[users]]\nname = \"{}\"\npassword = \"{}\"\n[[users]]\nname = \"{}\"\npassword = \"{}\"\n",
+            data_dir.display(),
+            opts.extra,
+            opts.auth,
+            APP_USER.0,
+            APP_USER.1,
+            SUPERUSER.0,
+            SUPERUSER.1
+        );
+        for (i, srv) in servers.iter().enumerate() {
+            s.push_str(&format!("[[backends]]\nname = \"pg{}\"\nhost = \"127.0.0.1\"\nport = {}\n", i + 1, srv.port()));
+        }
+        s
+    }
+
+    /// Starts `bin` in front of `servers` and waits until it accepts clients.
+    pub async fn start(bin: &Path, servers: &[&PgServer], opts: ChorusOptions) -> Result<ChorusProcess> {
+        let dir = tempfile::Builder::new().prefix("chorus-proxy-").tempdir()?;
+        let port = free_port()?;
+        let config = dir.path().join("chorus.toml");
+        std::fs::write(&config, Self::config(port, &dir.path().join("data"), servers, &opts))?;
+        let mut p = ChorusProcess { child: None, dir, port, config, bin: bin.into() };
+        p.launch().await?;
+        Ok(p)
+    }
+
+    /// Starts the binary on the existing config and data directory.
+    pub async fn launch(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("chorus.log"))?;
+        let child = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config)
+            .env("CHORUS_LOG", std::env::var("CHORUS_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    self.child = None;
+                    return Err(err(format!("chorus exited with {status}: {}", self.log())));
+                }
+            }
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(err(format!("chorus did not listen within 20 s: {}", self.log())));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("chorus.log")).unwrap_or_default()
+    }
+
+    /// A libpq-style connection string through Chorus.
+    pub fn conn_str(&self, user: (&str, &str), db: &str) -> String {
+        format!("host=127.0.0.1 port={} user={} password={} dbname={db}", self.port, user.0, user.1)
+    }
+
+    /// A tokio-postgres client through Chorus as the app user.
+    pub async fn client(&self) -> Result<Client> {
+        self.client_as(APP_USER, "postgres").await
+    }
+
+    pub async fn client_as(&self, user: (&str, &str), db: &str) -> Result<Client> {
+        let (client, conn) = tokio_postgres::connect(&self.conn_str(user, db), NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// Backend states as recorded in the data directory: name → state.
+    pub fn states(&self) -> BTreeMap<String, String> {
+        let text = std::fs::read_to_string(self.data_dir().join("backends.json")).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let mut out = BTreeMap::new();
+        if let Some(m) = v.get("backends").and_then(|b| b.as_object()) {
+            for (name, rec) in m {
+                out.insert(name.clone(), rec.get("state").and_then(|s| s.as_str()).unwrap_or_default().to_string());
+            }
+        }
+        out
+    }
+
+    /// Waits until backend `name` has state `state` in the state file.
+    pub async fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.states().get(name).map(String::as_str) == Some(state) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(err(format!("{name} is not {state} after {timeout:?}: {:?}\n{}", self.states(), self.log())));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        signal(c.id() as i32, libc::SIGTERM);
+        c.wait().ok()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The child process, for tests that signal it themselves.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.child.as_mut()?;
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChorusProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
