@@ -1,0 +1,57 @@
+//! Shared set-up for the integration tests: real PostgreSQL servers with Chorus in front.
+#![allow(dead_code, unused_imports)]
+
+use std::path::Path;
+use std::time::Duration;
+
+pub use chorus_testkit::{assert_identical, ChorusOptions, ChorusProcess, PgOptions, PgServer, APP_USER};
+
+pub struct Setup {
+    pub servers: Vec<PgServer>,
+    pub chorus: ChorusProcess,
+}
+
+pub fn chorus_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_chorus"))
+}
+
+impl Setup {
+    pub async fn new(n: usize) -> Setup {
+        Self::with(n, ChorusOptions::default()).await
+    }
+
+    pub async fn with(n: usize, opts: ChorusOptions) -> Setup {
+        let mut servers = Vec::new();
+        for _ in 0..n {
+            servers.push(PgServer::start(PgOptions::default()).await.expect("start postgres"));
+        }
+        let refs: Vec<&PgServer> = servers.iter().collect();
+        let chorus = ChorusProcess::start(chorus_bin(), &refs, opts).await.expect("start chorus");
+        Setup { servers, chorus }
+    }
+
+    pub fn refs(&self) -> Vec<&PgServer> {
+        self.servers.iter().collect()
+    }
+
+    /// Every backend holds the same rows in every user table.
+    pub async fn assert_identical(&self) {
+        assert_identical(&self.refs(), "postgres").await;
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        self.chorus.client().await.expect("connect through chorus")
+    }
+
+    pub async fn wait_state(&self, backend: &str, state: &str) {
+        self.chorus.wait_state(backend, state, Duration::from_secs(20)).await.expect("state");
+    }
+}
+
+/// Runs a command and returns (success, stdout+stderr).
+pub fn sh(cmd: &mut std::process::Command) -> (bool, String) {
+    let out = cmd.output().expect("run command");
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), s)
+}
