@@ -31,7 +31,9 @@ async fn still_healthy(s: &Setup, c: &Client) {
 /// Reads what the server sends until it closes; returns the SQLSTATE of an ErrorResponse.
 async fn read_error(stream: &mut TcpStream) -> Option<String> {
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await.expect("server did not close the connection");
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .expect("server did not close the connection");
     let mut i = 0;
     while i + 5 <= buf.len() {
         let tag = buf[i];

@@ -61,7 +61,8 @@ async fn pipelines_with_an_error_in_the_middle() {
     let futs: Vec<_> = params.iter().map(|p| c.execute(&ins, p)).collect();
     let results = futures::future::join_all(futs).await;
     let ok = results.iter().filter(|r| r.is_ok()).count();
-    let dup = results.iter().filter(|r| r.as_ref().err().and_then(|e| e.code()).map(|c| c.code() == "23505").unwrap_or(false)).count();
+    let dup =
+        results.iter().filter(|r| r.as_ref().err().and_then(|e| e.code()).map(|c| c.code() == "23505").unwrap_or(false)).count();
     assert_eq!((ok, dup), (150, 50));
     // Pipelined reads see the pipelined writes before them.
     let reads: Vec<_> = (0..50).map(|_| c.query_one("SELECT count(*) FROM p", &[])).collect();
@@ -128,7 +129,8 @@ async fn cancel_reaches_the_backend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_notify_delivers_exactly_one_notification() {
     let s = Setup::new(2).await;
-    let (listener, mut conn) = tokio_postgres::connect(&s.chorus.conn_str(common::APP_USER, "postgres"), tokio_postgres::NoTls).await.unwrap();
+    let (listener, mut conn) =
+        tokio_postgres::connect(&s.chorus.conn_str(common::APP_USER, "postgres"), tokio_postgres::NoTls).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut stream = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
@@ -193,7 +195,10 @@ async fn sqlx_through_chorus() {
     let mut tx = c.begin().await.unwrap();
     sqlx::query("DELETE FROM sx").execute(&mut *tx).await.unwrap();
     tx.rollback().await.unwrap();
-    let row = sqlx::query("SELECT count(*) AS n, count(*) FILTER (WHERE name = 'changed') AS c FROM sx").fetch_one(&mut c).await.unwrap();
+    let row = sqlx::query("SELECT count(*) AS n, count(*) FILTER (WHERE name = 'changed') AS c FROM sx")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
     assert_eq!((row.get::<i64, _>("n"), row.get::<i64, _>("c")), (100, 10));
     let err = sqlx::query("INSERT INTO sx VALUES (1, 'dup')").execute(&mut c).await.unwrap_err();
     assert_eq!(err.as_database_error().unwrap().code().unwrap(), "23505");

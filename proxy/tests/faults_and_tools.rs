@@ -53,7 +53,10 @@ async fn psql_script_and_pgbench() {
         ),
     )
     .unwrap();
-    let (ok, out) = sh(Command::new("psql").arg(s.chorus.conn_str(APP_USER, "postgres")).args(["-X", "-v", "ON_ERROR_STOP=1", "-At", "-f"]).arg(&script));
+    let (ok, out) = sh(Command::new("psql")
+        .arg(s.chorus.conn_str(APP_USER, "postgres"))
+        .args(["-X", "-v", "ON_ERROR_STOP=1", "-At", "-f"])
+        .arg(&script));
     assert!(ok, "{out}");
     assert!(out.lines().any(|l| l == "490"), "{out}");
     let exported = std::fs::read_to_string(dir.path().join("out.csv")).unwrap();
@@ -67,7 +70,14 @@ async fn psql_script_and_pgbench() {
     let (ok, out) = pgbench(&s, &["-n", "-b", "select-only", "-M", "prepared", "-c", "4", "-j", "2", "-t", "500"]);
     assert!(ok && out.contains("number of failed transactions: 0"), "{out}");
     assert_pgbench_identical(&s).await;
-    let history: i64 = s.servers[1].local_client("postgres").await.unwrap().query_one("SELECT count(*) FROM pgbench_history", &[]).await.unwrap().get(0);
+    let history: i64 = s.servers[1]
+        .local_client("postgres")
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM pgbench_history", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(history, 800);
     s.assert_identical_except_history().await;
 }
@@ -75,7 +85,12 @@ async fn psql_script_and_pgbench() {
 impl Setup {
     async fn assert_identical_except_history(&self) {
         for srv in &self.servers {
-            srv.local_client("postgres").await.unwrap().batch_execute("ALTER TABLE pgbench_history DROP COLUMN mtime").await.unwrap();
+            srv.local_client("postgres")
+                .await
+                .unwrap()
+                .batch_execute("ALTER TABLE pgbench_history DROP COLUMN mtime")
+                .await
+                .unwrap();
         }
         self.assert_identical().await;
     }
@@ -92,7 +107,11 @@ async fn concurrent_non_commutative_updates_agree() {
         let client = s.client().await;
         tasks.push(tokio::spawn(async move {
             // Modulo keeps v small; v*3+1 and v+7 do not commute, so order matters.
-            let sql = if w % 2 == 0 { "UPDATE hot SET v = (v * 3 + 1) % 1000003 WHERE id = 1" } else { "UPDATE hot SET v = (v + 7) % 1000003 WHERE id = 1" };
+            let sql = if w % 2 == 0 {
+                "UPDATE hot SET v = (v * 3 + 1) % 1000003 WHERE id = 1"
+            } else {
+                "UPDATE hot SET v = (v + 7) % 1000003 WHERE id = 1"
+            };
             let mut n = 0u32;
             while tokio::time::Instant::now() < deadline {
                 if w % 4 == 1 {
@@ -120,7 +139,9 @@ async fn a_backend_killed_under_pgbench_is_dropped_silently_and_stays_down() {
     let (ok, out) = pgbench(&s, &["-i", "-s", "1", "-q"]);
     assert!(ok, "{out}");
     let conn = s.chorus.conn_str(APP_USER, "postgres");
-    let bench = std::thread::spawn(move || sh(Command::new("pgbench").args(["-n", "-b", "tpcb-like", "-c", "4", "-j", "2", "-T", "6"]).arg(conn)));
+    let bench = std::thread::spawn(move || {
+        sh(Command::new("pgbench").args(["-n", "-b", "tpcb-like", "-c", "4", "-j", "2", "-T", "6"]).arg(conn))
+    });
     // Kill the second backend once the run is well under way.
     let probe = s.servers[0].local_client("postgres").await.unwrap();
     loop {
@@ -154,7 +175,14 @@ async fn a_backend_killed_under_pgbench_is_dropped_silently_and_stays_down() {
     assert_eq!(s.chorus.states().get("pg2").map(String::as_str), Some("down"));
     let c = s.client().await;
     c.batch_execute("UPDATE pgbench_branches SET bbalance = bbalance + 1").await.unwrap();
-    let on_pg2: i64 = s.servers[1].local_client("postgres").await.unwrap().query_one("SELECT sum(bbalance) FROM pgbench_branches", &[]).await.unwrap().get(0);
+    let on_pg2: i64 = s.servers[1]
+        .local_client("postgres")
+        .await
+        .unwrap()
+        .query_one("SELECT sum(bbalance) FROM pgbench_branches", &[])
+        .await
+        .unwrap()
+        .get(0);
     let on_pg1: i64 = probe.query_one("SELECT sum(bbalance) FROM pgbench_branches", &[]).await.unwrap().get(0);
     assert_ne!(on_pg1, on_pg2, "a down backend received a write");
 }
@@ -163,7 +191,11 @@ async fn a_backend_killed_under_pgbench_is_dropped_silently_and_stays_down() {
 async fn a_backend_that_disagrees_is_ejected_as_diverged() {
     let s = Setup::new(2).await;
     let c = s.client().await;
-    c.batch_execute("CREATE TABLE acct (id int PRIMARY KEY, flag bool); INSERT INTO acct SELECT g, false FROM generate_series(1, 10) g;").await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE acct (id int PRIMARY KEY, flag bool); INSERT INTO acct SELECT g, false FROM generate_series(1, 10) g;",
+    )
+    .await
+    .unwrap();
     s.assert_identical().await;
     // Behind Chorus's back, pg2 gets one more row that the next UPDATE matches.
     s.servers[1].local_client("postgres").await.unwrap().batch_execute("INSERT INTO acct VALUES (11, false)").await.unwrap();
