@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Side-by-side pgbench: direct to one server, PgBouncer, Chorus with 1 and 2 backends, and
+# pgpool-II (native replication), all over the peers' two PostgreSQL 15 servers, interleaved
+# over several rounds by ../shared/peers/bench.sh, which prints medians and ratios.
+#
+#   bench/compare.sh [builtin] [seconds] [clients] [rounds]     (default select-only 10 8 3)
+#
+# Chorus runs from target/release (built here) on ports 6441 (one backend) and 6442 (two).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+builtin=${1:-select-only} secs=${2:-10} clients=${3:-8} rounds=${4:-3}
+PEERS=${PEERS:-../shared/peers}
+export PG_A=${PG_A:-55501} PG_B=${PG_B:-55502}
+cargo build --release --locked --bin chorus >/dev/null
+bash "$PEERS/cluster.sh" up
+if ! psql -h 127.0.0.1 -p "$PG_A" -U postgres -d bench -qAtc "select 1 from pgbench_branches limit 1" >/dev/null 2>&1; then
+  pgbench -i -s 10 -q -h 127.0.0.1 -p 55520 -U postgres bench
+fi
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+start_chorus() { # name port backends...
+  local name=$1 port=$2; shift 2
+  { echo "listen = \"127.0.0.1:$port\""; echo "data_dir = \"$work/$name\""; echo "health_check_database = \"bench\""
+    echo '[auth]'; echo 'method = "trust"'; echo '[[users]]'; echo 'name = "postgres"'
+    local i=1; for p in "$@"; do echo '[[backends]]'; echo "name = \"pg$i\""; echo 'host = "127.0.0.1"'; echo "port = $p"; i=$((i+1)); done
+  } >"$work/$name.toml"
+  CHORUS_LOG=warn target/release/chorus --config "$work/$name.toml" 2>"$work/$name.log" &
+  pids+=($!)
+  for _ in $(seq 100); do psql -h 127.0.0.1 -p "$port" -U postgres -d bench -qAtc 'select 1' >/dev/null 2>&1 && return; sleep 0.1; done
+  echo "chorus $name did not start: $(cat "$work/$name.log")" >&2; exit 1
+}
+start_chorus one 6441 "$PG_A"
+start_chorus two 6442 "$PG_A" "$PG_B"
+bash "$PEERS/bench.sh" "direct:$PG_A pgbouncer:${PGBOUNCER:-55510} chorus1:6441 chorus2:6442 pgpool:${PGPOOL:-55520}" "$builtin" "$secs" "$clients" "$rounds"
