@@ -176,3 +176,43 @@ async fn truncated_frame_then_disconnect() {
     assert!(!t.log().contains("panicked"));
     still_healthy(&s, &healthy).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssl_gss_and_newer_protocol_versions_are_negotiated() {
+    let (s, healthy) = setup().await;
+    let t = trust_chorus(&s).await;
+    let mut c = TcpStream::connect(("127.0.0.1", t.port())).await.unwrap();
+    for code in [80_877_103i32, 80_877_104] {
+        let mut req = 8u32.to_be_bytes().to_vec();
+        req.extend_from_slice(&code.to_be_bytes());
+        c.write_all(&req).await.unwrap();
+        let mut answer = [0u8; 1];
+        c.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"N");
+    }
+    // Protocol 3.2 with an unknown _pq_ option: NegotiateProtocolVersion names 3.0 and the option.
+    let mut body = (196_608i32 + 2).to_be_bytes().to_vec();
+    for (k, v) in [("user", APP_USER.0), ("database", "postgres"), ("_pq_.magic", "1")] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    msg.extend_from_slice(&body);
+    c.write_all(&msg).await.unwrap();
+    let mut head = [0u8; 5];
+    c.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[0], b'v');
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut rest = vec![0u8; len - 4];
+    c.read_exact(&mut rest).await.unwrap();
+    assert_eq!(i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]), 196_608);
+    assert_eq!(i32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]), 1);
+    assert_eq!(&rest[8..], b"_pq_.magic\0");
+    // Then the login goes on: AuthenticationOk follows.
+    c.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[0], b'R');
+    still_healthy(&s, &healthy).await;
+}

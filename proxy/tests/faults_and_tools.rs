@@ -208,3 +208,39 @@ async fn a_backend_that_disagrees_is_ejected_as_diverged() {
     assert_eq!(c.query_one("SELECT count(*) FROM acct WHERE flag", &[]).await.unwrap().get::<_, i64>(0), 10);
     assert_eq!(s.client().await.query_one("SELECT count(*) FROM acct", &[]).await.unwrap().get::<_, i64>(0), 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_backend_is_ejected_and_the_client_goes_on() {
+    let opts = common::ChorusOptions {
+        extra: "backend_timeout = \"1s\"\nhealth_check_timeout = \"500ms\"\nhealth_check_failures = 2\n".into(),
+        ..Default::default()
+    };
+    let s = Setup::with(2, opts).await;
+    let c = s.client().await;
+    c.batch_execute("CREATE TABLE h (v int); INSERT INTO h VALUES (1);").await.unwrap();
+    // pg2 hangs (SIGSTOP): the write completes on pg1, pg2 lags past backend_timeout and leaves.
+    s.servers[1].pause();
+    let started = std::time::Instant::now();
+    assert_eq!(c.execute("UPDATE h SET v = v + 1", &[]).await.unwrap(), 1);
+    assert!(started.elapsed() < Duration::from_secs(10), "the client waited {:?}", started.elapsed());
+    s.wait_state("pg2", "down").await;
+    assert_eq!(c.query_one("SELECT v FROM h", &[]).await.unwrap().get::<_, i32>(0), 2);
+    s.servers[1].resume();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_find_a_hung_backend_nobody_uses() {
+    let opts = common::ChorusOptions {
+        extra: "health_check_timeout = \"500ms\"\nhealth_check_failures = 2\n".into(),
+        ..Default::default()
+    };
+    let s = Setup::with(2, opts).await;
+    s.servers[1].pause();
+    s.wait_state("pg2", "down").await;
+    assert!(s.chorus.log().contains("health check failed"), "{}", s.chorus.log());
+    s.servers[1].resume();
+    // New sessions use pg1 alone and work.
+    let c = s.client().await;
+    c.batch_execute("CREATE TABLE after_hang (v int); INSERT INTO after_hang VALUES (1);").await.unwrap();
+    assert_eq!(s.chorus.states().get("pg1").map(String::as_str), Some("in_sync"));
+}

@@ -150,6 +150,8 @@ pub struct Session {
     last_client_activity: Instant,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     shutting_down: bool,
+    requests_one: metrics::Counter,
+    requests_all: metrics::Counter,
     _cancel: cancel::CancelGuard,
 }
 
@@ -278,6 +280,8 @@ impl Session {
             last_client_activity: Instant::now(),
             shutdown,
             shutting_down: false,
+            requests_one: metrics::counter!("chorus_requests_total", "fanout" => "one"),
+            requests_all: metrics::counter!("chorus_requests_total", "fanout" => "all"),
             _cancel: cancel,
             shared,
         }
@@ -495,8 +499,7 @@ impl Session {
                             self.conns[i].queue.push_back(r.seq);
                             self.conns[i].backend.inflight.fetch_add(1, Ordering::Relaxed);
                         }
-                        metrics::counter!("chorus_requests_total", "fanout" => if r.targets.count_ones() > 1 { "all" } else { "one" })
-                            .increment(1);
+                        if r.targets.count_ones() > 1 { &self.requests_all } else { &self.requests_one }.increment(1);
                         self.pending.push_back(Request {
                             seq: r.seq,
                             targets: r.targets,
@@ -607,7 +610,12 @@ impl Session {
                 // Already delivered by the primary (or the primary is done): compare only.
                 frame = self.conns[i].rbuf.split_to(len);
                 self.conns[i].outcome.record(tag, &frame[5..]);
-            } else if req.primary.is_none() || req.primary == Some(i) {
+            } else if req.primary == Some(i)
+                || (req.primary.is_none()
+                    // Writes are answered by the lead among their live targets: with two
+                    // backends the lead wins every tie, so the client's reply is the winner's.
+                    && (!req.writes || bits(req.targets).find(|&j| self.conns[j].alive) == Some(i)))
+            {
                 req.primary = Some(i);
                 frame = self.conns[i].rbuf.split_to(len);
                 self.conns[i].outcome.record(tag, &frame[5..]);
@@ -664,6 +672,17 @@ impl Session {
             return Ok(());
         };
         self.router.request_done(req.seq);
+        // The common case, one target, needs no vote and no allocation.
+        if req.targets.count_ones() == 1 {
+            let i = req.targets.trailing_zeros() as usize;
+            let c = &mut self.conns[i];
+            let o = std::mem::replace(&mut c.outcome, Outcome::new());
+            if !c.alive {
+                return Err(SessionError::NoBackend("the backend serving the request failed".into()).into());
+            }
+            self.finish_request(&req, o);
+            return Ok(());
+        }
         let mut finished: Vec<(usize, Outcome)> = Vec::with_capacity(req.targets.count_ones() as usize);
         for i in bits(req.targets) {
             let c = &mut self.conns[i];
@@ -675,22 +694,25 @@ impl Session {
         if finished.is_empty() {
             return Err(SessionError::NoBackend("every backend serving the request failed".into()).into());
         }
-        let winner = if finished.len() == 1 {
-            finished[0].1
-        } else {
-            let v = vote(&finished);
-            for &loser in &v.losers {
-                let theirs = finished.iter().find(|(j, _)| *j == loser).map(|(_, o)| *o).unwrap_or_default();
-                let sql = statement_text(&req.sql);
-                let why = format!("outcome differs from the majority on {sql:?}: this backend: {theirs}; majority: {}", v.winner);
-                tracing::error!(backend = %self.conns[loser].backend.name, statement = %sql, theirs = %theirs, majority = %v.winner, "backend diverged");
-                if self.shared.cluster.eject(self.conns[loser].backend.idx, BackendState::Diverged, &why) {
-                    metrics::counter!("chorus_divergences_total").increment(1);
-                }
-                self.close_conn(loser);
+        let v = vote(&finished);
+        self.finish_request(&req, v.winner);
+        for &loser in &v.losers {
+            let theirs = finished.iter().find(|(j, _)| *j == loser).map(|(_, o)| *o).unwrap_or_default();
+            let sql = statement_text(&req.sql);
+            let why = format!("outcome differs from the majority on {sql:?}: this backend: {theirs}; majority: {}", v.winner);
+            tracing::error!(backend = %self.conns[loser].backend.name, statement = %sql, theirs = %theirs, majority = %v.winner, "backend diverged");
+            if self.shared.cluster.eject(self.conns[loser].backend.idx, BackendState::Diverged, &why) {
+                metrics::counter!("chorus_divergences_total").increment(1);
             }
-            v.winner
-        };
+            // Requests pipelined behind this one go on without the loser.
+            self.fail_conn(loser, &why, false)?;
+        }
+        Ok(())
+    }
+
+    /// Releases a completed request's ReadyForQuery with the winning status, and the write
+    /// order once the transaction is over.
+    fn finish_request(&mut self, req: &Request, winner: Outcome) {
         if !req.rfq_sent {
             self.forward_static(rfq(winner.status));
         }
@@ -701,7 +723,6 @@ impl Session {
                 self.guard = None;
             }
         }
-        Ok(())
     }
 
     /// Marks connection `i` failed; if `eject`, the backend leaves the in-sync set as `down`.

@@ -145,6 +145,8 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
         b"rollback" if is(second, "to") => Class::SESSION,
         b"rollback" if !is(second, "prepared") => Class { tx: TxEffect::End, ..Class::SESSION },
         b"prepare" if !is(second, "transaction") => Class::SESSION,
+        // A cursor over a locking or writing query locks like the query would.
+        b"declare" if unsafe_call || has_write_marker(&words, src) => Class::UNKNOWN,
         b"set" | b"reset" | b"discard" | b"deallocate" | b"listen" | b"unlisten" | b"declare" | b"fetch" | b"move" | b"close"
         | b"savepoint" | b"release" | b"load" => Class::SESSION,
         b"copy" => classify_copy(&words, src),
@@ -530,6 +532,7 @@ mod tests {
             "select set_config('a.b', '1', false)",
             "COMMIT PREPARED 'x'",
             "select pg_advisory_lock(1)",
+            "DECLARE c CURSOR FOR SELECT * FROM t FOR UPDATE",
         ] {
             let cl = c(q);
             assert!(!cl.read_only && cl.writes, "{q}: {cl:?}");
