@@ -216,3 +216,33 @@ async fn ssl_gss_and_newer_protocol_versions_are_negotiated() {
     assert_eq!(head[0], b'R');
     still_healthy(&s, &healthy).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_call_is_forwarded() {
+    let (s, healthy) = setup().await;
+    let t = trust_chorus(&s).await;
+    let oid: u32 = healthy.query_one("SELECT 'abs(integer)'::regprocedure::oid", &[]).await.unwrap().get(0);
+    let mut c = raw_session(t.port()).await;
+    // FunctionCall: oid, 1 format code (text), 1 argument "-42", result format text.
+    let mut body = oid.to_be_bytes().to_vec();
+    body.extend_from_slice(&1i16.to_be_bytes());
+    body.extend_from_slice(&0i16.to_be_bytes());
+    body.extend_from_slice(&1i16.to_be_bytes());
+    body.extend_from_slice(&3i32.to_be_bytes());
+    body.extend_from_slice(b"-42");
+    body.extend_from_slice(&0i16.to_be_bytes());
+    let mut msg = vec![b'F'];
+    msg.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    msg.extend_from_slice(&body);
+    c.write_all(&msg).await.unwrap();
+    // FunctionCallResponse 'V' with "42", then ReadyForQuery.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.ends_with(b"Z\0\0\0\x05I") {
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(&got[..11], b"V\0\0\0\x0a\0\0\0\x0242", "{}", String::from_utf8_lossy(&got));
+    still_healthy(&s, &healthy).await;
+}

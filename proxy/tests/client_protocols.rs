@@ -205,3 +205,46 @@ async fn sqlx_through_chorus() {
     c.close().await.unwrap();
     s.assert_identical().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notices_arrive_once() {
+    let s = Setup::new(2).await;
+    let (client, mut conn) =
+        tokio_postgres::connect(&s.chorus.conn_str(common::APP_USER, "postgres"), tokio_postgres::NoTls).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = stream.next().await {
+            if let tokio_postgres::AsyncMessage::Notice(n) = m {
+                let _ = tx.send(n.message().to_string());
+            }
+        }
+    });
+    client.batch_execute("DO $$ BEGIN RAISE NOTICE 'one notice'; END $$").await.unwrap();
+    // The reply is complete, so any notice of it has been handed over already.
+    client.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(rx.try_recv().ok().as_deref(), Some("one notice"));
+    assert!(rx.try_recv().is_err(), "the notice arrived more than once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_transaction_holding_the_write_order_is_ended() {
+    let s =
+        Setup::with(2, common::ChorusOptions { extra: "idle_in_transaction_timeout = \"1s\"\n".into(), ..Default::default() })
+            .await;
+    let setup = s.client().await;
+    setup.batch_execute("CREATE TABLE w (v int); INSERT INTO w VALUES (0);").await.unwrap();
+    let idle = s.client().await;
+    idle.batch_execute("BEGIN; UPDATE w SET v = 1;").await.unwrap();
+    // Another writer waits for the write order; it gets it when the idle session is ended.
+    let other = s.client().await;
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), other.execute("UPDATE w SET v = v + 10", &[])).await.unwrap().unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(900), "the writer did not wait: {:?}", started.elapsed());
+    // The idle client was told why (25P03) and its transaction rolled back everywhere.
+    let err = idle.simple_query("COMMIT").await.unwrap_err();
+    let code = err.code().map(|c| c.code().to_string());
+    assert!(code.as_deref() == Some("25P03") || err.is_closed(), "{err}");
+    assert_eq!(setup.query_one("SELECT v FROM w", &[]).await.unwrap().get::<_, i32>(0), 10);
+    s.assert_identical().await;
+}

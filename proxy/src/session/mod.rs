@@ -574,10 +574,10 @@ impl Session {
             }
             if message::is_async_backend_message(tag) {
                 let frame = self.conns[i].rbuf.split_to(len);
-                let primary = self.pending.front().and_then(|r| r.primary);
                 let forward = match tag {
                     message::NOTIFICATION_RESPONSE => Some(i) == self.lead(),
-                    _ if current.is_some() => primary == Some(i),
+                    // A notice can be the first thing a reply holds: it may pick the primary.
+                    _ if current.is_some() => self.claim_primary(i),
                     _ => Some(i) == self.lead() && self.pending.is_empty(),
                 };
                 if forward {
@@ -610,12 +610,7 @@ impl Session {
                 // Already delivered by the primary (or the primary is done): compare only.
                 frame = self.conns[i].rbuf.split_to(len);
                 self.conns[i].outcome.record(tag, &frame[5..]);
-            } else if req.primary == Some(i)
-                || (req.primary.is_none()
-                    // Writes are answered by the lead among their live targets: with two
-                    // backends the lead wins every tie, so the client's reply is the winner's.
-                    && (!req.writes || bits(req.targets).find(|&j| self.conns[j].alive) == Some(i)))
-            {
+            } else if req.primary == Some(i) || (req.primary.is_none() && may_lead(req, &self.conns, i)) {
                 req.primary = Some(i);
                 frame = self.conns[i].rbuf.split_to(len);
                 self.conns[i].outcome.record(tag, &frame[5..]);
@@ -652,6 +647,15 @@ impl Session {
             }
         }
         Ok(progress)
+    }
+
+    /// Whether connection `i` is (or now becomes) the primary of the oldest request.
+    fn claim_primary(&mut self, i: usize) -> bool {
+        let Some(req) = self.pending.front_mut() else { return false };
+        if req.primary.is_none() && may_lead(req, &self.conns, i) {
+            req.primary = Some(i);
+        }
+        req.primary == Some(i)
     }
 
     /// Connection `i` has answered its oldest request in full.
@@ -845,6 +849,13 @@ impl Drop for Session {
             }
         }
     }
+}
+
+/// Whether connection `i` may become the primary of `req`. Writes are answered by the lead
+/// among their live targets: with two backends the lead wins every tie, so the reply the client
+/// sees is the winner's. Reads are answered by whoever is first.
+fn may_lead(req: &Request, conns: &[BackendConn], i: usize) -> bool {
+    !req.writes || bits(req.targets).find(|&j| conns[j].alive) == Some(i)
 }
 
 /// The set bits of a mask, lowest first.
