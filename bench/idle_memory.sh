@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-1000}
-ulimit -n 65536 || true
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo build --release --locked --bin chorus >/dev/null
 BIN=${PG_BIN:-$(pg_config --bindir)}
 work=$(mktemp -d); chmod 755 "$work"
@@ -17,9 +17,9 @@ cleanup() { kill "${cpid:-0}" 2>/dev/null || true; for d in a b; do as "$BIN/pg_
 trap cleanup EXIT
 for d in a b; do
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  mkdir "$work/$d"; [[ $(id -u) != 0 ]] || chown "$U" "$work/$d"
+  mkdir "$work/$d" "$work/$d-log"; [[ $(id -u) != 0 ]] || chown "$U" "$work/$d" "$work/$d-log"
   as "$BIN/initdb" -D "$work/$d" -U postgres -A trust >/dev/null
-  as "$BIN/pg_ctl" -D "$work/$d" -l "$work/$d.log" -w -o "-p $port -k $work/$d -c listen_addresses=127.0.0.1 -c max_connections=$((n + 50)) -c shared_buffers=32MB" start >/dev/null
+  as "$BIN/pg_ctl" -D "$work/$d" -l "$work/$d-log/server.log" -w -o "-p $port -k $work/$d -c listen_addresses=127.0.0.1 -c max_connections=$((n + 50)) -c shared_buffers=32MB" start >/dev/null
   ports+=("$port")
 done
 cat >"$work/chorus.toml" <<TOML
@@ -53,4 +53,4 @@ for _ in $(seq 600); do
 done
 during=$(rss)
 wait "$bpid" || true
-echo "sessions=$n chorus_rss_before_kib=$before chorus_rss_with_sessions_kib=$during delta_mib=$(( (during - before) / 1024 )) total_mib=$(( during / 1024 ))"
+echo "sessions=$n connected_on_pg2=$c chorus_rss_before_kib=$before chorus_rss_with_sessions_kib=$during delta_mib=$(( (during - before) / 1024 )) total_mib=$(( during / 1024 ))"

@@ -123,6 +123,9 @@ pub struct Config {
     pub health_check_database: String,
     #[serde(default)]
     pub health_check_user: Option<String>,
+    /// Threads serving clients; 0 picks one per core.
+    #[serde(default)]
+    pub worker_threads: usize,
     #[serde(default)]
     pub auth: AuthConfig,
     #[serde(default)]
@@ -292,6 +295,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The number of runtime threads to start.
+    pub fn threads(&self) -> usize {
+        if self.worker_threads > 0 {
+            return self.worker_threads;
+        }
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     }
 
     pub fn user(&self, name: &str) -> Option<&UserConfig> {

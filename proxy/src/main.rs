@@ -64,21 +64,25 @@ fn load(path: Option<PathBuf>) -> Result<Config, String> {
     Config::load(&path).map_err(|e| e.to_string())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("cannot start the runtime: {e}"))
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
 }
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             let cfg = load(cli.config)?;
-            runtime()?.block_on(async {
+            runtime(cfg.threads())?.block_on(async {
                 let server = Server::start(cfg).await.map_err(|e| e.to_string())?;
                 server.run(chorus::demo::shutdown_signal()).await;
                 Ok(())
             })
         }
-        Command::Demo { backends, listen, dir } => runtime()?.block_on(chorus::demo::run(backends, listen, dir)),
+        Command::Demo { backends, listen, dir } => runtime(2)?.block_on(chorus::demo::run(backends, listen, dir)),
         Command::CheckConfig => {
             load(cli.config)?;
             println!("configuration is valid");

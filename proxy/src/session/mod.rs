@@ -270,7 +270,7 @@ impl Session {
             conns,
             pending: VecDeque::new(),
             next_seq: 1,
-            router: Router::default(),
+            router: Router::new(rand::random::<u32>() as usize),
             waiter,
             guard: None,
             want_token: false,
@@ -338,7 +338,10 @@ impl Session {
             self.want_token = false;
         }
         if ev.client_data || ev.token {
-            self.last_client_activity = Instant::now();
+            if self.guard.is_some() {
+                // Only a session holding the write order has an idle clock running.
+                self.last_client_activity = Instant::now();
+            }
             self.on_client_data()?;
         }
         if ev.client_eof {
@@ -616,7 +619,9 @@ impl Session {
                 self.conns[i].outcome.record(tag, &frame[5..]);
                 if tag == message::READY_FOR_QUERY {
                     req.primary_done = true;
-                    req.first_done_at.get_or_insert_with(Instant::now);
+                    if req.targets.count_ones() > 1 {
+                        req.first_done_at.get_or_insert_with(Instant::now);
+                    }
                     // Commit points wait for every backend unless commit_ack = "first".
                     let hold = self.shared.cfg.commit_ack == CommitAck::All
                         && req.targets.count_ones() > 1
@@ -666,7 +671,10 @@ impl Session {
         c.backend.inflight.fetch_sub(1, Ordering::Relaxed);
         if let Some(req) = self.pending.front_mut() {
             req.remaining &= !(1 << i);
-            req.first_done_at.get_or_insert_with(Instant::now);
+            if req.remaining != 0 {
+                // Others still work on it: the lag clock starts.
+                req.first_done_at.get_or_insert_with(Instant::now);
+            }
         }
     }
 

@@ -69,6 +69,8 @@ pub struct Router {
     copy: Option<CopyIn>,
     last_targets: u64,
     rr: usize,
+    /// The backend this session's reads stick to while it is not clearly busier than another.
+    home: Option<usize>,
 }
 
 /// Forward an incomplete extended batch once this much of it has arrived.
@@ -315,8 +317,23 @@ impl Router {
         }
     }
 
-    /// The least busy backend among `pool`; ties rotate so idle backends share reads.
+    /// A router whose first read goes to backend `seed` modulo the backend count, so idle
+    /// sessions spread over the backends.
+    pub fn new(seed: usize) -> Router {
+        Router { rr: seed, ..Router::default() }
+    }
+
+    /// The least busy backend among `pool`. A session keeps reading from the same backend
+    /// while that one is within two requests of the least busy: one server process stays warm
+    /// instead of a process on every backend being woken in turn.
     fn least_busy(&mut self, pool: u64, conns: &[BackendConn]) -> u64 {
+        let load = |i: usize| conns[i].backend.inflight.load(Ordering::Relaxed);
+        if let Some(h) = self.home.filter(|&h| pool & (1 << h) != 0) {
+            let home = load(h);
+            if home < 2 || (0..conns.len()).all(|i| pool & (1 << i) == 0 || load(i) + 2 > home) {
+                return 1 << h;
+            }
+        }
         self.rr = self.rr.wrapping_add(1);
         let n = conns.len().max(1);
         let mut best: Option<(u32, usize)> = None;
@@ -330,6 +347,7 @@ impl Router {
                 best = Some((load, i));
             }
         }
+        self.home = best.map(|(_, i)| i);
         best.map(|(_, i)| 1u64 << i).unwrap_or(pool)
     }
 }

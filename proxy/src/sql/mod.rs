@@ -69,137 +69,191 @@ pub fn classify(sql: &[u8]) -> Class {
     }
 }
 
+/// What one pass over a statement's words found; no allocation on this path.
+#[derive(Default)]
+struct Scan {
+    first: Option<(usize, usize)>,
+    second: Option<(usize, usize)>,
+    /// INSERT/UPDATE/DELETE/MERGE/INTO/LOCK, or FOR UPDATE/SHARE/NO KEY/KEY SHARE.
+    write_marker: bool,
+    analyze: bool,
+    /// A call of something not known to be free of side effects.
+    unsafe_call: bool,
+    /// COPY's direction: TO STDOUT, FROM STDIN, or another target (a file or program).
+    to_stdout: bool,
+    from_stdin: bool,
+    from: bool,
+    to_other: bool,
+    any_token: bool,
+}
+
+fn eq(w: &[u8], k: &str) -> bool {
+    w.eq_ignore_ascii_case(k.as_bytes())
+}
+
+/// The words the scan reacts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kw {
+    /// INSERT, UPDATE, DELETE, MERGE, INTO, LOCK: a SELECT-like statement holding one writes.
+    Writes,
+    For,
+    /// What may follow FOR in a locking clause (UPDATE is also `Writes`).
+    LockStrength,
+    Analyze,
+    To,
+    From,
+    Stdin,
+    Stdout,
+    Other,
+}
+
+/// Classifies a word by its length first, so most words cost one comparison or none.
+fn keyword(w: &[u8]) -> Kw {
+    let is = |k: &str| eq(w, k);
+    match w.len() {
+        2 if is("to") => Kw::To,
+        2 if is("no") => Kw::LockStrength,
+        3 if is("for") => Kw::For,
+        3 if is("key") => Kw::LockStrength,
+        4 if is("into") || is("lock") => Kw::Writes,
+        4 if is("from") => Kw::From,
+        5 if is("merge") => Kw::Writes,
+        5 if is("share") => Kw::LockStrength,
+        5 if is("stdin") => Kw::Stdin,
+        6 if is("insert") || is("update") || is("delete") => Kw::Writes,
+        6 if is("stdout") => Kw::Stdout,
+        7 if is("analyze") => Kw::Analyze,
+        _ => Kw::Other,
+    }
+}
+
 /// Classifies one statement, consuming it and its terminating ';'. Returns whether more follow.
 fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
-    let mut first = None;
-    let mut words: Vec<Tok> = Vec::new();
+    let src = lx.src();
+    let mut sc = Scan::default();
     let mut depth = 0i32;
     let mut more = false;
-    let mut unsafe_call = false;
-    let mut prev_word: Option<Tok> = None;
+    let mut prev: Option<Tok> = None;
+    let mut prev_kw = Kw::Other;
     while let Some(tok) = lx.next() {
+        sc.any_token = true;
         match tok {
             Tok::Punct(b';') if depth == 0 => {
                 more = true;
                 break;
             }
             Tok::Punct(b'(') => {
-                if let Some(Tok::Word(s, e)) = prev_word {
-                    if !is_safe_call(&lx.src()[s..e]) {
-                        unsafe_call = true;
-                    }
-                } else if let Some(Tok::Quoted) = prev_word {
-                    unsafe_call = true;
+                match prev {
+                    Some(Tok::Word(s, e)) if !is_safe_call(&src[s..e]) => sc.unsafe_call = true,
+                    Some(Tok::Quoted) => sc.unsafe_call = true,
+                    _ => {}
                 }
                 depth += 1;
             }
             Tok::Punct(b')') => depth -= 1,
-            Tok::Word(..) => {
-                if first.is_none() {
-                    first = Some(tok);
+            Tok::Word(s, e) => {
+                let w = &src[s..e];
+                if sc.first.is_none() {
+                    sc.first = Some((s, e));
+                } else if sc.second.is_none() {
+                    sc.second = Some((s, e));
                 }
-                if words.len() < 512 {
-                    words.push(tok);
+                let k = keyword(w);
+                match k {
+                    Kw::Writes => sc.write_marker = true,
+                    Kw::LockStrength if prev_kw == Kw::For => sc.write_marker = true,
+                    Kw::Analyze => sc.analyze = true,
+                    _ => {}
                 }
+                if prev_kw == Kw::To {
+                    if k == Kw::Stdout {
+                        sc.to_stdout = true;
+                    } else {
+                        sc.to_other = true;
+                    }
+                }
+                if prev_kw == Kw::From && k == Kw::Stdin {
+                    sc.from_stdin = true;
+                }
+                if k == Kw::From {
+                    sc.from = true;
+                }
+                prev_kw = k;
             }
-            _ => {}
+            Tok::Literal if prev_kw == Kw::To => {
+                // COPY ... TO 'file'
+                sc.to_other = true;
+                prev_kw = Kw::Other;
+            }
+            _ => prev_kw = Kw::Other,
         }
-        prev_word = match tok {
+        prev = match tok {
             Tok::Word(..) | Tok::Quoted => Some(tok),
-            // A qualified name "schema.func(": the dot keeps the last word as the callee.
             _ => None,
         };
     }
-    let src = lx.src();
-    let word = |t: &Tok| match *t {
-        Tok::Word(s, e) => &src[s..e],
-        _ => &b""[..],
-    };
-    let is = |t: Option<&Tok>, w: &str| t.map(|t| word(t).eq_ignore_ascii_case(w.as_bytes())).unwrap_or(false);
-    let Some(first) = first else {
+    let word = |r: Option<(usize, usize)>| r.map(|(s, e)| &src[s..e]).unwrap_or(b"");
+    let Some(first) = sc.first else {
         // Only punctuation or nothing: an empty query (or garbage PostgreSQL will reject).
-        let empty = words.is_empty() && !unsafe_call;
+        let empty = !sc.any_token || (!sc.unsafe_call && depth == 0);
         return (if empty { Class { empty: true, ..Class::default() } } else { Class::UNKNOWN }, more);
     };
-    let kw = word(&first).to_ascii_lowercase();
-    let second = words.get(1);
-    let class = match kw.as_slice() {
-        b"select" | b"values" | b"table" | b"with" => {
-            if unsafe_call || has_write_marker(&words, src) {
-                Class::UNKNOWN
-            } else {
-                Class::READ
-            }
+    let kw = &src[first.0..first.1];
+    let second = word(sc.second);
+    let reads = !sc.unsafe_call && !sc.write_marker;
+    let class = if ["select", "values", "table", "with"].iter().any(|k| eq(kw, k)) {
+        if reads {
+            Class::READ
+        } else {
+            Class::UNKNOWN
         }
-        b"show" => Class::READ,
-        b"explain" => {
-            if unsafe_call || words.iter().any(|w| word(w).eq_ignore_ascii_case(b"analyze")) || has_write_marker(&words, src) {
-                Class::UNKNOWN
-            } else {
-                Class::READ
-            }
+    } else if eq(kw, "show") {
+        Class::READ
+    } else if eq(kw, "explain") {
+        if reads && !sc.analyze {
+            Class::READ
+        } else {
+            Class::UNKNOWN
         }
-        b"begin" | b"start" => Class { tx: TxEffect::Begin, ..Class::SESSION },
-        b"commit" | b"end" if !is(second, "prepared") => Class { tx: TxEffect::End, ..Class::SESSION },
-        b"abort" => Class { tx: TxEffect::End, ..Class::SESSION },
-        b"rollback" if is(second, "to") => Class::SESSION,
-        b"rollback" if !is(second, "prepared") => Class { tx: TxEffect::End, ..Class::SESSION },
-        b"prepare" if !is(second, "transaction") => Class::SESSION,
+    } else if eq(kw, "begin") || eq(kw, "start") {
+        Class { tx: TxEffect::Begin, ..Class::SESSION }
+    } else if (eq(kw, "commit") || eq(kw, "end")) && !eq(second, "prepared") {
+        Class { tx: TxEffect::End, ..Class::SESSION }
+    } else if eq(kw, "abort") {
+        Class { tx: TxEffect::End, ..Class::SESSION }
+    } else if eq(kw, "rollback") && eq(second, "to") {
+        Class::SESSION
+    } else if eq(kw, "rollback") && !eq(second, "prepared") {
+        Class { tx: TxEffect::End, ..Class::SESSION }
+    } else if eq(kw, "prepare") && !eq(second, "transaction") {
+        Class::SESSION
+    } else if eq(kw, "declare") && !reads {
         // A cursor over a locking or writing query locks like the query would.
-        b"declare" if unsafe_call || has_write_marker(&words, src) => Class::UNKNOWN,
-        b"set" | b"reset" | b"discard" | b"deallocate" | b"listen" | b"unlisten" | b"declare" | b"fetch" | b"move" | b"close"
-        | b"savepoint" | b"release" | b"load" => Class::SESSION,
-        b"copy" => classify_copy(&words, src),
-        _ => Class::UNKNOWN,
+        Class::UNKNOWN
+    } else if ["set", "reset", "discard", "deallocate", "listen", "unlisten", "declare", "fetch", "move", "close", "savepoint", "release", "load"]
+        .iter()
+        .any(|k| eq(kw, k))
+    {
+        Class::SESSION
+    } else if eq(kw, "copy") {
+        // COPY (query) TO STDOUT and COPY t TO STDOUT read; COPY ... FROM STDIN streams a
+        // write; anything touching server files or programs runs everywhere as a write.
+        if sc.to_stdout && !sc.to_other && !sc.from_stdin && reads_in_copy(&sc) {
+            Class::READ
+        } else if sc.from_stdin && !sc.to_stdout {
+            Class { copy_in: true, ..Class::UNKNOWN }
+        } else {
+            Class::UNKNOWN
+        }
+    } else {
+        Class::UNKNOWN
     };
     (class, more)
 }
 
-fn classify_copy(words: &[Tok], src: &[u8]) -> Class {
-    let w = |t: &Tok| match *t {
-        Tok::Word(s, e) => src[s..e].to_ascii_lowercase(),
-        _ => Vec::new(),
-    };
-    let lower: Vec<Vec<u8>> = words.iter().map(w).collect();
-    // COPY (query) TO STDOUT reads; COPY ... FROM STDIN streams a write; anything touching
-    // server files or programs runs everywhere as a write.
-    if let Some(i) = lower.iter().rposition(|x| x == b"to") {
-        if lower.get(i + 1).map(|x| x == b"stdout").unwrap_or(false) && !lower.iter().any(|x| x == b"from") {
-            return Class::READ;
-        }
-        if lower.get(i + 1).map(|x| x == b"stdout").unwrap_or(false) {
-            // "COPY (SELECT ... FROM t) TO STDOUT": FROM belongs to the query.
-            return Class::READ;
-        }
-    }
-    if let Some(i) = lower.iter().position(|x| x == b"from") {
-        if lower.get(i + 1).map(|x| x == b"stdin").unwrap_or(false) {
-            return Class { copy_in: true, ..Class::UNKNOWN };
-        }
-    }
-    Class::UNKNOWN
-}
-
-/// Words that make a SELECT-like statement write or lock.
-fn has_write_marker(words: &[Tok], src: &[u8]) -> bool {
-    let w = |t: &Tok| match *t {
-        Tok::Word(s, e) => &src[s..e],
-        _ => &b""[..],
-    };
-    words.iter().enumerate().any(|(i, t)| {
-        let x = w(t);
-        let eq = |k: &str| x.eq_ignore_ascii_case(k.as_bytes());
-        if eq("insert") || eq("update") || eq("delete") || eq("merge") || eq("into") || eq("lock") {
-            return true;
-        }
-        if eq("for") {
-            if let Some(n) = words.get(i + 1) {
-                let n = w(n);
-                return ["update", "share", "no", "key"].iter().any(|k| n.eq_ignore_ascii_case(k.as_bytes()));
-            }
-        }
-        false
-    })
+/// A COPY TO STDOUT reads unless its query could write.
+fn reads_in_copy(sc: &Scan) -> bool {
+    !sc.unsafe_call && !sc.write_marker
 }
 
 /// Names that may stand before "(" in a read: SQL keywords that take parentheses, type names
@@ -208,6 +262,7 @@ fn is_safe_call(name: &[u8]) -> bool {
     const SAFE: &[&str] = &[
         // keywords and syntax
         "select",
+        "copy",
         "from",
         "where",
         "and",
@@ -472,12 +527,7 @@ fn is_safe_call(name: &[u8]) -> bool {
     // random() and friends are reads (they change no data): routed to one backend they cannot
     // make backends differ. Writes that use them are the replication-safety issue's concern.
     const SAFE_NONDETERMINISTIC: &[&str] = &["random", "gen_random_uuid", "uuid_generate_v4"];
-    let lower = name.to_ascii_lowercase();
-    let s = match std::str::from_utf8(&lower) {
-        Ok(s) => s,
-        Err(_) => return false,
-    };
-    SAFE.contains(&s) || SAFE_NONDETERMINISTIC.contains(&s)
+    SAFE.iter().chain(SAFE_NONDETERMINISTIC).any(|k| eq(name, k))
 }
 
 #[cfg(test)]
