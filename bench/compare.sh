@@ -4,6 +4,8 @@
 # over several rounds by ../shared/peers/bench.sh, which prints medians and ratios.
 #
 #   bench/compare.sh [builtin] [seconds] [clients] [rounds]     (default select-only 10 8 3)
+#   TARGETS="pgpool chorus2" bench/compare.sh tpcb-like 10 8 3  (a subset; writes through a
+#   one-server target would make the two servers differ, so tpcb-like runs only pgpool and chorus2)
 #
 # Chorus runs from target/release (built here) on ports 6441 (one backend) and 6442 (two).
 set -euo pipefail
@@ -38,4 +40,7 @@ start_chorus() { # name port backends...
 }
 start_chorus one 6441 "$PG_A"
 start_chorus two 6442 "$PG_A" "$PG_B"
-bash "$PEERS/bench.sh" "direct:$PG_A pgbouncer:${PGBOUNCER:-55510} chorus1:6441 chorus2:6442 pgpool:${PGPOOL:-55520}" "$builtin" "$secs" "$clients" "$rounds"
+declare -A port=([direct]=$PG_A [pgbouncer]=${PGBOUNCER:-55510} [chorus1]=6441 [chorus2]=6442 [pgpool]=${PGPOOL:-55520})
+list=""
+for t in ${TARGETS:-direct pgbouncer chorus1 chorus2 pgpool}; do list+="$t:${port[$t]} "; done
+bash "$PEERS/bench.sh" "${list% }" "$builtin" "$secs" "$clients" "$rounds"
