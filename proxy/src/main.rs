@@ -76,7 +76,8 @@ fn run(cli: Cli) -> Result<(), String> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             let cfg = load(cli.config)?;
-            runtime(cfg.threads())?.block_on(async {
+            // One thread accepts and runs health checks; sessions get their own threads.
+            runtime(1)?.block_on(async {
                 let server = Server::start(cfg).await.map_err(|e| e.to_string())?;
                 server.run(chorus::demo::shutdown_signal()).await;
                 Ok(())

@@ -102,6 +102,13 @@ impl Server {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let Server { shared, listener } = self;
         let tracker = TaskTracker::new();
+        let workers = match Workers::start(shared.cfg.threads()) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start session threads");
+                return;
+            }
+        };
         cluster::spawn_health_checks(shared.cfg.clone(), shared.cluster.clone(), shared.stop.clone());
         tracing::info!(listen = %shared.cfg.listen, backends = shared.cluster.in_sync_count(), "Chorus is ready");
         tokio::pin!(shutdown);
@@ -111,7 +118,15 @@ impl Server {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let shared = shared.clone();
-                        tracker.spawn(async move { client(stream, peer, shared).await });
+                        // The session lives on one worker thread with its own runtime: its
+                        // sockets' wake-ups never cross threads.
+                        let Ok(std) = stream.into_std() else { continue };
+                        workers.next().spawn(tracker.track_future(async move {
+                            match TcpStream::from_std(std) {
+                                Ok(stream) => client(stream, peer, shared).await,
+                                Err(e) => tracing::warn!(error = %e, "cannot register a client socket"),
+                            }
+                        }));
                     }
                     Err(e) => {
                         // Out of descriptors, say: wait a moment rather than spin.
@@ -131,7 +146,46 @@ impl Server {
         if tokio::time::timeout(shared.cfg.shutdown_timeout, tracker.wait()).await.is_err() {
             tracing::warn!("shutdown_timeout passed; closing the remaining sessions");
         }
+        workers.stop();
         tracing::info!("Chorus stopped");
+    }
+}
+
+/// Session threads, each running a single-threaded runtime. Sessions are dealt round-robin.
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stop: CancellationToken,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Workers {
+    fn start(n: usize) -> std::io::Result<Workers> {
+        let stop = CancellationToken::new();
+        let mut handles = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..n.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            handles.push(rt.handle().clone());
+            let stop = stop.clone();
+            threads.push(std::thread::Builder::new().name(format!("chorus-sessions-{i}")).spawn(move || {
+                rt.block_on(stop.cancelled());
+                // Dropping the runtime ends whatever sessions outlived the shutdown timeout.
+            })?);
+        }
+        Ok(Workers { handles, threads, stop, next: AtomicUsize::new(0) })
+    }
+
+    fn next(&self) -> &tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.handles[i % self.handles.len()]
+    }
+
+    fn stop(self) {
+        self.stop.cancel();
+        for t in self.threads {
+            let _ = t.join();
+        }
     }
 }
 

@@ -82,7 +82,6 @@ struct Scan {
     /// COPY's direction: TO STDOUT, FROM STDIN, or another target (a file or program).
     to_stdout: bool,
     from_stdin: bool,
-    from: bool,
     to_other: bool,
     any_token: bool,
 }
@@ -175,9 +174,6 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
                 if prev_kw == Kw::From && k == Kw::Stdin {
                     sc.from_stdin = true;
                 }
-                if k == Kw::From {
-                    sc.from = true;
-                }
                 prev_kw = k;
             }
             Tok::Literal if prev_kw == Kw::To => {
@@ -217,9 +213,7 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
         }
     } else if eq(kw, "begin") || eq(kw, "start") {
         Class { tx: TxEffect::Begin, ..Class::SESSION }
-    } else if (eq(kw, "commit") || eq(kw, "end")) && !eq(second, "prepared") {
-        Class { tx: TxEffect::End, ..Class::SESSION }
-    } else if eq(kw, "abort") {
+    } else if ((eq(kw, "commit") || eq(kw, "end")) && !eq(second, "prepared")) || eq(kw, "abort") {
         Class { tx: TxEffect::End, ..Class::SESSION }
     } else if eq(kw, "rollback") && eq(second, "to") {
         Class::SESSION
@@ -230,9 +224,23 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
     } else if eq(kw, "declare") && !reads {
         // A cursor over a locking or writing query locks like the query would.
         Class::UNKNOWN
-    } else if ["set", "reset", "discard", "deallocate", "listen", "unlisten", "declare", "fetch", "move", "close", "savepoint", "release", "load"]
-        .iter()
-        .any(|k| eq(kw, k))
+    } else if [
+        "set",
+        "reset",
+        "discard",
+        "deallocate",
+        "listen",
+        "unlisten",
+        "declare",
+        "fetch",
+        "move",
+        "close",
+        "savepoint",
+        "release",
+        "load",
+    ]
+    .iter()
+    .any(|k| eq(kw, k))
     {
         Class::SESSION
     } else if eq(kw, "copy") {
