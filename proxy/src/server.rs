@@ -56,8 +56,6 @@ impl Server {
     pub async fn start(cfg: Config) -> Result<Server, StartError> {
         let cfg = Arc::new(cfg);
         let cluster = Arc::new(Cluster::open(&cfg)?);
-        let listener =
-            TcpListener::bind(&cfg.listen).await.map_err(|source| StartError::Listen { addr: cfg.listen.clone(), source })?;
         let in_sync: Vec<_> = cluster.in_sync().cloned().collect();
         if in_sync.is_empty() {
             let states: Vec<String> = cluster.backends().iter().map(|b| format!("{} is {}", b.name, b.state())).collect();
@@ -76,6 +74,9 @@ impl Server {
         if failures.len() == in_sync.len() {
             return Err(StartError::NoBackend(failures.join("; ")));
         }
+        // Listen only once the backends are checked: a client that can connect is served.
+        let listener =
+            TcpListener::bind(&cfg.listen).await.map_err(|source| StartError::Listen { addr: cfg.listen.clone(), source })?;
         let verifiers = cfg.users.iter().map(|u| (u.name.clone(), Verifier::from_password(&u.password))).collect();
         let shared = Arc::new(Shared {
             cfg,
@@ -136,12 +137,13 @@ impl Server {
                 }
             }
         }
+        // Sessions learn first (idle ones end with 57P03), then the listener closes.
+        shared.stop.cancel();
         drop(listener);
         tracing::info!(
             sessions = shared.clients.load(Ordering::Relaxed),
             "shutting down: no new clients; waiting for open transactions"
         );
-        shared.stop.cancel();
         tracker.close();
         if tokio::time::timeout(shared.cfg.shutdown_timeout, tracker.wait()).await.is_err() {
             tracing::warn!("shutdown_timeout passed; closing the remaining sessions");

@@ -51,17 +51,18 @@ async fn sigterm_lets_open_transactions_finish() {
     let pid = s.chorus.pid().unwrap() as i32;
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    // New clients are refused once the listener is gone; wait for that.
-    let conn = s.chorus.conn_str(common::APP_USER, "postgres");
-    for _ in 0..200 {
-        if tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.is_err() {
+    // The idle session is ended (with 57P03); wait until its connection is gone.
+    for _ in 0..400 {
+        if idle.is_closed() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    // The idle session was ended with 57P03.
     let err = idle.simple_query("SELECT 1").await.unwrap_err();
     assert!(err.is_closed() || err.code().map(|c| c.code()) == Some("57P03"), "{err}");
+    // New clients are refused.
+    let conn = s.chorus.conn_str(common::APP_USER, "postgres");
+    assert!(tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.is_err(), "a client was admitted during shutdown");
     // The open transaction finishes and commits on every backend.
     busy.batch_execute("INSERT INTO t VALUES (2); COMMIT;").await.unwrap();
     let status = tokio::task::spawn_blocking(move || {
