@@ -49,8 +49,13 @@ async fn read_error(stream: &mut TcpStream) -> Option<String> {
 }
 
 fn startup(user: &str) -> Vec<u8> {
-    let mut body = 196608i32.to_be_bytes().to_vec();
-    for (k, v) in [("user", user), ("database", "postgres")] {
+    startup_packet(196_608, &[("user", user), ("database", "postgres")])
+}
+
+/// A startup packet of protocol `version` with `params`.
+fn startup_packet(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
+    for (k, v) in params {
         body.extend_from_slice(k.as_bytes());
         body.push(0);
         body.extend_from_slice(v.as_bytes());
@@ -191,16 +196,7 @@ async fn ssl_gss_and_newer_protocol_versions_are_negotiated() {
         assert_eq!(&answer, b"N");
     }
     // Protocol 3.2 with an unknown _pq_ option: NegotiateProtocolVersion names 3.0 and the option.
-    let mut body = (196_608i32 + 2).to_be_bytes().to_vec();
-    for (k, v) in [("user", APP_USER.0), ("database", "postgres"), ("_pq_.magic", "1")] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    msg.extend_from_slice(&body);
+    let msg = startup_packet(196_608 + 2, &[("user", APP_USER.0), ("database", "postgres"), ("_pq_.magic", "1")]);
     c.write_all(&msg).await.unwrap();
     let mut head = [0u8; 5];
     c.read_exact(&mut head).await.unwrap();

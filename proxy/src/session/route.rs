@@ -260,7 +260,7 @@ impl Router {
             None => alive,
         };
         let bytes = cbuf.split_to(off).freeze();
-        self.remember_statements(&bytes, codec, targets);
+        self.remember_statements(&bytes, codec);
         let (seq, request) = match self.batch {
             Some(b) => (b.seq, None),
             None => {
@@ -286,7 +286,7 @@ impl Router {
     }
 
     /// Keeps the class of every named statement, so a later Bind routes without the SQL.
-    fn remember_statements(&mut self, bytes: &[u8], codec: &FrameCodec, _targets: u64) {
+    fn remember_statements(&mut self, bytes: &[u8], codec: &FrameCodec) {
         let mut off = 0;
         while let Ok(Some((tag, len))) = codec.peek(&bytes[off..]) {
             let body = &bytes[off + 5..off + len];
