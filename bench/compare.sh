@@ -8,6 +8,8 @@
 #   one-server target would make the two servers differ, so tpcb-like runs only pgpool and chorus2)
 #
 # Chorus runs from target/release (built here) on ports 6441 (one backend) and 6442 (two).
+# BASELINE_BIN=/path/to/an/older/chorus adds target "before2" (that binary over both servers,
+# port 6443), to compare a change with the code before it in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 builtin=${1:-select-only} secs=${2:-10} clients=${3:-8} rounds=${4:-3}
@@ -33,14 +35,15 @@ start_chorus() { # name port backends...
     echo '[auth]'; echo 'method = "trust"'; echo '[[users]]'; echo 'name = "postgres"'
     local i=1; for p in "$@"; do echo '[[backends]]'; echo "name = \"pg$i\""; echo 'host = "127.0.0.1"'; echo "port = $p"; i=$((i+1)); done
   } >"$work/$name.toml"
-  CHORUS_LOG=warn target/release/chorus --config "$work/$name.toml" 2>"$work/$name.log" &
+  CHORUS_LOG=warn "${CHORUS_BIN:-target/release/chorus}" --config "$work/$name.toml" 2>"$work/$name.log" &
   pids+=($!)
   for _ in $(seq 100); do psql -h 127.0.0.1 -p "$port" -U postgres -d bench -qAtc 'select 1' >/dev/null 2>&1 && return; sleep 0.1; done
   echo "chorus $name did not start: $(cat "$work/$name.log")" >&2; exit 1
 }
 start_chorus one 6441 "$PG_A"
 start_chorus two 6442 "$PG_A" "$PG_B"
-declare -A port=([direct]=$PG_A [pgbouncer]=${PGBOUNCER:-55510} [chorus1]=6441 [chorus2]=6442 [pgpool]=${PGPOOL:-55520})
+if [[ -n ${BASELINE_BIN:-} ]]; then CHORUS_BIN=$BASELINE_BIN start_chorus before2 6443 "$PG_A" "$PG_B"; fi
+declare -A port=([direct]=$PG_A [pgbouncer]=${PGBOUNCER:-55510} [chorus1]=6441 [chorus2]=6442 [before2]=6443 [pgpool]=${PGPOOL:-55520})
 list=""
 for t in ${TARGETS:-direct pgbouncer chorus1 chorus2 pgpool}; do list+="$t:${port[$t]} "; done
 bash "$PEERS/bench.sh" "${list% }" "$builtin" "$secs" "$clients" "$rounds"

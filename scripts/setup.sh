@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Chorus needs when it is missing: a Rust toolchain is
-# assumed (rustup); PostgreSQL server and client binaries (initdb, postgres, psql, pgbench)
-# and a C toolchain come from the distribution's packages.
+# assumed (rustup); PostgreSQL server and client binaries (initdb, postgres, psql, pgbench),
+# a C toolchain and libclang (the pg_query crate compiles libpg_query and generates its
+# bindings with bindgen) come from the distribution's packages.
 set -euo pipefail
 
 need=()
@@ -12,6 +13,7 @@ command -v psql >/dev/null || need+=(postgresql-client)
 command -v pgbench >/dev/null || need+=(postgresql-contrib)
 command -v pg_config >/dev/null || need+=(libpq-dev)
 command -v cc >/dev/null || need+=(build-essential)
+compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null || compgen -G "/usr/lib/*/libclang*.so*" >/dev/null || need+=(libclang-dev)
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}" >&2
   SUDO=""; [[ $(id -u) == 0 ]] || SUDO="sudo"

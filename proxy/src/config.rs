@@ -31,6 +31,16 @@ pub enum ReadPolicy {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
+pub enum UnsafeStatements {
+    /// Refuse with 0A000 (G5).
+    #[default]
+    Refuse,
+    /// Pass them through: the user's risk.
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
 pub enum CommitAck {
     #[default]
     All,
@@ -123,6 +133,12 @@ pub struct Config {
     pub health_check_database: String,
     #[serde(default)]
     pub health_check_user: Option<String>,
+    /// What to do with statements Chorus cannot make deterministic.
+    #[serde(default)]
+    pub unsafe_statements: UnsafeStatements,
+    /// How long a write may wait for Chorus's locks before it fails with 55P03.
+    #[serde(default = "defaults::lock_timeout", deserialize_with = "duration")]
+    pub lock_timeout: Duration,
     /// Threads serving clients; 0 picks one per core.
     #[serde(default)]
     pub worker_threads: usize,
@@ -176,6 +192,9 @@ mod defaults {
         Duration::from_secs(5)
     }
     pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn lock_timeout() -> Duration {
         Duration::from_secs(30)
     }
     pub fn health_check_interval() -> Duration {

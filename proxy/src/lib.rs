@@ -4,7 +4,7 @@
 //! The data path, in module order: `server` accepts a client; `session` runs it; `protocol`
 //! cuts and reads frames; `sql` classifies statements; `order` decides when a write may run;
 //! `fanout` holds the backend connections and compares their outcomes; `cluster` owns the
-//! backends' states.
+//! backends' states. `verify` compares the backends' data at a quiesced point.
 
 pub mod cluster;
 pub mod config;
@@ -16,4 +16,5 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod sql;
+pub mod verify;
 pub mod wire;

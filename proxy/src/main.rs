@@ -35,6 +35,13 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Compare per-table checksums of every in-sync backend at one quiesced point (G1).
+    /// Exits non-zero when any table differs.
+    Verify {
+        /// Databases to check (default: every database that accepts connections).
+        #[arg(long)]
+        database: Vec<String>,
+    },
     /// Check the configuration file and exit.
     CheckConfig,
     /// Set a backend's recorded state while Chorus is stopped (see docs/operations.md).
@@ -84,6 +91,19 @@ fn run(cli: Cli) -> Result<(), String> {
             })
         }
         Command::Demo { backends, listen, dir } => runtime(2)?.block_on(chorus::demo::run(backends, listen, dir)),
+        Command::Verify { database } => {
+            let cfg = load(cli.config)?;
+            let report = runtime(2)?.block_on(chorus::verify::run(&cfg, &database)).map_err(|e| e.to_string())?;
+            print!("{}", report.render());
+            let bad = report.unequal();
+            if bad.is_empty() {
+                let n: usize = report.databases.values().map(|t| t.len()).sum();
+                println!("verify: all {n} tables equal on every in-sync backend (writes paused {:?})", report.pause);
+                Ok(())
+            } else {
+                Err(format!("{} table(s) differ between backends", bad.len()))
+            }
+        }
         Command::CheckConfig => {
             load(cli.config)?;
             println!("configuration is valid");

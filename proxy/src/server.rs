@@ -17,12 +17,14 @@ use crate::order::WriteOrder;
 use crate::protocol::message::{self, Severity};
 use crate::protocol::scram::Verifier;
 use crate::session::{self, CancelRegistry};
+use crate::sql::catalog::Catalogs;
 
 /// What every session shares.
 pub struct Shared {
     pub cfg: Arc<Config>,
     pub cluster: Arc<Cluster>,
     pub order: WriteOrder,
+    pub catalogs: Arc<Catalogs>,
     pub cancels: Arc<CancelRegistry>,
     /// Cancelled when Chorus starts shutting down.
     pub stop: CancellationToken,
@@ -82,6 +84,7 @@ impl Server {
             cfg,
             cluster,
             order: WriteOrder::default(),
+            catalogs: Arc::new(Catalogs::default()),
             cancels: Arc::new(CancelRegistry::default()),
             stop: CancellationToken::new(),
             verifiers,

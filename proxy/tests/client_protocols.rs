@@ -228,7 +228,7 @@ async fn notices_arrive_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_transaction_holding_the_write_order_is_ended() {
+async fn an_idle_transaction_holding_write_locks_is_ended() {
     let s =
         Setup::with(2, common::ChorusOptions { extra: "idle_in_transaction_timeout = \"1s\"\n".into(), ..Default::default() })
             .await;
@@ -236,9 +236,10 @@ async fn an_idle_transaction_holding_the_write_order_is_ended() {
     setup.batch_execute("CREATE TABLE w (v int); INSERT INTO w VALUES (0);").await.unwrap();
     let idle = s.client().await;
     idle.batch_execute("BEGIN; UPDATE w SET v = 1;").await.unwrap();
-    // Another writer waits for the write order; it gets it when the idle session is ended.
-    let other = s.client().await;
+    // The idle clock runs from here.
     let started = std::time::Instant::now();
+    // Another writer waits for the table's lock; it gets it when the idle session is ended.
+    let other = s.client().await;
     tokio::time::timeout(Duration::from_secs(20), other.execute("UPDATE w SET v = v + 10", &[])).await.unwrap().unwrap();
     assert!(started.elapsed() >= Duration::from_millis(900), "the writer did not wait: {:?}", started.elapsed());
     // The idle client was told why (25P03) and its transaction rolled back everywhere.

@@ -518,6 +518,19 @@ impl ChorusProcess {
         self.port
     }
 
+    /// Runs `chorus verify` on this instance's config: (exit success, output).
+    pub fn verify(&self) -> (bool, String) {
+        let out = std::process::Command::new(&self.bin).arg("--config").arg(&self.config).arg("verify").output();
+        match out {
+            Ok(o) => {
+                let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+                s.push_str(&String::from_utf8_lossy(&o.stderr));
+                (o.status.success(), s)
+            }
+            Err(e) => (false, e.to_string()),
+        }
+    }
+
     pub fn config_path(&self) -> &Path {
         &self.config
     }

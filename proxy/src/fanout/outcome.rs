@@ -14,13 +14,19 @@ pub struct Outcome {
     pub error: Option<[u8; 5]>,
     /// The transaction status of the closing ReadyForQuery.
     pub status: u8,
+    /// A running hash of the rows a write returned (RETURNING), when they are compared.
+    pub rows_hash: u64,
     last_tag: [u8; 32],
     last_tag_len: u8,
 }
 
 impl PartialEq for Outcome {
     fn eq(&self, o: &Outcome) -> bool {
-        self.completions == o.completions && self.tags_hash == o.tags_hash && self.error == o.error && self.status == o.status
+        self.completions == o.completions
+            && self.tags_hash == o.tags_hash
+            && self.error == o.error
+            && self.status == o.status
+            && self.rows_hash == o.rows_hash
     }
 }
 
@@ -32,6 +38,19 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 impl Outcome {
     pub fn new() -> Outcome {
         Outcome { tags_hash: FNV_OFFSET, ..Default::default() }
+    }
+
+    /// Adds a returned row to the rows hash (only for writes whose rows are compared).
+    #[inline]
+    pub fn hash_row(&mut self, body: &[u8]) {
+        let mut h = if self.rows_hash == 0 { FNV_OFFSET } else { self.rows_hash };
+        for &b in body {
+            h ^= b as u64;
+            h = h.wrapping_mul(FNV_PRIME);
+        }
+        // A row boundary, so that rows cannot shift into each other.
+        h ^= 0xff;
+        self.rows_hash = h.wrapping_mul(FNV_PRIME);
     }
 
     /// Takes note of one reply message.
@@ -71,6 +90,9 @@ impl std::fmt::Display for Outcome {
         match self.error {
             Some(code) => write!(f, "error {} after {} command(s)", String::from_utf8_lossy(&code), self.completions)?,
             None => write!(f, "{} command(s), last {:?}", self.completions, last)?,
+        }
+        if self.rows_hash != 0 {
+            write!(f, ", returned rows hash {:016x}", self.rows_hash)?;
         }
         write!(f, ", status {}", self.status as char)
     }

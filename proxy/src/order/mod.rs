@@ -1,84 +1,165 @@
-//! Write ordering: the one place that decides when a write transaction may run.
+//! Write ordering: the one place that decides when a write may run.
 //!
-//! Conflicting writes must reach every backend in the same order. For now a single
-//! cluster-wide write token does it: a transaction takes it at its first write and gives it
-//! back when its commit point has completed on every in-sync backend, so write transactions
-//! run one at a time and every backend applies them in the same order. Reads never take it.
-//! The lock manager of the replication-safety issue replaces the token behind this interface.
+//! Conflicting writes must reach every backend in the same order. Each write statement's
+//! analysis (`sql::analyze`) names what it touches; `lock_set` turns that, with the statement's
+//! bind parameters, into locks of the lock manager (`locks`): the cluster-wide resource in
+//! intention mode (or exclusive, for what cannot be analysed), tables, unique-key values and
+//! sequences. Locks are held until the transaction's commit point completed everywhere.
+//! Reads never take locks.
 
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Instant;
+pub mod locks;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::PollSemaphore;
+use std::hash::{Hash, Hasher};
+
+pub use locks::{Acquire, LockManager, LockOwner, Mode, Res};
+
+use crate::protocol::message::BindView;
+use crate::sql::analyze::{Analysis, KeyPart, TableMode};
+use crate::sql::catalog::{INT2, INT4, INT8, TEXT, VARCHAR};
 
 /// The cluster's write order.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct WriteOrder {
-    token: Arc<Semaphore>,
-}
-
-impl Default for WriteOrder {
-    fn default() -> Self {
-        WriteOrder { token: Arc::new(Semaphore::new(1)) }
-    }
+    pub locks: LockManager,
 }
 
 impl WriteOrder {
-    /// A per-session handle that can wait for the token from inside a poll loop.
-    pub fn waiter(&self) -> OrderWaiter {
-        OrderWaiter { sem: PollSemaphore::new(self.token.clone()), since: None }
-    }
-
-    /// Whether some transaction holds the token right now (for tests and status).
-    pub fn is_held(&self) -> bool {
-        self.token.available_permits() == 0
+    pub fn owner(&self) -> LockOwner {
+        self.locks.owner()
     }
 }
 
-/// Held while a session's write transaction may run; dropping it lets the next one go.
-pub struct WriteGuard {
-    _permit: OwnedSemaphorePermit,
-}
-
-pub struct OrderWaiter {
-    sem: PollSemaphore,
-    since: Option<Instant>,
-}
-
-impl OrderWaiter {
-    /// Polls for the token; records how long the session waited.
-    pub fn poll_acquire(&mut self, cx: &mut Context<'_>) -> Poll<WriteGuard> {
-        let since = *self.since.get_or_insert_with(Instant::now);
-        match self.sem.poll_acquire(cx) {
-            Poll::Ready(Some(permit)) => {
-                self.since = None;
-                metrics::histogram!("chorus_write_order_wait_seconds").record(since.elapsed().as_secs_f64());
-                Poll::Ready(WriteGuard { _permit: permit })
+/// Appends the locks a write needs to `out`, in a fixed order: the cluster-wide resource,
+/// then tables, keys and sequences. Key values come from literals or `bind`'s parameters;
+/// a key Chorus cannot read (binary of an odd type, NULL) becomes a table-exclusive lock.
+pub fn lock_set(a: &Analysis, db: u32, bind: Option<&BindView<'_>>, out: &mut Vec<(Res, Mode)>) {
+    if a.global {
+        out.push((Res::Global, Mode::Exclusive));
+        return;
+    }
+    out.push((Res::Global, Mode::IntentExclusive));
+    let start = out.len();
+    let mut key_locks = Vec::new();
+    let mut exclusive_tables = Vec::new();
+    for k in &a.keys {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        k.index.hash(&mut h);
+        let mut ok = true;
+        for p in &k.parts {
+            match p {
+                KeyPart::Const(s) => s.hash(&mut h),
+                KeyPart::Param(n, ty) => match bind.and_then(|b| b.param(*n)).and_then(|(f, v)| param_key(f, v?, *ty)) {
+                    Some(s) => s.hash(&mut h),
+                    None => ok = false,
+                },
             }
-            // The semaphore is never closed; treat closure as a wait that never ends.
-            Poll::Ready(None) => Poll::Pending,
-            Poll::Pending => Poll::Pending,
+            0xffu8.hash(&mut h);
         }
+        if ok {
+            key_locks.push((Res::Key { db, index: k.index, hash: h.finish() }, Mode::Exclusive));
+        } else {
+            exclusive_tables.push(k.table);
+        }
+    }
+    for &(oid, mode) in &a.tables {
+        let m = match mode {
+            TableMode::Shared => Mode::Shared,
+            TableMode::Keyed => Mode::IntentExclusive,
+            TableMode::Exclusive => Mode::Exclusive,
+        };
+        out.push((Res::Table { db, oid }, m));
+    }
+    for oid in exclusive_tables {
+        out.push((Res::Table { db, oid }, Mode::Exclusive));
+    }
+    // One lock per table at the strongest mode asked for, in a fixed order.
+    let tables = &mut out[start..];
+    tables.sort();
+    let mut merged: Vec<(Res, Mode)> = Vec::with_capacity(tables.len());
+    for &(r, m) in tables.iter() {
+        match merged.last_mut() {
+            Some((lr, lm)) if *lr == r => *lm = join(*lm, m),
+            _ => merged.push((r, m)),
+        }
+    }
+    out.truncate(start);
+    out.extend(merged);
+    key_locks.sort();
+    key_locks.dedup();
+    out.extend(key_locks);
+    let mut seqs: Vec<u32> = a.sequences.clone();
+    seqs.sort_unstable();
+    seqs.dedup();
+    out.extend(seqs.into_iter().map(|oid| (Res::Sequence { db, oid }, Mode::Exclusive)));
+}
+
+fn join(a: Mode, b: Mode) -> Mode {
+    match (a, b) {
+        (x, y) if x == y => x,
+        (Mode::IntentShared, y) | (y, Mode::IntentShared) => y,
+        _ => Mode::Exclusive,
+    }
+}
+
+/// The canonical text of a bound key value, or None when Chorus cannot compare it.
+fn param_key(format: i16, v: &[u8], ty: u32) -> Option<String> {
+    match (format, ty) {
+        (0, _) => crate::sql::analyze::normalize_key(v, ty),
+        (1, INT2 | INT4 | INT8) => match v.len() {
+            2 => Some(i16::from_be_bytes([v[0], v[1]]).to_string()),
+            4 => Some(i32::from_be_bytes(v.try_into().ok()?).to_string()),
+            8 => Some(i64::from_be_bytes(v.try_into().ok()?).to_string()),
+            _ => None,
+        },
+        (1, TEXT | VARCHAR) => String::from_utf8(v.to_vec()).ok(),
+        _ => None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures::task::noop_waker_ref;
+    use crate::sql::analyze::KeyLock;
 
     #[test]
-    fn one_write_transaction_at_a_time() {
-        let order = WriteOrder::default();
-        let mut cx = Context::from_waker(noop_waker_ref());
-        let mut a = order.waiter();
-        let mut b = order.waiter();
-        let Poll::Ready(guard) = a.poll_acquire(&mut cx) else { panic!("free token not granted") };
-        assert!(order.is_held());
-        assert!(b.poll_acquire(&mut cx).is_pending());
-        drop(guard);
-        assert!(b.poll_acquire(&mut cx).is_ready());
+    fn text_and_binary_parameters_lock_the_same_key() {
+        let a = Analysis {
+            class: crate::sql::Class::UNKNOWN,
+            tables: vec![(7, TableMode::Keyed)],
+            keys: vec![KeyLock { table: 7, index: 8, parts: vec![KeyPart::Param(1, INT4)] }],
+            ..Analysis::default()
+        };
+        let key = |fmt: i16, v: &[u8]| {
+            let mut body = Vec::new();
+            body.extend_from_slice(b"\0\0");
+            body.extend_from_slice(&1i16.to_be_bytes());
+            body.extend_from_slice(&fmt.to_be_bytes());
+            body.extend_from_slice(&1i16.to_be_bytes());
+            body.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            body.extend_from_slice(v);
+            body.extend_from_slice(&0i16.to_be_bytes());
+            let view = crate::protocol::message::bind_view(&body).expect("bind");
+            let mut out = Vec::new();
+            lock_set(&a, 1, Some(&view), &mut out);
+            out
+        };
+        let text = key(0, b"0042");
+        let bin = key(1, &42i32.to_be_bytes());
+        assert_eq!(text, bin);
+        assert_eq!(text.len(), 3, "global intention, table intention, key: {text:?}");
+        assert!(matches!(text[2], (Res::Key { .. }, Mode::Exclusive)));
+        let other = key(0, b"43");
+        assert_ne!(text[2], other[2]);
+        // A float in binary is not comparable: the table is locked instead.
+        let odd = key(1, &[1, 2, 3]);
+        assert_eq!(odd[1], (Res::Table { db: 1, oid: 7 }, Mode::Exclusive));
+    }
+
+    #[test]
+    fn unanalysable_takes_the_cluster_wide_lock() {
+        let a = Analysis { class: crate::sql::Class::UNKNOWN, global: true, ..Analysis::default() };
+        let mut out = Vec::new();
+        lock_set(&a, 1, None, &mut out);
+        assert_eq!(out, vec![(Res::Global, Mode::Exclusive)]);
     }
 }

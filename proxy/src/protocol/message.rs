@@ -34,6 +34,8 @@ pub const ERROR_RESPONSE: u8 = b'E';
 pub const NOTICE_RESPONSE: u8 = b'N';
 pub const NOTIFICATION_RESPONSE: u8 = b'A';
 pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+pub const DATA_ROW: u8 = b'D';
+pub const PARAMETER_DESCRIPTION: u8 = b't';
 
 /// Messages a backend may send at any moment, outside the reply to a request.
 #[inline]
@@ -174,6 +176,127 @@ pub fn bind_param_count(body: &[u8]) -> Result<i16, ProtocolError> {
     }
     b = &b[nfmt as usize * 2..];
     take_i16(&mut b)
+}
+
+/// A Bind's parameters, read in place.
+pub struct BindView<'a> {
+    pub formats: Vec<i16>,
+    pub params: Vec<Option<&'a [u8]>>,
+    /// Offsets of the parameter count and of the result-format count in the body.
+    params_at: usize,
+    results_at: usize,
+}
+
+impl<'a> BindView<'a> {
+    /// Parameter `n` (1-based) with its format code (0 text, 1 binary).
+    pub fn param(&self, n: usize) -> Option<(i16, Option<&'a [u8]>)> {
+        let v = *self.params.get(n.checked_sub(1)?)?;
+        let fmt = match self.formats.len() {
+            0 => 0,
+            1 => self.formats[0],
+            _ => *self.formats.get(n - 1)?,
+        };
+        Some((fmt, v))
+    }
+}
+
+pub fn bind_view(body: &[u8]) -> Result<BindView<'_>, ProtocolError> {
+    let mut b = body;
+    take_cstr(&mut b)?;
+    take_cstr(&mut b)?;
+    let nfmt = take_i16(&mut b)?;
+    if nfmt < 0 {
+        return Err(ProtocolError::Malformed("bad Bind format count"));
+    }
+    let mut formats = Vec::with_capacity(nfmt as usize);
+    for _ in 0..nfmt {
+        formats.push(take_i16(&mut b)?);
+    }
+    let params_at = body.len() - b.len();
+    let n = take_i16(&mut b)?;
+    if n < 0 {
+        return Err(ProtocolError::Malformed("bad Bind parameter count"));
+    }
+    let mut params = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        if b.len() < 4 {
+            return Err(ProtocolError::Malformed("truncated Bind parameter"));
+        }
+        let len = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        b = &b[4..];
+        if len < 0 {
+            params.push(None);
+            continue;
+        }
+        let len = len as usize;
+        if b.len() < len {
+            return Err(ProtocolError::Malformed("truncated Bind parameter"));
+        }
+        params.push(Some(&b[..len]));
+        b = &b[len..];
+    }
+    Ok(BindView { formats, params, params_at, results_at: body.len() - b.len() })
+}
+
+/// A Bind frame equal to `body`'s with text parameters appended.
+pub fn bind_with_extra(buf: &mut BytesMut, body: &[u8], extra: &[String]) -> Result<(), ProtocolError> {
+    let v = bind_view(body)?;
+    let n = v.params.len();
+    let mut names = body;
+    take_cstr(&mut names)?;
+    take_cstr(&mut names)?;
+    let names_len = body.len() - names.len();
+    put_frame(buf, BIND, |buf| {
+        buf.put_slice(&body[..names_len]);
+        // Format codes: none or one text code still say "all text"; otherwise list each.
+        let all_text = v.formats.is_empty() || (v.formats.len() == 1 && v.formats[0] == 0);
+        if all_text {
+            buf.put_slice(&body[names_len..v.params_at]);
+        } else {
+            buf.put_i16((n + extra.len()) as i16);
+            for i in 0..n {
+                buf.put_i16(if v.formats.len() == 1 { v.formats[0] } else { v.formats[i] });
+            }
+            for _ in extra {
+                buf.put_i16(0);
+            }
+        }
+        buf.put_i16((n + extra.len()) as i16);
+        buf.put_slice(&body[v.params_at + 2..v.results_at]);
+        for e in extra {
+            buf.put_i32(e.len() as i32);
+            buf.put_slice(e.as_bytes());
+        }
+        buf.put_slice(&body[v.results_at..]);
+    });
+    Ok(())
+}
+
+/// A Parse frame with the same name and parameter types, and new text.
+pub fn parse_with_text(buf: &mut BytesMut, body: &[u8], sql: &str) -> Result<(), ProtocolError> {
+    let mut b = body;
+    let name = take_cstr(&mut b)?;
+    take_cstr(&mut b)?;
+    put_frame(buf, PARSE, |buf| {
+        put_cstr(buf, name);
+        put_cstr(buf, sql.as_bytes());
+        buf.put_slice(b);
+    });
+    Ok(())
+}
+
+/// A ParameterDescription cut to its first `keep` types.
+pub fn trim_parameter_description(buf: &mut BytesMut, body: &[u8], keep: usize) {
+    let n = body.get(..2).map(|b| i16::from_be_bytes([b[0], b[1]]).max(0) as usize).unwrap_or(0);
+    let keep = keep.min(n).min(body.len().saturating_sub(2) / 4);
+    put_frame(buf, b't', |buf| {
+        buf.put_i16(keep as i16);
+        buf.put_slice(&body[2..2 + keep * 4]);
+    });
+}
+
+pub fn query_msg(buf: &mut BytesMut, sql: &str) {
+    put_frame(buf, QUERY, |buf| put_cstr(buf, sql.as_bytes()));
 }
 
 // ---- builders -------------------------------------------------------------------------------

@@ -31,16 +31,17 @@ use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 pub use cancel::{CancelRegistry, CancelTarget};
-use route::{Dispatch, Router};
+use route::{Dispatch, RouteCtx, Router};
 
 use crate::cluster::BackendState;
-use crate::config::CommitAck;
+use crate::config::{CommitAck, UnsafeStatements};
 use crate::error::SessionError;
 use crate::fanout::{self, vote, BackendConn, LoginError, Outcome};
-use crate::order::{OrderWaiter, WriteGuard};
+use crate::order::{Acquire, LockOwner};
 use crate::protocol::message::{self, Severity};
 use crate::protocol::{FrameCodec, ProtocolError};
 use crate::server::Shared;
+use crate::sql::catalog::{CatalogSlot, LoadTarget};
 use crate::wire::{shutdown_now, OutQueue};
 
 /// Stop reading backends while this much waits for the client.
@@ -77,12 +78,18 @@ struct Request {
     forwarded: u32,
     rfq_sent: bool,
     writes: bool,
+    hash_rows: bool,
+    /// Parameter types the client may see per Describe of a statement (Chorus adds its own).
+    trims: VecDeque<Option<u16>>,
     /// The request's first frame, for log lines.
     sql: Bytes,
     /// The whole request, kept when a single backend serves a read so another can retry it.
     retry: Option<Bytes>,
     first_done_at: Option<Instant>,
 }
+
+/// A future that completes when something a session waits for may have happened.
+type Wakeup = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Why a session ends.
 enum End {
@@ -141,9 +148,15 @@ pub struct Session {
     pending: VecDeque<Request>,
     next_seq: u64,
     router: Router,
-    waiter: OrderWaiter,
-    guard: Option<WriteGuard>,
-    want_token: bool,
+    locks: LockOwner,
+    /// Waiting for locks since then: the client is not read meanwhile.
+    lock_wait: Option<Instant>,
+    catalog: Arc<CatalogSlot>,
+    load_target: LoadTarget,
+    /// A transaction with DDL is open: the catalog is reloaded when it ends.
+    ddl_open: bool,
+    /// A write waits for the catalog to load (since then, and the wake-up).
+    catalog_wait: Option<(Instant, Wakeup)>,
     last_status: u8,
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
@@ -167,7 +180,7 @@ pub async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), client.write_all(&buf)).await;
             return;
         }
-        Ok(Ok(Some((conns, guard)))) => Session::new(client, shared, conns, guard),
+        Ok(Ok(Some((conns, guard, target)))) => Session::new(client, shared, conns, guard, target),
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tell_and_close(&mut client, &e).await;
@@ -190,7 +203,7 @@ async fn tell_and_close(client: &mut TcpStream, e: &SessionError) {
 async fn login(
     client: &mut TcpStream,
     shared: &Arc<Shared>,
-) -> Result<Option<(Vec<BackendConn>, cancel::CancelGuard)>, SessionError> {
+) -> Result<Option<(Vec<BackendConn>, cancel::CancelGuard, LoadTarget)>, SessionError> {
     let Some(params) = startup::read_startup(client, shared).await? else {
         return Ok(None);
     };
@@ -252,12 +265,23 @@ async fn login(
     message::ready_for_query(&mut out, b'I');
     client.write_all(&out).await?;
     tracing::debug!(user = %st.user, backends = conns.len(), "session started");
-    Ok(Some((conns, guard)))
+    let database = st.params.iter().find(|(k, _)| k == "database").map(|(_, v)| v.clone()).unwrap_or_else(|| st.user.clone());
+    let lead = &conns[0].backend;
+    let target = LoadTarget { host: lead.host.clone(), port: lead.port, user: st.user.clone(), password, database };
+    Ok(Some((conns, guard, target)))
 }
 
 impl Session {
-    fn new(client: TcpStream, shared: Arc<Shared>, conns: Vec<BackendConn>, cancel: cancel::CancelGuard) -> Session {
-        let waiter = shared.order.waiter();
+    fn new(
+        client: TcpStream,
+        shared: Arc<Shared>,
+        conns: Vec<BackendConn>,
+        cancel: cancel::CancelGuard,
+        target: LoadTarget,
+    ) -> Session {
+        let locks = shared.order.owner();
+        let catalog = shared.catalogs.slot(&target.database);
+        shared.catalogs.refresh(&catalog, target.clone());
         let shutdown = Box::pin(shared.stop.clone().cancelled_owned());
         let max = shared.cfg.max_message_size;
         Session {
@@ -271,9 +295,12 @@ impl Session {
             pending: VecDeque::new(),
             next_seq: 1,
             router: Router::new(rand::random::<u32>() as usize),
-            waiter,
-            guard: None,
-            want_token: false,
+            locks,
+            lock_wait: None,
+            catalog,
+            load_target: target,
+            ddl_open: false,
+            catalog_wait: None,
             last_status: b'I',
             timer: Box::pin(tokio::time::sleep(std::time::Duration::from_secs(3600))),
             timer_at: None,
@@ -335,10 +362,10 @@ impl Session {
             self.on_backend_data()?;
         }
         if ev.token {
-            self.want_token = false;
+            self.lock_wait = None;
         }
         if ev.client_data || ev.token {
-            if self.guard.is_some() {
+            if self.locks.holds_any() {
                 // Only a session holding the write order has an idle clock running.
                 self.last_client_activity = Instant::now();
             }
@@ -380,15 +407,28 @@ impl Session {
                 }
             }
         }
-        if self.want_token && self.guard.is_none() {
-            if let Poll::Ready(g) = self.waiter.poll_acquire(cx) {
-                self.guard = Some(g);
-                ev.token = true;
+        if let Some(since) = self.lock_wait {
+            match self.router.retry_locks(&mut self.locks, cx.waker()) {
+                Acquire::Wait => {}
+                Acquire::Granted => ev.token = true,
+                Acquire::Deadlock => {
+                    self.router.fail_next("40P01", "deadlock detected by Chorus: this transaction waited for a lock held by a transaction that waits for it; it was rolled back".into());
+                    ev.token = true;
+                }
+            }
+            if ev.token {
+                metrics::histogram!("chorus_write_order_wait_seconds").record(since.elapsed().as_secs_f64());
             }
         }
         let backends_drained = self.conns.iter().all(|c| !c.alive || c.out.len() < BACKEND_OUT_HIGH);
         let client_ok = self.client_out.len() < CLIENT_OUT_HIGH;
-        if !self.want_token && backends_drained && client_ok {
+        if let Some((_, wake)) = &mut self.catalog_wait {
+            if wake.as_mut().poll(cx).is_ready() || self.catalog.get().is_some() {
+                self.catalog_wait = None;
+                ev.token = true;
+            }
+        }
+        if self.lock_wait.is_none() && self.catalog_wait.is_none() && backends_drained && client_ok {
             self.client_codec.reserve_for_partial(&mut self.cbuf);
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.client), cx, &mut self.cbuf) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => ev.client_eof = true,
@@ -434,24 +474,46 @@ impl Session {
         }
     }
 
-    /// The next moment something times out: an idle transaction holding the write order, or
-    /// a backend lagging behind the others on the current request.
+    /// The next moment something times out: an idle transaction holding locks, a wait for
+    /// locks, or a backend lagging behind the others on the current request.
     fn deadline(&self) -> Option<Instant> {
         let cfg = &self.shared.cfg;
-        let idle = (self.guard.is_some() && self.pending.is_empty())
+        let idle = (self.locks.holds_any() && self.pending.is_empty() && self.lock_wait.is_none())
             .then(|| self.last_client_activity + cfg.idle_in_transaction_timeout);
         let lag = self.pending.front().and_then(|r| r.first_done_at).map(|t| t + cfg.backend_timeout);
-        match (idle, lag) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let wait = self.lock_wait.map(|t| t + cfg.lock_timeout);
+        let cat = self.catalog_wait.as_ref().map(|(t, _)| *t + cfg.lock_timeout);
+        [idle, lag, wait, cat].into_iter().flatten().min()
     }
 
     fn on_timer(&mut self) -> Result<(), End> {
         let now = Instant::now();
         let cfg = self.shared.cfg.clone();
-        if self.guard.is_some() && self.pending.is_empty() && now >= self.last_client_activity + cfg.idle_in_transaction_timeout {
+        if self.locks.holds_any()
+            && self.pending.is_empty()
+            && self.lock_wait.is_none()
+            && now >= self.last_client_activity + cfg.idle_in_transaction_timeout
+        {
             return Err(SessionError::IdleInTransaction(cfg.idle_in_transaction_timeout).into());
+        }
+        if self.catalog_wait.as_ref().is_some_and(|(t, _)| now >= *t + cfg.lock_timeout) {
+            self.catalog_wait = None;
+            let why =
+                self.catalog.last_error.lock().map(|e| e.clone()).unwrap_or_default().unwrap_or_else(|| "still loading".into());
+            self.router.fail_next(
+                "55000",
+                format!("Chorus has no current catalog of database {} to analyse this write ({why})", self.load_target.database),
+            );
+            self.on_client_data()?;
+        }
+        if self.lock_wait.is_some_and(|t| now >= t + cfg.lock_timeout) {
+            self.locks.cancel_wait();
+            self.lock_wait = None;
+            self.router.fail_next(
+                "55P03",
+                format!("lock timeout: waited {:?} (lock_timeout) for Chorus's write locks", cfg.lock_timeout),
+            );
+            self.on_client_data()?;
         }
         let laggards = match self.pending.front() {
             Some(r) if r.first_done_at.is_some_and(|t| now >= t + cfg.backend_timeout) => r.remaining,
@@ -467,27 +529,46 @@ impl Session {
     // ---- client side -----------------------------------------------------------------------
 
     fn on_client_data(&mut self) -> Result<(), End> {
+        let waker = futures::task::noop_waker();
         loop {
-            if self.want_token {
+            if self.lock_wait.is_some() || self.catalog_wait.is_some() {
                 return Ok(());
             }
             self.refresh_conns()?;
             let alive = self.alive_mask();
-            let has_token = self.guard.is_some();
-            let policy = self.shared.cfg.read_policy;
-            let d = self.router.next(
-                &mut self.cbuf,
-                &self.client_codec,
+            let catalog = if self.ddl_open { self.catalog.last() } else { self.catalog.get() };
+            if catalog.is_none() && !self.ddl_open {
+                self.shared.catalogs.refresh(&self.catalog, self.load_target.clone());
+            }
+            let mut ctx = RouteCtx {
                 alive,
-                &self.conns,
-                policy,
-                &mut self.next_seq,
-                has_token,
-            )?;
+                conns: &self.conns,
+                policy: self.shared.cfg.read_policy,
+                catalog,
+                wait_for_catalog: !self.ddl_open,
+                db: self.catalog.id,
+                locks: &mut self.locks,
+                // The real waker is registered when poll_events asks again.
+                waker: &waker,
+                allow_unsafe: self.shared.cfg.unsafe_statements == UnsafeStatements::Allow,
+            };
+            let d = self.router.next(&mut self.cbuf, &self.client_codec, &mut ctx, &mut self.next_seq)?;
             let Some(d) = d else { return Ok(()) };
             match d {
-                Dispatch::NeedsToken => {
-                    self.want_token = true;
+                Dispatch::NeedsLocks => {
+                    self.lock_wait = Some(Instant::now());
+                    return Ok(());
+                }
+                Dispatch::NeedsCatalog => {
+                    let slot = self.catalog.clone();
+                    let mut wake: Wakeup = Box::pin(async move { slot.loaded.notified().await });
+                    // Registered before the check below, so a load finishing now is not missed.
+                    let _ = wake.as_mut().poll(&mut Context::from_waker(&waker));
+                    self.shared.catalogs.refresh(&self.catalog, self.load_target.clone());
+                    if self.catalog.get().is_some() {
+                        continue;
+                    }
+                    self.catalog_wait = Some((Instant::now(), wake));
                     return Ok(());
                 }
                 Dispatch::Terminate => return Err(End::Quiet),
@@ -498,6 +579,10 @@ impl Session {
                         );
                     }
                     if let Some(r) = request {
+                        if r.ddl && !self.ddl_open {
+                            self.ddl_open = true;
+                            self.catalog.ddl_started();
+                        }
                         for i in bits(r.targets) {
                             self.conns[i].queue.push_back(r.seq);
                             self.conns[i].backend.inflight.fetch_add(1, Ordering::Relaxed);
@@ -512,6 +597,8 @@ impl Session {
                             forwarded: 0,
                             rfq_sent: false,
                             writes: r.writes,
+                            hash_rows: r.hash_rows,
+                            trims: r.trims.into(),
                             sql: r.sql,
                             retry: r.retry,
                             first_done_at: None,
@@ -613,10 +700,23 @@ impl Session {
                 // Already delivered by the primary (or the primary is done): compare only.
                 frame = self.conns[i].rbuf.split_to(len);
                 self.conns[i].outcome.record(tag, &frame[5..]);
+                if req.hash_rows && tag == message::DATA_ROW {
+                    self.conns[i].outcome.hash_row(&frame[5..]);
+                }
             } else if req.primary == Some(i) || (req.primary.is_none() && may_lead(req, &self.conns, i)) {
                 req.primary = Some(i);
-                frame = self.conns[i].rbuf.split_to(len);
+                let mut frame = self.conns[i].rbuf.split_to(len);
                 self.conns[i].outcome.record(tag, &frame[5..]);
+                if req.hash_rows && tag == message::DATA_ROW {
+                    self.conns[i].outcome.hash_row(&frame[5..]);
+                }
+                if tag == message::PARAMETER_DESCRIPTION && !req.trims.is_empty() {
+                    if let Some(Some(keep)) = req.trims.pop_front() {
+                        let mut f = BytesMut::new();
+                        message::trim_parameter_description(&mut f, &frame[5..], keep as usize);
+                        frame = f;
+                    }
+                }
                 if tag == message::READY_FOR_QUERY {
                     req.primary_done = true;
                     if req.targets.count_ones() > 1 {
@@ -625,7 +725,7 @@ impl Session {
                     // Commit points wait for every backend unless commit_ack = "first".
                     let hold = self.shared.cfg.commit_ack == CommitAck::All
                         && req.targets.count_ones() > 1
-                        && (req.writes || self.guard.is_some())
+                        && (req.writes || self.locks.holds_any())
                         && frame[5] == b'I';
                     if !hold {
                         req.rfq_sent = true;
@@ -732,7 +832,13 @@ impl Session {
         if self.pending.is_empty() {
             self.router.settle(winner.status);
             if winner.status == b'I' {
-                self.guard = None;
+                // The commit point completed everywhere: strict two-phase locking ends here.
+                self.locks.release_all();
+                if self.ddl_open {
+                    self.ddl_open = false;
+                    self.catalog.ddl_ended();
+                    self.shared.catalogs.refresh(&self.catalog, self.load_target.clone());
+                }
             }
         }
     }

@@ -9,16 +9,53 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Waker;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use crate::config::ReadPolicy;
 use crate::fanout::BackendConn;
+use crate::order::{self, Acquire, LockOwner, Mode, Res};
 use crate::protocol::message::{
     self, BIND, CLOSE, COPY_DATA, COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FLUSH, FUNCTION_CALL, PARSE, QUERY, SYNC, TERMINATE,
 };
 use crate::protocol::{FrameCodec, ProtocolError};
+use crate::sql::analyze::{analyze_cached, Analysis, Chosen};
+use crate::sql::catalog::Catalog;
+use crate::sql::rewrite::{self, Values};
 use crate::sql::{classify, Class, TxEffect};
+
+/// What routing needs from outside the router for one call.
+pub struct RouteCtx<'a> {
+    pub alive: u64,
+    pub conns: &'a [BackendConn],
+    pub policy: ReadPolicy,
+    pub catalog: Option<Arc<Catalog>>,
+    /// Without a catalog, a write waits for one (false inside the session's own DDL
+    /// transaction, which holds the cluster-wide lock and analyses with what it has).
+    pub wait_for_catalog: bool,
+    pub db: u32,
+    pub locks: &'a mut LockOwner,
+    pub waker: &'a Waker,
+    pub allow_unsafe: bool,
+}
+
+/// A statement the session prepared: how it routes, and what Chorus adds at each Bind.
+#[derive(Clone)]
+struct Prepared {
+    class: Class,
+    analysis: Option<Arc<Analysis>>,
+    /// The client's parameter count; Chorus's own parameters follow it.
+    base: usize,
+    extra: Arc<[Chosen]>,
+}
+
+impl Prepared {
+    fn unknown() -> Prepared {
+        Prepared { class: Class::UNKNOWN, analysis: None, base: 0, extra: Arc::from([]) }
+    }
+}
 
 /// An extended batch that was partly forwarded (at a Flush) and awaits its Sync.
 #[derive(Clone, Copy)]
@@ -44,11 +81,19 @@ pub struct NewRequest {
     pub writes: bool,
     pub sql: Bytes,
     pub retry: Option<Bytes>,
+    /// Rows it returns are compared between backends (writes with RETURNING).
+    pub hash_rows: bool,
+    /// It may change the catalog.
+    pub ddl: bool,
+    /// Per Describe of a statement in it: how many parameter types the client may see.
+    pub trims: Vec<Option<u16>>,
 }
 
 pub enum Dispatch {
-    /// The next unit writes and the session must first take the write order.
-    NeedsToken,
+    /// The next unit writes and must wait for locks first.
+    NeedsLocks,
+    /// The next unit writes and its analysis needs the catalog, which is being (re)loaded.
+    NeedsCatalog,
     Terminate,
     Send {
         bytes: Bytes,
@@ -61,10 +106,13 @@ pub enum Dispatch {
 pub struct Router {
     /// A transaction is open or about to be (judged from what was sent, settled by replies).
     pub tx_open: bool,
-    /// The session holds the write order.
-    pub has_token: bool,
-    named: HashMap<Box<[u8]>, Class>,
-    unnamed: Option<(Class, u64)>,
+    named: HashMap<Box<[u8]>, Prepared>,
+    unnamed: Option<(Prepared, u64)>,
+    /// The transaction's timestamp, chosen at its first use.
+    tx_time: Option<String>,
+    /// An error the next write gets instead of running (deadlock victim, lock timeout).
+    fail_next: Option<(&'static str, String)>,
+    locks: Vec<(Res, Mode)>,
     batch: Option<OpenBatch>,
     copy: Option<CopyIn>,
     last_targets: u64,
@@ -78,18 +126,14 @@ const BATCH_EARLY: usize = 64 * 1024;
 
 impl Router {
     /// Cuts and routes the next dispatch unit from `cbuf`. None when more bytes are needed.
-    #[allow(clippy::too_many_arguments)]
     pub fn next(
         &mut self,
         cbuf: &mut BytesMut,
         codec: &FrameCodec,
-        alive: u64,
-        conns: &[BackendConn],
-        policy: ReadPolicy,
+        ctx: &mut RouteCtx<'_>,
         next_seq: &mut u64,
-        has_token: bool,
     ) -> Result<Option<Dispatch>, ProtocolError> {
-        self.has_token = has_token;
+        let alive = ctx.alive;
         let Some((tag, len)) = codec.peek(cbuf)? else {
             return Ok(None);
         };
@@ -111,14 +155,21 @@ impl Router {
                 Ok(Some(Dispatch::Send { bytes: cbuf.split_to(len).freeze(), targets: self.last_targets & alive, request: None }))
             }
             QUERY => {
-                let class = classify(message::query_sql(&cbuf[5..len])?);
-                Ok(Some(self.standalone(cbuf, len, class, alive, conns, policy, next_seq)))
+                let sql = message::query_sql(&cbuf[5..len])?;
+                let class = classify(sql);
+                // Reads and session statements need no analysis: the fast path.
+                if class.writes && ctx.catalog.is_none() && ctx.wait_for_catalog && self.fail_next.is_none() {
+                    return Ok(Some(Dispatch::NeedsCatalog));
+                }
+                let plan = class.writes.then(|| analyze_cached(sql, ctx.catalog.as_deref()));
+                Ok(Some(self.standalone(cbuf, len, class, plan, ctx, next_seq)))
             }
-            FUNCTION_CALL => Ok(Some(self.standalone(cbuf, len, Class::UNKNOWN, alive, conns, policy, next_seq))),
+            FUNCTION_CALL => {
+                let plan = Arc::new(Analysis { class: Class::UNKNOWN, global: true, ..Analysis::default() });
+                Ok(Some(self.standalone(cbuf, len, Class::UNKNOWN, Some(plan), ctx, next_seq)))
+            }
             TERMINATE => Ok(Some(Dispatch::Terminate)),
-            PARSE | BIND | DESCRIBE | EXECUTE | CLOSE | FLUSH | SYNC => {
-                self.extended(cbuf, codec, alive, conns, policy, next_seq)
-            }
+            PARSE | BIND | DESCRIBE | EXECUTE | CLOSE | FLUSH | SYNC => self.extended(cbuf, codec, ctx, next_seq),
             other => Err(ProtocolError::UnexpectedTag(other as char)),
         }
     }
@@ -126,6 +177,41 @@ impl Router {
     /// The reply to every request so far is in; the transaction status is known for sure.
     pub fn settle(&mut self, status: u8) {
         self.tx_open = status != b'I';
+        if !self.tx_open {
+            self.tx_time = None;
+        }
+    }
+
+    /// The next write fails with this error instead of running.
+    pub fn fail_next(&mut self, code: &'static str, message: String) {
+        self.fail_next = Some((code, message));
+    }
+
+    /// The values for one execution: the transaction's timestamp (new per statement outside
+    /// a transaction) and the statement's clock.
+    fn values(&mut self) -> Values {
+        let now = rewrite::timestamp_now();
+        let tx_time = if self.tx_open { self.tx_time.get_or_insert_with(|| now.clone()).clone() } else { now.clone() };
+        Values { tx_time, stmt_time: now }
+    }
+
+    /// Asks again for the locks the last write waited for.
+    pub fn retry_locks(&self, owner: &mut LockOwner, waker: &Waker) -> Acquire {
+        owner.acquire(&self.locks, waker)
+    }
+
+    /// Takes the locks `plan` needs with these bind parameters. Err carries the replacement
+    /// error statement when the session must not run it (deadlock victim, lock timeout).
+    fn lock(&mut self, plans: &[(&Analysis, Option<&[u8]>)], ctx: &mut RouteCtx<'_>) -> Result<Acquire, ProtocolError> {
+        self.locks.clear();
+        for (a, bind) in plans {
+            let view = match bind {
+                Some(b) => Some(message::bind_view(b)?),
+                None => None,
+            };
+            order::lock_set(a, ctx.db, view.as_ref(), &mut self.locks);
+        }
+        Ok(ctx.locks.acquire(&self.locks, ctx.waker))
     }
 
     /// Request `seq` is complete: a COPY it started is over whatever the client sends next.
@@ -135,24 +221,87 @@ impl Router {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn standalone(
         &mut self,
         cbuf: &mut BytesMut,
         len: usize,
-        class: Class,
-        alive: u64,
-        conns: &[BackendConn],
-        policy: ReadPolicy,
+        lexical: Class,
+        plan: Option<Arc<Analysis>>,
+        ctx: &mut RouteCtx<'_>,
         next_seq: &mut u64,
     ) -> Dispatch {
-        if class.writes && !self.has_token {
-            return Dispatch::NeedsToken;
+        let mut class = plan.as_ref().map_or(lexical, |a| a.class);
+        let mut replacement: Option<String> = None;
+        let (mut hash_rows, mut ddl) = (false, false);
+        if let Some(a) = &plan {
+            if let Some(e) = self.refusal(a, ctx) {
+                replacement = Some(e);
+            } else if a.class.writes {
+                match self.fail_next.take() {
+                    Some((code, msg)) => replacement = Some(rewrite::error_statement(code, &msg)),
+                    None => match self.lock(&[(a, None)], ctx) {
+                        Ok(Acquire::Granted) => {}
+                        Ok(Acquire::Wait) => return Dispatch::NeedsLocks,
+                        Ok(Acquire::Deadlock) | Err(_) => replacement = Some(deadlock_statement()),
+                    },
+                }
+            }
+            if replacement.is_none() && !a.edits.is_empty() {
+                if let Ok(text) = std::str::from_utf8(message::query_sql(&cbuf[5..len]).unwrap_or_default()) {
+                    let values = self.values();
+                    let sql = rewrite::with_literals(text, &a.edits, &values);
+                    let mut buf = BytesMut::with_capacity(sql.len() + 6);
+                    message::query_msg(&mut buf, &sql);
+                    cbuf.advance(len);
+                    return self.send_query(buf.freeze(), class, a.hash_rows, a.ddl, ctx, next_seq);
+                }
+            }
+            hash_rows = a.hash_rows;
+            ddl = a.ddl;
         }
+        if let Some(sql) = replacement {
+            // Every backend fails the same way; nothing of the original statement runs.
+            class = Class::SESSION;
+            let mut buf = BytesMut::new();
+            message::query_msg(&mut buf, &sql);
+            cbuf.advance(len);
+            return self.send_query(buf.freeze(), class, false, false, ctx, next_seq);
+        }
+        let bytes = cbuf.split_to(len).freeze();
+        self.send_query(bytes, class, hash_rows, ddl, ctx, next_seq)
+    }
+
+    /// The 0A000 error statement for a refused construct, unless configured to allow it.
+    fn refusal(&self, a: &Analysis, ctx: &RouteCtx<'_>) -> Option<String> {
+        let why = a.refusal.as_ref()?;
+        if ctx.allow_unsafe {
+            return None;
+        }
+        Some(rewrite::error_statement(
+            "0A000",
+            &format!(
+                "Chorus cannot make this statement deterministic on every backend: {why}; \
+                 set unsafe_statements = \"allow\" to pass it through at your own risk"
+            ),
+        ))
+    }
+
+    fn send_query(
+        &mut self,
+        bytes: Bytes,
+        class: Class,
+        hash_rows: bool,
+        ddl: bool,
+        ctx: &RouteCtx<'_>,
+        next_seq: &mut u64,
+    ) -> Dispatch {
         self.batch = None;
         let read = class.read_only || class.empty;
-        let targets = if read && !self.tx_open && policy == ReadPolicy::One { self.least_busy(alive, conns) } else { alive };
-        let bytes = cbuf.split_to(len).freeze();
+        let targets = if read && !self.tx_open && ctx.policy == ReadPolicy::One {
+            self.least_busy(ctx.alive, ctx.conns)
+        } else {
+            ctx.alive
+        };
         let seq = take_seq(next_seq);
         self.apply_tx(class);
         if class.copy_in {
@@ -163,55 +312,130 @@ impl Router {
         Dispatch::Send {
             bytes: bytes.clone(),
             targets,
-            request: Some(NewRequest { seq, targets, writes: class.writes, sql: bytes, retry }),
+            request: Some(NewRequest {
+                seq,
+                targets,
+                writes: class.writes,
+                sql: bytes,
+                retry,
+                hash_rows,
+                ddl,
+                trims: Vec::new(),
+            }),
         }
+    }
+
+    /// How a Parse's statement routes and what Chorus adds to it; its rewritten text if any.
+    fn prepare(&self, body: &[u8], ctx: &RouteCtx<'_>) -> Result<(Prepared, Option<String>), ProtocolError> {
+        let (_, sql) = message::parse_fields(body)?;
+        let lexical = classify(sql);
+        if !lexical.writes {
+            return Ok((Prepared { class: lexical, analysis: None, base: 0, extra: Arc::from([]) }, None));
+        }
+        let a = analyze_cached(sql, ctx.catalog.as_deref());
+        let declared = parse_type_count(body);
+        let base = a.max_param.max(declared);
+        let mut rewritten = None;
+        let mut extra: Arc<[Chosen]> = Arc::from([]);
+        if !a.edits.is_empty() && a.refusal.is_none() {
+            if let Ok(text) = std::str::from_utf8(sql) {
+                let (new, chosen) = rewrite::with_params(text, &a.edits, base);
+                rewritten = Some(new);
+                extra = chosen.into();
+            }
+        }
+        Ok((Prepared { class: a.class, analysis: Some(a), base, extra }, rewritten))
     }
 
     fn extended(
         &mut self,
         cbuf: &mut BytesMut,
         codec: &FrameCodec,
-        alive: u64,
-        conns: &[BackendConn],
-        policy: ReadPolicy,
+        ctx: &mut RouteCtx<'_>,
         next_seq: &mut u64,
     ) -> Result<Option<Dispatch>, ProtocolError> {
         let mut off = 0;
         let mut class = Class { empty: true, ..Class::default() };
         let mut session_state = false;
-        let mut parsed_unnamed: Option<Class> = None;
+        let mut parsed_unnamed: Option<Prepared> = None;
+        let mut parsed_named: Vec<(Box<[u8]>, Prepared)> = Vec::new();
         let mut uses_old_unnamed = false;
         let (mut has_parse, mut has_bind) = (false, false);
         let mut synced = false;
         let mut flushed = false;
         let mut first_sql: Option<(usize, usize)> = None;
+        // Frames Chorus rewrites: (offset, length, new frame).
+        let mut replaced: Vec<(usize, usize, BytesMut)> = Vec::new();
+        // Binds of writes, to lock for: (analysis, bind body range).
+        let mut writes: Vec<(Arc<Analysis>, usize, usize)> = Vec::new();
+        let mut refusal: Option<String> = None;
+        let mut trims: Vec<Option<u16>> = Vec::new();
+        let (mut hash_rows, mut ddl) = (true, false);
         while let Some((tag, len)) = codec.peek(&cbuf[off..])? {
             let body = &cbuf[off + 5..off + len];
             match tag {
                 PARSE => {
                     let (name, sql) = message::parse_fields(body)?;
-                    let c = classify(sql);
+                    if ctx.catalog.is_none() && ctx.wait_for_catalog && self.fail_next.is_none() && classify(sql).writes {
+                        return Ok(Some(Dispatch::NeedsCatalog));
+                    }
+                    let (p, rewritten) = self.prepare(body, ctx)?;
+                    if let Some(sql) = rewritten {
+                        let mut f = BytesMut::new();
+                        message::parse_with_text(&mut f, body, &sql)?;
+                        replaced.push((off, len, f));
+                    }
+                    if let Some(a) = &p.analysis {
+                        if refusal.is_none() {
+                            refusal = self.refusal(a, ctx);
+                        }
+                        ddl |= a.ddl;
+                    }
                     has_parse = true;
+                    class = class.then(p.class);
                     if name.is_empty() {
-                        parsed_unnamed = Some(c);
+                        parsed_unnamed = Some(p);
                     } else {
                         session_state = true;
+                        parsed_named.push((name.into(), p));
                     }
-                    class = class.then(c);
                     first_sql.get_or_insert((off, len));
                 }
                 BIND => {
                     let (_, stmt) = message::bind_names(body)?;
                     has_bind = true;
-                    let c = if stmt.is_empty() {
-                        parsed_unnamed.or_else(|| {
+                    let p = if stmt.is_empty() {
+                        parsed_unnamed.clone().or_else(|| {
                             uses_old_unnamed = true;
-                            self.unnamed.map(|u| u.0)
+                            self.unnamed.as_ref().map(|u| u.0.clone())
                         })
                     } else {
-                        self.named.get(stmt).copied()
+                        parsed_named
+                            .iter()
+                            .rev()
+                            .find(|(n, _)| &**n == stmt)
+                            .map(|(_, p)| p.clone())
+                            .or_else(|| self.named.get(stmt).cloned())
                     };
-                    class = class.then(c.unwrap_or(Class::UNKNOWN));
+                    let p = p.unwrap_or_else(Prepared::unknown);
+                    class = class.then(p.class);
+                    hash_rows &= p.analysis.as_ref().is_some_and(|a| a.hash_rows);
+                    match &p.analysis {
+                        Some(a) if p.class.writes => writes.push((a.clone(), off + 5, off + len)),
+                        None if p.class.writes => writes.push((
+                            Arc::new(Analysis { class: Class::UNKNOWN, global: true, ..Analysis::default() }),
+                            off + 5,
+                            off + len,
+                        )),
+                        _ => {}
+                    }
+                    if !p.extra.is_empty() {
+                        let values = self.values();
+                        let extra: Vec<String> = p.extra.iter().map(|&v| values.text(v)).collect();
+                        let mut f = BytesMut::new();
+                        message::bind_with_extra(&mut f, body, &extra)?;
+                        replaced.push((off, len, f));
+                    }
                     first_sql.get_or_insert((off, len));
                 }
                 CLOSE => {
@@ -219,7 +443,15 @@ impl Router {
                     session_state = true;
                 }
                 DESCRIBE => {
-                    message::target_name(body)?;
+                    let (kind, name) = message::target_name(body)?;
+                    if kind == b'S' {
+                        let p = if name.is_empty() {
+                            parsed_unnamed.as_ref().or(self.unnamed.as_ref().map(|u| &u.0))
+                        } else {
+                            parsed_named.iter().rev().find(|(n, _)| &**n == name).map(|(_, p)| p).or_else(|| self.named.get(name))
+                        };
+                        trims.push(p.filter(|p| !p.extra.is_empty()).map(|p| p.base as u16));
+                    }
                 }
                 EXECUTE => {
                     message::execute_portal(body)?;
@@ -240,8 +472,29 @@ impl Router {
         if !synced && !flushed && !foreign_next && off < BATCH_EARLY && self.batch.is_none() {
             return Ok(None); // wait for the rest of the batch
         }
-        if class.writes && !self.has_token {
-            return Ok(Some(Dispatch::NeedsToken));
+        let mut failure = refusal;
+        if failure.is_none() && !writes.is_empty() {
+            if let Some((code, msg)) = self.fail_next.take() {
+                failure = Some(rewrite::error_statement(code, &msg));
+            } else {
+                let plans: Vec<(&Analysis, Option<&[u8]>)> = writes.iter().map(|(a, s, e)| (&**a, Some(&cbuf[*s..*e]))).collect();
+                match self.lock(&plans, ctx) {
+                    Ok(Acquire::Granted) => {}
+                    Ok(Acquire::Wait) => return Ok(Some(Dispatch::NeedsLocks)),
+                    Ok(Acquire::Deadlock) | Err(_) => failure = Some(deadlock_statement()),
+                }
+            }
+        }
+        if let Some(sql) = failure {
+            if !synced || self.batch.is_some() {
+                // Half a batch is already on its way: the session cannot fail just this part.
+                return Err(ProtocolError::Malformed("a statement Chorus must refuse arrived in a batch without Sync"));
+            }
+            // The whole batch fails at its first message, on every backend alike.
+            cbuf.advance(off);
+            let mut buf = BytesMut::new();
+            message::query_msg(&mut buf, &sql);
+            return Ok(Some(self.send_query(buf.freeze(), Class::SESSION, false, false, ctx, next_seq)));
         }
         // A Parse without Bind prepares for later use: every backend must have it.
         if has_parse && !has_bind {
@@ -249,18 +502,43 @@ impl Router {
         }
         let read = (class.read_only || class.empty) && !session_state;
         let targets = match self.batch {
-            Some(b) => b.targets & alive,
-            None if synced && read && !self.tx_open && policy == ReadPolicy::One => {
-                let pool = match (uses_old_unnamed, self.unnamed) {
-                    (true, Some((_, t))) if t & alive != 0 => t & alive,
-                    _ => alive,
+            Some(b) => b.targets & ctx.alive,
+            None if synced && read && !self.tx_open && ctx.policy == ReadPolicy::One => {
+                let pool = match (uses_old_unnamed, &self.unnamed) {
+                    (true, Some((_, t))) if t & ctx.alive != 0 => t & ctx.alive,
+                    _ => ctx.alive,
                 };
-                self.least_busy(pool, conns)
+                self.least_busy(pool, ctx.conns)
             }
-            None => alive,
+            None => ctx.alive,
         };
-        let bytes = cbuf.split_to(off).freeze();
-        self.remember_statements(&bytes, codec);
+        let bytes = if replaced.is_empty() {
+            cbuf.split_to(off).freeze()
+        } else {
+            let orig = cbuf.split_to(off);
+            let mut out = BytesMut::with_capacity(off + 256);
+            let mut at = 0;
+            for (o, l, f) in &replaced {
+                out.extend_from_slice(&orig[at..*o]);
+                out.extend_from_slice(f);
+                at = o + l;
+            }
+            out.extend_from_slice(&orig[at..]);
+            if let Some((o, l)) = &mut first_sql {
+                // Point at the first frame in the new bytes: it starts at the same place.
+                let shift: isize =
+                    replaced.iter().filter(|(ro, _, _)| ro < o).map(|(_, rl, f)| f.len() as isize - *rl as isize).sum();
+                *o = (*o as isize + shift) as usize;
+                if let Some((_, _, f)) = replaced.iter().find(|(ro, _, _)| ro == o) {
+                    *l = f.len();
+                }
+            }
+            out.freeze()
+        };
+        self.forget_closed(&bytes, codec);
+        for (name, p) in parsed_named {
+            self.named.insert(name, p);
+        }
         let (seq, request) = match self.batch {
             Some(b) => (b.seq, None),
             None => {
@@ -270,12 +548,13 @@ impl Router {
                     None => bytes.slice(0..0),
                 };
                 let retry = (synced && targets.count_ones() == 1 && read && !self.tx_open).then(|| bytes.clone());
-                (seq, Some(NewRequest { seq, targets, writes: class.writes, sql, retry }))
+                let hash_rows = hash_rows && has_bind && class.writes;
+                (seq, Some(NewRequest { seq, targets, writes: class.writes, sql, retry, hash_rows, ddl, trims }))
             }
         };
         self.batch = if synced { None } else { Some(OpenBatch { seq, targets }) };
-        if parsed_unnamed.is_some() {
-            self.unnamed = parsed_unnamed.map(|c| (c, targets));
+        if let Some(p) = parsed_unnamed {
+            self.unnamed = Some((p, targets));
         }
         self.apply_tx(class);
         if class.copy_in {
@@ -285,25 +564,14 @@ impl Router {
         Ok(Some(Dispatch::Send { bytes, targets, request }))
     }
 
-    /// Keeps the class of every named statement, so a later Bind routes without the SQL.
-    fn remember_statements(&mut self, bytes: &[u8], codec: &FrameCodec) {
+    /// Forgets statements the client closed.
+    fn forget_closed(&mut self, bytes: &[u8], codec: &FrameCodec) {
         let mut off = 0;
         while let Ok(Some((tag, len))) = codec.peek(&bytes[off..]) {
-            let body = &bytes[off + 5..off + len];
-            match tag {
-                PARSE => {
-                    if let Ok((name, sql)) = message::parse_fields(body) {
-                        if !name.is_empty() {
-                            self.named.insert(name.into(), classify(sql));
-                        }
-                    }
+            if tag == CLOSE {
+                if let Ok((b'S', name)) = message::target_name(&bytes[off + 5..off + len]) {
+                    self.named.remove(name);
                 }
-                CLOSE => {
-                    if let Ok((b'S', name)) = message::target_name(body) {
-                        self.named.remove(name);
-                    }
-                }
-                _ => {}
             }
             off += len;
         }
@@ -311,8 +579,14 @@ impl Router {
 
     fn apply_tx(&mut self, class: Class) {
         match class.tx {
-            TxEffect::Begin => self.tx_open = true,
-            TxEffect::End => self.tx_open = false,
+            TxEffect::Begin => {
+                self.tx_open = true;
+                self.tx_time = None;
+            }
+            TxEffect::End => {
+                self.tx_open = false;
+                self.tx_time = None;
+            }
             TxEffect::None => {}
         }
     }
@@ -350,6 +624,27 @@ impl Router {
         self.home = best.map(|(_, i)| i);
         best.map(|(_, i)| 1u64 << i).unwrap_or(pool)
     }
+}
+
+/// The statement a deadlock victim's backends run instead of its own.
+fn deadlock_statement() -> String {
+    rewrite::error_statement(
+        "40P01",
+        "deadlock detected by Chorus: this transaction waited for a lock held by a transaction that waits for it; it was rolled back",
+    )
+}
+
+/// How many parameter types a Parse declares.
+fn parse_type_count(body: &[u8]) -> usize {
+    let mut zeros = 0;
+    let mut i = 0;
+    while i < body.len() && zeros < 2 {
+        if body[i] == 0 {
+            zeros += 1;
+        }
+        i += 1;
+    }
+    body.get(i..i + 2).map(|b| i16::from_be_bytes([b[0], b[1]]).max(0) as usize).unwrap_or(0)
 }
 
 fn take_seq(next: &mut u64) -> u64 {

@@ -100,6 +100,14 @@ impl<'a> Lexer<'a> {
         Tok::Literal
     }
 
+    /// The next token with its byte range.
+    pub fn next_with_span(&mut self) -> Option<(Tok, usize, usize)> {
+        self.skip_space_and_comments();
+        let start = self.pos;
+        let tok = self.next()?;
+        Some((tok, start, self.pos))
+    }
+
     pub fn next(&mut self) -> Option<Tok> {
         self.skip_space_and_comments();
         let c = *self.src.get(self.pos)?;

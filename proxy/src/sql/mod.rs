@@ -5,7 +5,10 @@
 //! a function outside a list of known side-effect-free built-ins). Everything else is a write.
 //! A wrong "write" costs speed; a wrong "read" would cost G1, so every doubt is a write.
 
+pub mod analyze;
+pub mod catalog;
 mod lexer;
+pub mod rewrite;
 
 use lexer::{Lexer, Tok};
 
@@ -35,8 +38,8 @@ pub enum TxEffect {
 impl Class {
     /// The class of something unknown: a write on every backend.
     pub const UNKNOWN: Class = Class { read_only: false, writes: true, tx: TxEffect::None, copy_in: false, empty: false };
-    const READ: Class = Class { read_only: true, writes: false, tx: TxEffect::None, copy_in: false, empty: false };
-    const SESSION: Class = Class { read_only: false, writes: false, tx: TxEffect::None, copy_in: false, empty: false };
+    pub(crate) const READ: Class = Class { read_only: true, writes: false, tx: TxEffect::None, copy_in: false, empty: false };
+    pub(crate) const SESSION: Class = Class { read_only: false, writes: false, tx: TxEffect::None, copy_in: false, empty: false };
 
     /// Combines the classes of statements that run one after the other.
     pub fn then(self, next: Class) -> Class {

@@ -1,0 +1,388 @@
+//! The lock manager: strict two-phase locks inside Chorus, with deadlock detection.
+//!
+//! A write takes intention or real locks on what it touches (the cluster-wide resource,
+//! tables, unique-key values, sequences) before it is sent to any backend, and keeps them
+//! until its transaction's commit point has completed on every in-sync backend. Conflicting
+//! writes therefore reach every backend in the same order, and writes that do not conflict
+//! run side by side. A session that would wait on a session that (transitively) waits on it
+//! is the deadlock victim and gets 40P01 instead. Sans-IO: sessions poll it with a waker.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+
+/// Something a lock is taken on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Res {
+    /// The whole cluster: X for what cannot be analysed, intentions for everything else.
+    Global,
+    Table {
+        db: u32,
+        oid: u32,
+    },
+    Key {
+        db: u32,
+        index: u32,
+        hash: u64,
+    },
+    Sequence {
+        db: u32,
+        oid: u32,
+    },
+}
+
+/// Lock modes with the usual multi-granularity compatibility.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    IntentShared,
+    IntentExclusive,
+    Shared,
+    Exclusive,
+}
+
+impl Mode {
+    pub fn compatible(self, other: Mode) -> bool {
+        use Mode::*;
+        matches!(
+            (self, other),
+            (IntentShared, IntentShared | IntentExclusive | Shared)
+                | (IntentExclusive, IntentShared | IntentExclusive)
+                | (Shared, IntentShared | Shared)
+        )
+    }
+
+    /// Whether holding `self` already gives what `want` asks for.
+    fn covers(self, want: Mode) -> bool {
+        use Mode::*;
+        self == want || self == Exclusive || want == IntentShared
+    }
+
+    /// The weakest mode that covers both.
+    fn join(self, other: Mode) -> Mode {
+        if self.covers(other) {
+            self
+        } else if other.covers(self) {
+            other
+        } else {
+            Mode::Exclusive
+        }
+    }
+}
+
+pub type Sid = u64;
+
+#[derive(Default)]
+struct Entry {
+    holders: Vec<(Sid, Mode)>,
+    waiters: VecDeque<(Sid, Mode)>,
+}
+
+#[derive(Default)]
+struct SessionLocks {
+    held: Vec<Res>,
+    waiting: Option<Res>,
+    waker: Option<Waker>,
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<Res, Entry>,
+    sessions: HashMap<Sid, SessionLocks>,
+    next_sid: Sid,
+}
+
+/// The outcome of asking for a set of locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acquire {
+    Granted,
+    /// Queued; the waker is called when it may be granted.
+    Wait,
+    /// Waiting would close a cycle: this session is the victim.
+    Deadlock,
+}
+
+#[derive(Clone, Default)]
+pub struct LockManager {
+    state: Arc<Mutex<State>>,
+}
+
+impl LockManager {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new lock owner (one per session).
+    pub fn owner(&self) -> LockOwner {
+        let mut st = self.lock();
+        st.next_sid += 1;
+        let sid = st.next_sid;
+        st.sessions.insert(sid, SessionLocks::default());
+        LockOwner { mgr: self.clone(), sid, held: HashMap::new() }
+    }
+
+    /// How many locks are held in all (tests and status).
+    pub fn held_count(&self) -> usize {
+        self.lock().entries.values().map(|e| e.holders.len()).sum()
+    }
+
+    /// Whether anybody holds or waits for anything.
+    pub fn is_idle(&self) -> bool {
+        self.lock().entries.is_empty()
+    }
+}
+
+/// One session's locks. Dropping it releases them.
+pub struct LockOwner {
+    mgr: LockManager,
+    sid: Sid,
+    /// What this session holds, to answer "already held" without the mutex.
+    held: HashMap<Res, Mode>,
+}
+
+impl LockOwner {
+    pub fn holds_any(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Takes every lock in `want` (in order), or queues for the first it cannot have yet.
+    /// Locks granted so far stay held: two-phase locking releases only at the end.
+    pub fn acquire(&mut self, want: &[(Res, Mode)], waker: &Waker) -> Acquire {
+        if want.iter().all(|(r, m)| self.held.get(r).is_some_and(|h| h.covers(*m))) {
+            return Acquire::Granted;
+        }
+        let mut guard = self.mgr.lock();
+        let st = &mut *guard;
+        for &(res, mode) in want {
+            let have = self.held.get(&res).copied();
+            if have.is_some_and(|h| h.covers(mode)) {
+                continue;
+            }
+            let target = have.map_or(mode, |h| h.join(mode));
+            let entry = st.entries.entry(res).or_default();
+            let upgrade = have.is_some();
+            let queued_at = entry.waiters.iter().position(|(s, _)| *s == self.sid);
+            if grantable(entry, self.sid, target, upgrade, queued_at) {
+                if let Some(p) = queued_at {
+                    entry.waiters.remove(p);
+                }
+                match entry.holders.iter_mut().find(|(s, _)| *s == self.sid) {
+                    Some(h) => h.1 = target,
+                    None => entry.holders.push((self.sid, target)),
+                }
+                self.held.insert(res, target);
+                let me = st.sessions.entry(self.sid).or_default();
+                if !me.held.contains(&res) {
+                    me.held.push(res);
+                }
+                me.waiting = None;
+                continue;
+            }
+            if queued_at.is_none() {
+                entry.waiters.push_back((self.sid, target));
+            }
+            let me = st.sessions.entry(self.sid).or_default();
+            me.waiting = Some(res);
+            me.waker = Some(waker.clone());
+            if closes_cycle(st, self.sid) {
+                if let Some(e) = st.entries.get_mut(&res) {
+                    e.waiters.retain(|(s, _)| *s != self.sid);
+                }
+                if let Some(me) = st.sessions.get_mut(&self.sid) {
+                    me.waiting = None;
+                }
+                drop_empty(st, res);
+                wake_waiters(st, res);
+                return Acquire::Deadlock;
+            }
+            return Acquire::Wait;
+        }
+        Acquire::Granted
+    }
+
+    /// Gives up a wait (the session ends or times out waiting).
+    pub fn cancel_wait(&mut self) {
+        let mut guard = self.mgr.lock();
+        let st = &mut *guard;
+        let Some(res) = st.sessions.get_mut(&self.sid).and_then(|m| m.waiting.take()) else { return };
+        if let Some(e) = st.entries.get_mut(&res) {
+            e.waiters.retain(|(s, _)| *s != self.sid);
+        }
+        drop_empty(st, res);
+        wake_waiters(st, res);
+    }
+
+    /// Releases everything at the end of a transaction.
+    pub fn release_all(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        self.held.clear();
+        let mut guard = self.mgr.lock();
+        let st = &mut *guard;
+        let held = st.sessions.get_mut(&self.sid).map(|m| std::mem::take(&mut m.held)).unwrap_or_default();
+        for res in held {
+            if let Some(e) = st.entries.get_mut(&res) {
+                e.holders.retain(|(s, _)| *s != self.sid);
+            }
+            drop_empty(st, res);
+            wake_waiters(st, res);
+        }
+    }
+}
+
+impl Drop for LockOwner {
+    fn drop(&mut self) {
+        self.cancel_wait();
+        self.held.insert(Res::Global, Mode::IntentShared); // force the release path
+        self.release_all();
+        self.mgr.lock().sessions.remove(&self.sid);
+    }
+}
+
+/// Compatible with every other holder, and not overtaking a conflicting waiter queued
+/// earlier (an upgrade may: its holder would otherwise wait on waiters that wait on it).
+fn grantable(e: &Entry, sid: Sid, mode: Mode, upgrade: bool, queued_at: Option<usize>) -> bool {
+    if e.holders.iter().any(|&(s, m)| s != sid && !m.compatible(mode)) {
+        return false;
+    }
+    if upgrade {
+        return true;
+    }
+    let ahead = queued_at.unwrap_or(e.waiters.len());
+    e.waiters.iter().take(ahead).all(|&(s, m)| s == sid || m.compatible(mode))
+}
+
+/// The sessions `sid` waits for: incompatible holders and incompatible waiters ahead of it.
+fn blockers(st: &State, sid: Sid) -> Vec<Sid> {
+    let Some(res) = st.sessions.get(&sid).and_then(|m| m.waiting) else { return Vec::new() };
+    let Some(e) = st.entries.get(&res) else { return Vec::new() };
+    let Some(pos) = e.waiters.iter().position(|(s, _)| *s == sid) else { return Vec::new() };
+    let mode = e.waiters[pos].1;
+    let mut out: Vec<Sid> = e.holders.iter().filter(|&&(s, m)| s != sid && !m.compatible(mode)).map(|&(s, _)| s).collect();
+    let upgrade = e.holders.iter().any(|&(s, _)| s == sid);
+    if !upgrade {
+        out.extend(e.waiters.iter().take(pos).filter(|&&(s, m)| s != sid && !m.compatible(mode)).map(|&(s, _)| s));
+    }
+    out
+}
+
+/// Whether `sid`'s wait closes a cycle in the wait-for graph.
+fn closes_cycle(st: &State, sid: Sid) -> bool {
+    let mut seen = HashSet::new();
+    let mut stack = blockers(st, sid);
+    while let Some(s) = stack.pop() {
+        if s == sid {
+            return true;
+        }
+        if seen.insert(s) {
+            stack.extend(blockers(st, s));
+        }
+    }
+    false
+}
+
+fn drop_empty(st: &mut State, res: Res) {
+    if st.entries.get(&res).is_some_and(|e| e.holders.is_empty() && e.waiters.is_empty()) {
+        st.entries.remove(&res);
+    }
+}
+
+/// Wakes everyone queued on `res`; each re-checks whether it may go on.
+fn wake_waiters(st: &mut State, res: Res) {
+    let Some(e) = st.entries.get(&res) else { return };
+    let sids: Vec<Sid> = e.waiters.iter().map(|(s, _)| *s).collect();
+    for s in sids {
+        if let Some(w) = st.sessions.get_mut(&s).and_then(|m| m.waker.take()) {
+            w.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::task::noop_waker_ref;
+    use Mode::*;
+
+    const T: Res = Res::Table { db: 1, oid: 10 };
+    const U: Res = Res::Table { db: 1, oid: 11 };
+
+    fn w() -> &'static Waker {
+        noop_waker_ref()
+    }
+
+    #[test]
+    fn compatibility_matrix() {
+        assert!(IntentShared.compatible(IntentExclusive));
+        assert!(IntentExclusive.compatible(IntentExclusive));
+        assert!(!IntentExclusive.compatible(Shared));
+        assert!(Shared.compatible(Shared));
+        assert!(!Exclusive.compatible(IntentShared));
+    }
+
+    #[test]
+    fn conflicting_writers_queue_and_go_in_order() {
+        let m = LockManager::default();
+        let (mut a, mut b, mut c) = (m.owner(), m.owner(), m.owner());
+        assert_eq!(a.acquire(&[(T, Exclusive)], w()), Acquire::Granted);
+        assert_eq!(b.acquire(&[(T, Exclusive)], w()), Acquire::Wait);
+        assert_eq!(c.acquire(&[(T, Shared)], w()), Acquire::Wait);
+        a.release_all();
+        // c must not overtake b.
+        assert_eq!(c.acquire(&[(T, Shared)], w()), Acquire::Wait);
+        assert_eq!(b.acquire(&[(T, Exclusive)], w()), Acquire::Granted);
+        b.release_all();
+        assert_eq!(c.acquire(&[(T, Shared)], w()), Acquire::Granted);
+        drop(c);
+        assert!(m.is_idle());
+    }
+
+    #[test]
+    fn intentions_let_keyed_writers_share_a_table() {
+        let m = LockManager::default();
+        let (mut a, mut b) = (m.owner(), m.owner());
+        let k1 = Res::Key { db: 1, index: 5, hash: 1 };
+        let k2 = Res::Key { db: 1, index: 5, hash: 2 };
+        assert_eq!(a.acquire(&[(T, IntentExclusive), (k1, Exclusive)], w()), Acquire::Granted);
+        assert_eq!(b.acquire(&[(T, IntentExclusive), (k2, Exclusive)], w()), Acquire::Granted);
+        let mut c = m.owner();
+        assert_eq!(c.acquire(&[(T, Shared)], w()), Acquire::Wait, "a table read in a write waits for keyed writers");
+        a.release_all();
+        b.release_all();
+        assert_eq!(c.acquire(&[(T, Shared)], w()), Acquire::Granted);
+    }
+
+    #[test]
+    fn opposite_order_is_a_deadlock_for_the_second_waiter() {
+        let m = LockManager::default();
+        let (mut a, mut b) = (m.owner(), m.owner());
+        assert_eq!(a.acquire(&[(T, Exclusive)], w()), Acquire::Granted);
+        assert_eq!(b.acquire(&[(U, Exclusive)], w()), Acquire::Granted);
+        assert_eq!(a.acquire(&[(U, Exclusive)], w()), Acquire::Wait);
+        assert_eq!(b.acquire(&[(T, Exclusive)], w()), Acquire::Deadlock);
+        // The victim rolls back; the other goes on.
+        b.release_all();
+        assert_eq!(a.acquire(&[(U, Exclusive)], w()), Acquire::Granted);
+    }
+
+    #[test]
+    fn upgrade_deadlock_is_found() {
+        let m = LockManager::default();
+        let (mut a, mut b) = (m.owner(), m.owner());
+        assert_eq!(a.acquire(&[(T, Shared)], w()), Acquire::Granted);
+        assert_eq!(b.acquire(&[(T, Shared)], w()), Acquire::Granted);
+        assert_eq!(a.acquire(&[(T, Exclusive)], w()), Acquire::Wait);
+        assert_eq!(b.acquire(&[(T, Exclusive)], w()), Acquire::Deadlock);
+    }
+
+    #[test]
+    fn dropping_an_owner_frees_its_locks_and_its_place() {
+        let m = LockManager::default();
+        let (mut a, mut b) = (m.owner(), m.owner());
+        assert_eq!(a.acquire(&[(T, Exclusive)], w()), Acquire::Granted);
+        assert_eq!(b.acquire(&[(T, Exclusive)], w()), Acquire::Wait);
+        drop(b);
+        drop(a);
+        assert!(m.is_idle());
+    }
+}

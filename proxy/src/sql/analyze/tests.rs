@@ -1,0 +1,144 @@
+//! Analysis against a hand-made catalog: what locks, edits and refusals statements get.
+
+use super::*;
+use crate::sql::catalog::{Column, Relation};
+
+fn catalog() -> Catalog {
+    let col = |attnum: i16, name: &str, ty: u32, default: Option<DefaultKind>| Column {
+        attnum,
+        name: name.into(),
+        type_oid: ty,
+        default,
+    };
+    let accounts = Relation {
+        oid: 100,
+        schema: "public".into(),
+        name: "accounts".into(),
+        kind: b'r',
+        columns: vec![col(1, "id", INT4, None), col(2, "balance", INT8, None), col(3, "owner", TEXT, None)],
+        unique: vec![(101, vec![0])],
+        ..Relation::default()
+    };
+    let events = Relation {
+        oid: 200,
+        schema: "public".into(),
+        name: "events".into(),
+        kind: b'r',
+        columns: vec![
+            col(1, "id", INT8, Some(DefaultKind::Sequence(201))),
+            col(2, "at", 1184, Some(DefaultKind::Now)),
+            col(3, "uid", 2950, Some(DefaultKind::Uuid)),
+            col(4, "note", TEXT, None),
+        ],
+        unique: vec![(202, vec![0])],
+        ..Relation::default()
+    };
+    let seq = Relation { oid: 201, schema: "public".into(), name: "events_id_seq".into(), kind: b'S', ..Relation::default() };
+    Catalog::for_tests(
+        vec![accounts, events, seq],
+        &[("now", Volatility::Stable, true), ("my_writer", Volatility::Volatile, false)],
+    )
+}
+
+fn an(sql: &str) -> Analysis {
+    analyze(sql.as_bytes(), Some(&catalog()))
+}
+
+#[test]
+fn update_by_primary_key_locks_one_key() {
+    let a = an("UPDATE accounts SET balance = balance + 5 WHERE id = 7");
+    assert!(a.class.writes && !a.global);
+    assert_eq!(a.tables, vec![(100, TableMode::Keyed)]);
+    assert_eq!(a.keys, vec![KeyLock { table: 100, index: 101, parts: vec![KeyPart::Const("7".into())] }]);
+    let p = an("UPDATE accounts SET balance = balance + $1 WHERE id = $2");
+    assert_eq!(p.keys[0].parts, vec![KeyPart::Param(2, INT4)]);
+    assert_eq!(p.max_param, 2);
+}
+
+#[test]
+fn unpinned_updates_lock_the_table() {
+    assert_eq!(an("UPDATE accounts SET balance = 0").tables, vec![(100, TableMode::Exclusive)]);
+    assert_eq!(an("UPDATE accounts SET balance = 0 WHERE id = 1 OR id = 2").tables, vec![(100, TableMode::Exclusive)]);
+    // Changing the key itself may collide with another row.
+    assert_eq!(an("UPDATE accounts SET id = 9 WHERE id = 1").tables, vec![(100, TableMode::Exclusive)]);
+}
+
+#[test]
+fn reads_inside_writes_take_shared_locks() {
+    let a = an("INSERT INTO events (note) SELECT owner FROM accounts ORDER BY id");
+    assert!(a.tables.contains(&(100, TableMode::Shared)), "{:?}", a.tables);
+    assert!(a.tables.contains(&(200, TableMode::Exclusive)));
+    assert_eq!(a.sequences, vec![201]);
+    // events.uid defaults to a uuid: one per row of a SELECT cannot be chosen by Chorus.
+    assert!(a.refusal.as_deref().unwrap_or("").contains("volatile default"), "{:?}", a.refusal);
+    let b = an("INSERT INTO accounts SELECT * FROM accounts WHERE id = 1");
+    assert_eq!(b.tables, vec![(100, TableMode::Shared), (100, TableMode::Exclusive)]);
+    assert!(b.refusal.is_none(), "{:?}", b.refusal);
+}
+
+#[test]
+fn sequence_backed_insert_select_needs_a_total_order() {
+    let a = an("INSERT INTO events (note) SELECT owner FROM accounts");
+    assert!(a.refusal.as_deref().unwrap_or("").contains("total ORDER BY"), "{:?}", a.refusal);
+    let b = an("INSERT INTO events (note) SELECT owner FROM accounts ORDER BY owner");
+    assert!(b.refusal.is_some(), "owner is not unique");
+}
+
+#[test]
+fn now_and_volatile_defaults_are_filled_in() {
+    let a = an("INSERT INTO events (note) VALUES ('a'), ('b')");
+    assert_eq!(a.sequences, vec![201]);
+    let v = crate::sql::rewrite::Values { tx_time: "T".into(), stmt_time: "S".into() };
+    let sql = crate::sql::rewrite::with_literals("INSERT INTO events (note) VALUES ('a'), ('b')", &a.edits, &v);
+    assert!(sql.starts_with("INSERT INTO events (\"note\", \"at\", \"uid\")  VALUES ('a', ('T'::timestamptz), ('"), "{sql}");
+    assert_eq!(sql.matches("::uuid").count(), 2, "{sql}");
+    let b = an("INSERT INTO accounts VALUES (1, 2, now()::text)");
+    let sql = crate::sql::rewrite::with_literals("INSERT INTO accounts VALUES (1, 2, now()::text)", &b.edits, &v);
+    assert_eq!(sql, "INSERT INTO accounts VALUES (1, 2, ('T'::timestamptz)::text)");
+    assert_eq!(b.keys[0].parts, vec![KeyPart::Const("1".into())]);
+}
+
+#[test]
+fn prepared_statements_get_parameters_not_literals() {
+    let sql = "INSERT INTO accounts (id, balance, owner) VALUES ($1, $2, CURRENT_TIMESTAMP(2)::text)";
+    let a = an(sql);
+    let (text, chosen) = crate::sql::rewrite::with_params(sql, &a.edits, a.max_param);
+    assert_eq!(text, "INSERT INTO accounts (id, balance, owner) VALUES ($1, $2, ($3::timestamptz::timestamptz(2))::text)");
+    assert_eq!(chosen, vec![Chosen::Now("::timestamptz(2)")]);
+}
+
+#[test]
+fn per_row_randomness_and_other_unsafe_constructs_are_refused() {
+    assert!(an("UPDATE accounts SET owner = random()::text").refusal.is_some());
+    assert!(an("UPDATE accounts SET owner = random()::text WHERE id = 3").refusal.is_none());
+    assert!(an("DELETE FROM accounts WHERE ctid = '(0,1)'").refusal.is_some());
+    assert!(an("SELECT * FROM accounts FOR UPDATE SKIP LOCKED").refusal.is_some());
+    assert!(an("DELETE FROM accounts WHERE id IN (SELECT id FROM accounts LIMIT 3)").refusal.is_some());
+    assert!(an("DELETE FROM accounts WHERE id IN (SELECT id FROM accounts ORDER BY id LIMIT 3)").refusal.is_none());
+}
+
+#[test]
+fn reads_calls_and_unknowns() {
+    assert!(!an("SELECT now(), random() FROM accounts").class.writes);
+    let w = an("SELECT my_writer()");
+    assert!(w.class.writes && w.global);
+    let n = an("SELECT nextval('events_id_seq')");
+    assert!(n.class.writes && !n.global);
+    assert_eq!(n.sequences, vec![201]);
+    let u = an("INSERT INTO nowhere VALUES (1)");
+    assert!(u.global);
+    let d = an("CREATE TABLE x (a int)");
+    assert!(d.global && d.ddl);
+    assert!(an("SELECT 1 FROM accounts FOR UPDATE").class.writes);
+    let t = an("BEGIN; UPDATE accounts SET balance = 1 WHERE id = 1; COMMIT");
+    assert_eq!(t.class.tx, TxEffect::End);
+    assert!(!an("UPDATE accounts SET balance = 1 WHERE id = 1").global);
+    // Without a catalog every write is global.
+    assert!(analyze(b"UPDATE accounts SET balance = 1 WHERE id = 1", None).global);
+}
+
+#[test]
+fn returning_rows_are_hashed_for_writes_only() {
+    assert!(an("UPDATE accounts SET balance = 1 WHERE id = 1 RETURNING balance").hash_rows);
+    assert!(!an("SELECT 1; UPDATE accounts SET balance = 1 WHERE id = 1").hash_rows);
+}

@@ -1,0 +1,207 @@
+//! `verify`: proves G1 on a live cluster by comparing per-table checksums of every in-sync backend.
+//!
+//! The checksums must describe the same logical point on every backend without holding writes
+//! for the whole run. Verify gets that point through Chorus itself: a transaction through the
+//! proxy takes the cluster-wide write lock (an advisory-lock call is a write Chorus cannot
+//! analyse), which waits for every write transaction to complete on every backend and holds
+//! new ones back. While it holds, verify opens a REPEATABLE READ snapshot on each backend
+//! directly; then it commits and writes resume. The checksums are computed in those
+//! snapshots afterwards, as slowly as a large database needs. Each table's checksum is an
+//! order-independent sum of per-row md5 values, so memory stays flat whatever the size.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::cluster::Cluster;
+use crate::config::Config;
+
+/// Session settings that make every server print rows the same way.
+const SETTINGS: &str = "SET datestyle = 'ISO, MDY'; SET timezone = 'UTC'; SET extra_float_digits = 3; \
+     SET bytea_output = 'hex'; SET intervalstyle = 'postgres'; SET statement_timeout = 0";
+
+const TABLES: &str = "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) \
+     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE c.relkind = 'r' AND c.relpersistence = 'p' \
+       AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' \
+     ORDER BY 1";
+
+/// One table's result on one backend: row count and checksum.
+pub type Sum = (i64, String);
+
+/// The report: per database, per table, per backend.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub databases: BTreeMap<String, BTreeMap<String, BTreeMap<String, Option<Sum>>>>,
+    /// How long new writes were held back.
+    pub pause: Duration,
+}
+
+impl Report {
+    pub fn unequal(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (db, tables) in &self.databases {
+            for (t, per) in tables {
+                let mut vals = per.values();
+                let first = vals.next();
+                if vals.any(|v| Some(v) != first) || per.values().any(|v| v.is_none()) {
+                    out.push((db.clone(), t.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        for (db, tables) in &self.databases {
+            for (t, per) in tables {
+                let mut vals = per.values();
+                let first = vals.next();
+                let equal = !vals.any(|v| Some(v) != first) && per.values().all(|v| v.is_some());
+                let rows = first.and_then(|v| v.as_ref()).map(|v| v.0).unwrap_or(0);
+                if equal {
+                    s.push_str(&format!("equal    {db}.{t} ({rows} rows)\n"));
+                } else {
+                    let detail: Vec<String> = per
+                        .iter()
+                        .map(|(b, v)| match v {
+                            Some((n, sum)) => format!("{b}: {n} rows, sum {sum}"),
+                            None => format!("{b}: missing"),
+                        })
+                        .collect();
+                    s.push_str(&format!("UNEQUAL  {db}.{t} ({})\n", detail.join("; ")));
+                }
+            }
+        }
+        s
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("{context}: {source}")]
+    Db { context: String, source: tokio_postgres::Error },
+}
+
+fn db_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> VerifyError {
+    let context = context.into();
+    move |source| VerifyError::Db { context, source }
+}
+
+async fn connect(host: &str, port: u16, cfg: &Config, db: &str, app: &str) -> Result<Client, tokio_postgres::Error> {
+    let user = cfg.health_user();
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(host).port(port).user(&user.name).password(&user.password).dbname(db).application_name(app);
+    pg.connect_timeout(cfg.connect_timeout);
+    let (client, conn) = pg.connect(NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// Runs verify against the Chorus described by `cfg` (its listen address and backends).
+pub async fn run(cfg: &Config, databases: &[String]) -> Result<Report, VerifyError> {
+    let cluster = Cluster::open(cfg).map_err(|e| VerifyError::Setup(e.to_string()))?;
+    let backends: Vec<_> = cluster.in_sync().cloned().collect();
+    if backends.is_empty() {
+        return Err(VerifyError::Setup("no backend is in sync".into()));
+    }
+    let (host, port) = split_listen(&cfg.listen)?;
+    let lead = &backends[0];
+    let dbs: Vec<String> = if databases.is_empty() {
+        let c = connect(&lead.host, lead.port, cfg, &cfg.health_check_database, "chorus-verify")
+            .await
+            .map_err(db_err(format!("connect to {}", lead.name)))?;
+        c.query("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1", &[])
+            .await
+            .map_err(db_err("list databases"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    } else {
+        databases.to_vec()
+    };
+    // Open one snapshot connection per (database, backend) before the pause, so the pause is short.
+    let mut snaps: Vec<(String, String, Client)> = Vec::new();
+    for db in &dbs {
+        for b in &backends {
+            let c = connect(&b.host, b.port, cfg, db, "chorus-verify")
+                .await
+                .map_err(db_err(format!("connect to {} database {db}", b.name)))?;
+            c.batch_execute(SETTINGS).await.map_err(db_err("settings"))?;
+            snaps.push((db.clone(), b.name.clone(), c));
+        }
+    }
+    // The quiesced point: hold the cluster-wide write lock through Chorus while snapshots start.
+    let proxy =
+        connect(&host, port, cfg, &cfg.health_check_database, "chorus-verify").await.map_err(db_err("connect through Chorus"))?;
+    let started = Instant::now();
+    proxy
+        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(7302611)")
+        .await
+        .map_err(db_err("take the cluster-wide write lock through Chorus"))?;
+    let paused = Instant::now();
+    let begins = futures::future::join_all(
+        snaps.iter().map(|(_, _, c)| c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")),
+    )
+    .await;
+    let commit = proxy.batch_execute("COMMIT").await;
+    let pause = paused.elapsed();
+    for r in begins {
+        r.map_err(db_err("open a snapshot"))?;
+    }
+    commit.map_err(db_err("release the write lock"))?;
+    tracing::info!(waited = ?(paused - started), paused = ?pause, "verify snapshots taken");
+    // Checksums, every backend in parallel, table by table.
+    let sums = futures::future::join_all(snaps.iter().map(|(db, b, c)| async move {
+        let r = checksums(c).await;
+        (db.clone(), b.clone(), r)
+    }))
+    .await;
+    let mut report = Report { pause, ..Report::default() };
+    for (db, b, r) in sums {
+        let r = r.map_err(db_err(format!("checksums on {b} database {db}")))?;
+        let tables = report.databases.entry(db.clone()).or_default();
+        for (t, sum) in &r {
+            tables.entry(t.clone()).or_default().insert(b.clone(), Some(sum.clone()));
+        }
+    }
+    // A table that some backend lacks is unequal.
+    let names: Vec<String> = backends.iter().map(|b| b.name.clone()).collect();
+    for tables in report.databases.values_mut() {
+        for per in tables.values_mut() {
+            for n in &names {
+                per.entry(n.clone()).or_insert(None);
+            }
+        }
+    }
+    Ok(report)
+}
+
+async fn checksums(c: &Client) -> Result<BTreeMap<String, Sum>, tokio_postgres::Error> {
+    let mut out = BTreeMap::new();
+    let tables: Vec<String> = c.query(TABLES, &[]).await?.iter().map(|r| r.get(0)).collect();
+    for t in tables {
+        let q = format!(
+            "SELECT count(*), coalesce(sum(('x' || substr(md5(r::text), 1, 15))::bit(60)::bigint::numeric), 0)::text FROM {t} r"
+        );
+        let row = c.query_one(&q, &[]).await?;
+        out.insert(t, (row.get(0), row.get(1)));
+    }
+    c.batch_execute("COMMIT").await?;
+    Ok(out)
+}
+
+fn split_listen(listen: &str) -> Result<(String, u16), VerifyError> {
+    let (h, p) = listen.rsplit_once(':').ok_or_else(|| VerifyError::Setup(format!("bad listen address {listen:?}")))?;
+    let port = p.parse().map_err(|_| VerifyError::Setup(format!("bad listen port in {listen:?}")))?;
+    let host = match h.trim_matches(|c| c == '[' || c == ']') {
+        "0.0.0.0" | "" => "127.0.0.1".to_string(),
+        "::" => "::1".to_string(),
+        h => h.to_string(),
+    };
+    Ok((host, port))
+}

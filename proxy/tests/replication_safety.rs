@@ -1,0 +1,433 @@
+//! Replication safety under concurrency: 16 sessions for 10 s per scenario, with 2 and with 3
+//! backends, each ending with `chorus verify` reporting every table equal.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Client;
+
+const SESSIONS: usize = 16;
+const RUN: Duration = Duration::from_secs(10);
+
+/// Runs `SESSIONS` workers until `RUN` has passed; each returns how many transactions it did.
+async fn workers<F, Fut>(s: &Setup, n: usize, f: F) -> Vec<u64>
+where
+    F: Fn(Client, usize, Instant) -> Fut,
+    Fut: std::future::Future<Output = u64> + Send + 'static,
+{
+    let until = Instant::now() + RUN;
+    let mut handles = Vec::new();
+    for k in 0..n {
+        let c = s.client().await;
+        handles.push(tokio::spawn(f(c, k, until)));
+    }
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(tokio::time::timeout(RUN + Duration::from_secs(60), h).await.expect("a worker hung").expect("worker panicked"));
+    }
+    out
+}
+
+fn is(e: &tokio_postgres::Error, code: &SqlState) -> bool {
+    e.code() == Some(code)
+}
+
+async fn verified(s: &Setup) {
+    let (ok, out) = s.chorus.verify();
+    assert!(ok, "verify failed:\n{out}");
+    assert!(out.contains("equal") && !out.contains("UNEQUAL"), "{out}");
+    let states = s.chorus.states();
+    assert!(states.values().all(|v| v == "in_sync"), "a backend left: {states:?}\n{}", s.chorus.log());
+    s.assert_identical().await;
+}
+
+async fn hot_rows(n: usize) {
+    let s = Setup::new(n).await;
+    let c = s.client().await;
+    c.batch_execute(
+        "CREATE TABLE hot (id int PRIMARY KEY, v bigint NOT NULL); INSERT INTO hot SELECT g, 1 FROM generate_series(1, 10) g",
+    )
+    .await
+    .unwrap();
+    let done = workers(&s, SESSIONS, |c, k, until| async move {
+        let mut n = 0;
+        let mut x = k as i32;
+        while Instant::now() < until {
+            x = x.wrapping_mul(1103515245).wrapping_add(12345);
+            let id = (x.rem_euclid(10)) + 1;
+            let expr = if k % 2 == 0 { "(v * 3 + 1) % 1000003" } else { "(v + 7) % 1000003" };
+            if k % 4 < 2 {
+                c.execute(&format!("UPDATE hot SET v = {expr} WHERE id = $1"), &[&id]).await.unwrap();
+            } else {
+                // Inside a transaction, two rows in ascending order.
+                let id2 = id % 10 + 1;
+                let (a, b) = (id.min(id2), id.max(id2));
+                c.batch_execute(&format!(
+                    "BEGIN; UPDATE hot SET v = {expr} WHERE id = {a}; UPDATE hot SET v = {expr} WHERE id = {b}; COMMIT"
+                ))
+                .await
+                .unwrap();
+            }
+            n += 1;
+        }
+        n
+    })
+    .await;
+    assert!(done.iter().all(|&d| d > 0), "every session made progress: {done:?}");
+    verified(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_rows_two_backends() {
+    hot_rows(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_rows_three_backends() {
+    hot_rows(3).await;
+}
+
+async fn bank(n: usize) {
+    let s = Setup::new(n).await;
+    let c = s.client().await;
+    c.batch_execute(
+        "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL); \
+         INSERT INTO accounts SELECT g, 1000 FROM generate_series(1, 20) g",
+    )
+    .await
+    .unwrap();
+    let deadlocks = Arc::new(AtomicU64::new(0));
+    let dl = deadlocks.clone();
+    workers(&s, SESSIONS, move |c, k, until| {
+        let dl = dl.clone();
+        async move {
+            let mut n = 0;
+            let mut x = k as u32 + 1;
+            while Instant::now() < until {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let from = (x % 20) as i32 + 1;
+                let to = ((x / 20) % 19) as i32 + 1;
+                let to = if to >= from { to + 1 } else { to };
+                let amount = (x % 300) as i64 + 1;
+                let r: Result<(), tokio_postgres::Error> = async {
+                    c.batch_execute("BEGIN").await?;
+                    let moved = c
+                        .execute("UPDATE accounts SET balance = balance - $1 WHERE id = $2 AND balance >= $1", &[&amount, &from])
+                        .await?;
+                    if moved == 1 {
+                        c.execute("UPDATE accounts SET balance = balance + $1 WHERE id = $2", &[&amount, &to]).await?;
+                        c.batch_execute("COMMIT").await
+                    } else {
+                        c.batch_execute("ROLLBACK").await
+                    }
+                }
+                .await;
+                match r {
+                    Ok(()) => n += 1,
+                    Err(e) if is(&e, &SqlState::T_R_DEADLOCK_DETECTED) => {
+                        dl.fetch_add(1, Ordering::Relaxed);
+                        c.batch_execute("ROLLBACK").await.unwrap();
+                    }
+                    Err(e) => panic!("transfer failed: {e:?}"),
+                }
+                // The total is fixed and nothing is negative, seen through Chorus.
+                if n % 50 == 0 {
+                    let row = c.query_one("SELECT sum(balance)::bigint, min(balance) FROM accounts", &[]).await.unwrap();
+                    assert_eq!(row.get::<_, i64>(0), 20_000);
+                    assert!(row.get::<_, i64>(1) >= 0);
+                }
+            }
+            n
+        }
+    })
+    .await;
+    for srv in &s.servers {
+        let c = srv.local_client("postgres").await.unwrap();
+        let row = c.query_one("SELECT sum(balance)::bigint, min(balance) FROM accounts", &[]).await.unwrap();
+        assert_eq!(row.get::<_, i64>(0), 20_000, "total on a backend");
+        assert!(row.get::<_, i64>(1) >= 0);
+    }
+    println!("bank: {} deadlocks resolved with 40P01", deadlocks.load(Ordering::Relaxed));
+    verified(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bank_two_backends() {
+    bank(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bank_three_backends() {
+    bank(3).await;
+}
+
+async fn ids_and_clocks(n: usize) {
+    let s = Setup::new(n).await;
+    let c = s.client().await;
+    c.batch_execute(
+        "CREATE TABLE ids (id serial PRIMARY KEY, ident bigint GENERATED ALWAYS AS IDENTITY, \
+         at timestamptz NOT NULL DEFAULT now(), u uuid NOT NULL DEFAULT gen_random_uuid(), note text)",
+    )
+    .await
+    .unwrap();
+    workers(&s, SESSIONS, |c, k, until| async move {
+        let mut n = 0;
+        let stmt = c.prepare("INSERT INTO ids (note) VALUES ($1)").await.unwrap();
+        while Instant::now() < until {
+            match k % 4 {
+                0 => c.batch_execute(&format!("INSERT INTO ids (note) VALUES ('simple {k}')")).await.unwrap(),
+                1 => {
+                    c.execute(&stmt, &[&format!("prepared {k}")]).await.unwrap();
+                }
+                2 => c
+                    .batch_execute(&format!("BEGIN; INSERT INTO ids (note, at) VALUES ('tx {k}', now()); INSERT INTO ids (note) VALUES ('tx {k}'); COMMIT"))
+                    .await
+                    .unwrap(),
+                _ => {
+                    // COPY names the columns whose defaults are volatile and sends their values.
+                    let sink = c.copy_in("COPY ids (note, at, u) FROM STDIN").await.unwrap();
+                    let data = format!("copy {k}\t2026-01-01 00:00:00+00\t{}\n", uuid_like(n));
+                    futures::pin_mut!(sink);
+                    use futures::SinkExt;
+                    sink.send(bytes::Bytes::from(data)).await.unwrap();
+                    sink.finish().await.unwrap();
+                }
+            }
+            n += 1;
+        }
+        n
+    })
+    .await;
+    let rows: i64 = c.query_one("SELECT count(*) FROM ids", &[]).await.unwrap().get(0);
+    assert!(rows > 0);
+    // Transaction timestamps: both rows of one transaction carry the same `at`.
+    let distinct: i64 = c
+        .query_one(
+            "SELECT count(*) FROM (SELECT note FROM ids WHERE note LIKE 'tx %' GROUP BY note, at HAVING count(*) % 2 = 1) x",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(distinct, 0, "now() differs within a transaction");
+    verified(&s).await;
+}
+
+fn uuid_like(n: u64) -> String {
+    format!("00000000-0000-4000-8000-{n:012x}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_and_clocks_two_backends() {
+    ids_and_clocks(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_and_clocks_three_backends() {
+    ids_and_clocks(3).await;
+}
+
+async fn opposite_order(n: usize) {
+    let s = Setup::new(n).await;
+    let c = s.client().await;
+    c.batch_execute("CREATE TABLE ab (id int PRIMARY KEY, v int NOT NULL); INSERT INTO ab VALUES (1, 0), (2, 0)").await.unwrap();
+    let deadlocks = Arc::new(AtomicU64::new(0));
+    let dl = deadlocks.clone();
+    let done = workers(&s, SESSIONS, move |c, k, until| {
+        let dl = dl.clone();
+        async move {
+            let (first, second) = if k % 2 == 0 { (1, 2) } else { (2, 1) };
+            let mut n = 0;
+            while Instant::now() < until {
+                let r: Result<(), tokio_postgres::Error> = async {
+                    c.batch_execute("BEGIN").await?;
+                    c.execute("UPDATE ab SET v = v + 1 WHERE id = $1", &[&first]).await?;
+                    c.execute("UPDATE ab SET v = v * 2 % 1009 WHERE id = $1", &[&second]).await?;
+                    c.batch_execute("COMMIT").await
+                }
+                .await;
+                match r {
+                    Ok(()) => n += 1,
+                    Err(e) if is(&e, &SqlState::T_R_DEADLOCK_DETECTED) => {
+                        dl.fetch_add(1, Ordering::Relaxed);
+                        c.batch_execute("ROLLBACK").await.unwrap();
+                    }
+                    Err(e) => panic!("unexpected error: {e:?}"),
+                }
+            }
+            n
+        }
+    })
+    .await;
+    let deadlocks = deadlocks.load(Ordering::Relaxed);
+    println!("opposite order: {} commits, {deadlocks} deadlocks", done.iter().sum::<u64>());
+    assert!(deadlocks > 0, "opposite-order transactions never deadlocked");
+    assert!(done.iter().sum::<u64>() > 0);
+    verified(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opposite_order_two_backends() {
+    opposite_order(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opposite_order_three_backends() {
+    opposite_order(3).await;
+}
+
+async fn visibility_race(n: usize) {
+    let s = Setup::new(n).await;
+    let c = s.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (i int NOT NULL); INSERT INTO t SELECT g FROM generate_series(1, 20) g; CREATE TABLE log (i int)",
+    )
+    .await
+    .unwrap();
+    workers(&s, SESSIONS, |c, k, until| async move {
+        let mut n = 0;
+        while Instant::now() < until {
+            if k % 2 == 0 {
+                c.batch_execute("UPDATE t SET i = i + 1").await.unwrap();
+            } else {
+                c.batch_execute("INSERT INTO log SELECT * FROM t").await.unwrap();
+            }
+            n += 1;
+        }
+        n
+    })
+    .await;
+    verified(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn visibility_race_two_backends() {
+    visibility_race(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn visibility_race_three_backends() {
+    visibility_race(3).await;
+}
+
+async fn pgbench_with_history(n: usize) {
+    let s = Setup::new(n).await;
+    let bin = chorus_testkit::default_bin_dir().unwrap();
+    let conn = s.chorus.conn_str(APP_USER, "postgres");
+    let (ok, out) = sh(std::process::Command::new(bin.join("pgbench")).args(["-i", "-s", "2", "-q", &conn]));
+    assert!(ok, "{out}");
+    for mode in ["simple", "prepared"] {
+        let (ok, out) =
+            sh(std::process::Command::new(bin.join("pgbench")).args(["-c", "16", "-j", "2", "-T", "10", "-M", mode, &conn]));
+        assert!(ok, "{out}");
+        assert!(out.contains("number of failed transactions: 0"), "{out}");
+    }
+    // pgbench_history.mtime comes from CURRENT_TIMESTAMP: compared like every other column.
+    verified(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_history_two_backends() {
+    pgbench_with_history(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_history_three_backends() {
+    pgbench_with_history(3).await;
+}
+
+/// Every refused construct gets 0A000 naming it and the setting; with "allow" it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_constructs() {
+    let setup = "CREATE TABLE r (id int PRIMARY KEY, v float8); INSERT INTO r SELECT g, 0 FROM generate_series(1, 5) g; \
+                 CREATE TABLE s (id serial PRIMARY KEY, v float8); CREATE TABLE w (id int PRIMARY KEY, u uuid DEFAULT gen_random_uuid())";
+    let refused = [
+        ("UPDATE r SET v = random()", "random()"),
+        ("UPDATE r SET v = extract(epoch FROM clock_timestamp())", "clock_timestamp"),
+        ("INSERT INTO w (id) SELECT id FROM r ORDER BY id", "volatile default"),
+        ("DELETE FROM r WHERE id IN (SELECT id FROM r LIMIT 2)", "LIMIT"),
+        ("INSERT INTO s (v) SELECT v FROM r", "total ORDER BY"),
+        ("DELETE FROM r WHERE ctid = '(0,1)'", "ctid"),
+        ("SELECT * FROM r FOR UPDATE SKIP LOCKED", "SKIP LOCKED"),
+    ];
+    let s = Setup::new(2).await;
+    let c = s.client().await;
+    c.batch_execute(setup).await.unwrap();
+    for (sql, construct) in refused {
+        let e = c.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(e.code(), Some(&SqlState::FEATURE_NOT_SUPPORTED), "{sql}: {e:?}");
+        let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+        assert!(msg.contains(construct) && msg.contains("unsafe_statements"), "{sql}: {msg}");
+        // Inside a transaction the refusal aborts it on every backend, like any error.
+        c.batch_execute("BEGIN").await.unwrap();
+        assert!(c.batch_execute(sql).await.is_err());
+        let e = c.batch_execute("SELECT 1").await.expect_err("aborted transaction");
+        assert_eq!(e.code(), Some(&SqlState::IN_FAILED_SQL_TRANSACTION));
+        c.batch_execute("ROLLBACK").await.unwrap();
+        // The extended protocol is refused the same way.
+        let e = c.execute(sql, &[]).await.expect_err(sql);
+        assert_eq!(e.code(), Some(&SqlState::FEATURE_NOT_SUPPORTED), "{sql}: {e:?}");
+    }
+    verified(&s).await;
+    drop(c);
+    drop(s);
+
+    // With "allow" they run. What they do may differ per backend: that is the documented risk,
+    // and verify is how an operator finds out.
+    let s = Setup::with(2, ChorusOptions { extra: "unsafe_statements = \"allow\"".into(), ..ChorusOptions::default() }).await;
+    let c = s.client().await;
+    c.batch_execute(setup).await.unwrap();
+    // The ones that change values per backend go last: a locking read of differing rows
+    // would be caught by the returned-rows comparison and eject a backend instead.
+    for (sql, _) in refused.iter().rev() {
+        c.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql} with allow: {e:?}"));
+    }
+    let (ok, out) = s.chorus.verify();
+    assert!(!ok && out.contains("UNEQUAL  postgres.public.r"), "random() per row diverged and verify says so:\n{out}");
+    assert!(out.contains("equal    postgres.public.s"), "{out}");
+}
+
+/// Writers on distinct rows run side by side; writers on one row queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_conflicting_writers_run_concurrently() {
+    let s = Setup::new(2).await;
+    let c = s.client().await;
+    c.batch_execute(
+        "CREATE TABLE rows (id int PRIMARY KEY, v bigint NOT NULL); INSERT INTO rows SELECT g, 0 FROM generate_series(1, 8) g",
+    )
+    .await
+    .unwrap();
+    // Each transaction holds its row while the client thinks for 5 ms, as applications do.
+    let run = |distinct: bool| {
+        let s = &s;
+        async move {
+            workers(s, 8, move |c, k, until| async move {
+                let id = if distinct { k as i32 + 1 } else { 1 };
+                let mut n = 0;
+                while Instant::now() < until {
+                    c.batch_execute("BEGIN").await.unwrap();
+                    c.execute("UPDATE rows SET v = v + 1 WHERE id = $1", &[&id]).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    c.batch_execute("COMMIT").await.unwrap();
+                    n += 1;
+                }
+                n
+            })
+            .await
+            .iter()
+            .sum::<u64>()
+        }
+    };
+    let one = run(false).await;
+    let distinct = run(true).await;
+    println!("8 writers: one row {one} tx, distinct rows {distinct} tx ({:.1}x)", distinct as f64 / one as f64);
+    assert!(distinct >= 3 * one, "distinct rows {distinct} vs one row {one}");
+    verified(&s).await;
+}
