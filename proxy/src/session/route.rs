@@ -21,7 +21,7 @@ use crate::protocol::message::{
     self, BIND, CLOSE, COPY_DATA, COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FLUSH, FUNCTION_CALL, PARSE, QUERY, SYNC, TERMINATE,
 };
 use crate::protocol::{FrameCodec, ProtocolError};
-use crate::sql::analyze::{analyze_cached, Analysis, Chosen};
+use crate::sql::analyze::{analyze_cached, analyze_query_cached, Analysis, Chosen};
 use crate::sql::catalog::Catalog;
 use crate::sql::rewrite::{self, Values};
 use crate::sql::{classify, Class, TxEffect};
@@ -161,7 +161,7 @@ impl Router {
                 if class.writes && ctx.catalog.is_none() && ctx.wait_for_catalog && self.fail_next.is_none() {
                     return Ok(Some(Dispatch::NeedsCatalog));
                 }
-                let plan = class.writes.then(|| analyze_cached(sql, ctx.catalog.as_deref()));
+                let plan = class.writes.then(|| analyze_query_cached(sql, ctx.catalog.as_deref()));
                 Ok(Some(self.standalone(cbuf, len, class, plan, ctx, next_seq)))
             }
             FUNCTION_CALL => {

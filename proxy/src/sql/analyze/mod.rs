@@ -83,6 +83,8 @@ pub struct Analysis {
     pub hash_rows: bool,
     /// The highest $n the text uses.
     pub max_param: usize,
+    /// PostgreSQL's parser accepted the text (else the lexical class stands, writes global).
+    pub parsed: bool,
 }
 
 impl Analysis {
@@ -118,22 +120,132 @@ pub fn analyze_cached(sql: &[u8], cat: Option<&Catalog>) -> Arc<Analysis> {
     a
 }
 
+/// Analyses a simple Query's text. Statements that differ only in their literals (pgbench's,
+/// an ORM's without bind parameters) share one cached analysis: numbers, and strings
+/// compared with `=`, are replaced by parameters, the parameterised text is analysed once,
+/// and the result is mapped back onto this text's literals.
+pub fn analyze_query_cached(sql: &[u8], cat: Option<&Catalog>) -> Arc<Analysis> {
+    let Some(tpl) = parameterize(sql) else { return analyze_cached(sql, cat) };
+    let a = analyze_cached(tpl.text.as_bytes(), cat);
+    if !a.parsed {
+        // A literal stood where a parameter cannot (INTERVAL '1 day', varchar(20)).
+        return analyze_cached(sql, cat);
+    }
+    Arc::new(concretize(&a, &tpl, sql))
+}
+
+/// A text with its literals replaced by `$base+1`, `$base+2`, ...
+struct Template {
+    text: String,
+    base: usize,
+    /// (start, end) in the original text and (start, end) in `text`, per literal in order.
+    literals: Vec<((usize, usize), (usize, usize))>,
+}
+
+fn parameterize(sql: &[u8]) -> Option<Template> {
+    let text = std::str::from_utf8(sql).ok()?;
+    let mut lx = Lexer::new(sql);
+    let mut spans = Vec::new();
+    let mut base = 0usize;
+    let mut prev_eq = false;
+    while let Some((tok, s, e)) = lx.next_with_span() {
+        if tok == Tok::Literal {
+            let first = sql[s];
+            if first == b'$' {
+                if let Ok(n) = text[s + 1..e].parse::<usize>() {
+                    base = base.max(n);
+                }
+            } else if first.is_ascii_digit() || (first == b'\'' && prev_eq && !text[s + 1..e - 1].contains('\\')) {
+                spans.push((s, e));
+            }
+        }
+        prev_eq = tok == Tok::Punct(b'=');
+    }
+    if spans.is_empty() {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len() + spans.len() * 4);
+    let mut literals = Vec::with_capacity(spans.len());
+    let mut at = 0;
+    for (k, &(s, e)) in spans.iter().enumerate() {
+        out.push_str(&text[at..s]);
+        let ps = out.len();
+        out.push('$');
+        out.push_str(&(base + k + 1).to_string());
+        literals.push(((s, e), (ps, out.len())));
+        at = e;
+    }
+    out.push_str(&text[at..]);
+    Some(Template { text: out, base, literals })
+}
+
+/// The template's analysis for the original text: key parameters become the literals' values,
+/// edit positions move back to where they are in the original.
+fn concretize(a: &Analysis, tpl: &Template, sql: &[u8]) -> Analysis {
+    let mut out = a.clone();
+    out.max_param = tpl.base;
+    let literal = |n: usize| -> Option<&[u8]> {
+        let ((s, e), _) = *tpl.literals.get(n.checked_sub(tpl.base + 1)?)?;
+        let lit = &sql[s..e];
+        Some(if lit.first() == Some(&b'\'') { &lit[1..lit.len() - 1] } else { lit })
+    };
+    let mut keys = Vec::with_capacity(out.keys.len());
+    for mut k in std::mem::take(&mut out.keys) {
+        let mut ok = true;
+        for p in &mut k.parts {
+            if let KeyPart::Param(n, ty) = *p {
+                if n > tpl.base {
+                    // '' inside a string is one quote; the value compares unescaped.
+                    match literal(n)
+                        .map(|l| String::from_utf8_lossy(l).replace("''", "'"))
+                        .and_then(|v| normalize_key(v.as_bytes(), ty))
+                    {
+                        Some(v) => *p = KeyPart::Const(v),
+                        None => ok = false,
+                    }
+                }
+            }
+        }
+        if ok {
+            keys.push(k);
+        } else {
+            out.tables.push((k.table, TableMode::Exclusive));
+        }
+    }
+    out.keys = keys;
+    let back = |p: usize| -> usize {
+        let mut shift: isize = 0;
+        for &((os, oe), (ps, pe)) in &tpl.literals {
+            if pe <= p {
+                shift += (oe - os) as isize - (pe - ps) as isize;
+            }
+        }
+        (p as isize + shift) as usize
+    };
+    for e in &mut out.edits {
+        e.start = back(e.start);
+        e.end = back(e.end);
+    }
+    out
+}
+
 /// The uncached analysis.
 pub fn analyze(sql: &[u8], cat: Option<&Catalog>) -> Analysis {
     let lexical = classify(sql);
     if lexical.empty {
-        return Analysis { class: lexical, ..Analysis::default() };
+        return Analysis { class: lexical, parsed: true, ..Analysis::default() };
     }
     let Ok(text) = std::str::from_utf8(sql) else {
         // Not UTF-8 (a LATIN1 client, say): the lexical class, and every write global.
-        return Analysis { class: lexical, global: lexical.writes, ..Analysis::default() };
+        return Analysis { class: lexical, global: lexical.writes, parsed: true, ..Analysis::default() };
     };
     let parsed = match pg_query::parse(text, 0) {
         Ok(p) => p,
         // PostgreSQL will reject it too (or it is newer grammar): let every backend say so.
         Err(_) => return Analysis { class: lexical, global: lexical.writes, ..Analysis::default() },
     };
-    let mut total = Analysis { class: Class { empty: true, ..Class::default() }, hash_rows: true, ..Analysis::default() };
+    let mut total =
+        Analysis { class: Class { empty: true, ..Class::default() }, hash_rows: true, parsed: true, ..Analysis::default() };
     let mut any = false;
     for raw in &parsed.protobuf.stmts {
         let Some(node) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else { continue };
@@ -155,7 +267,7 @@ pub fn analyze(sql: &[u8], cat: Option<&Catalog>) -> Analysis {
         total.max_param = total.max_param.max(s.max_param);
     }
     if !any {
-        return Analysis { class: lexical, ..Analysis::default() };
+        return Analysis { class: lexical, parsed: true, ..Analysis::default() };
     }
     // COPY FROM STDIN is found by the lexical pass too; keep its flag whatever the parse says.
     total.class.copy_in |= lexical.copy_in;
