@@ -295,6 +295,10 @@ pub fn trim_parameter_description(buf: &mut BytesMut, body: &[u8], keep: usize) 
     });
 }
 
+pub fn copy_data_msg(buf: &mut BytesMut, data: &[u8]) {
+    put_frame(buf, COPY_DATA, |buf| buf.put_slice(data));
+}
+
 pub fn query_msg(buf: &mut BytesMut, sql: &str) {
     put_frame(buf, QUERY, |buf| put_cstr(buf, sql.as_bytes()));
 }

@@ -412,6 +412,7 @@ impl Session {
                 Acquire::Wait => {}
                 Acquire::Granted => ev.token = true,
                 Acquire::Deadlock => {
+                    metrics::counter!("chorus_deadlocks_total").increment(1);
                     self.router.fail_next("40P01", "deadlock detected by Chorus: this transaction waited for a lock held by a transaction that waits for it; it was rolled back".into());
                     ev.token = true;
                 }

@@ -23,7 +23,7 @@ use crate::protocol::message::{
 use crate::protocol::{FrameCodec, ProtocolError};
 use crate::sql::analyze::{analyze_cached, analyze_query_cached, Analysis, Chosen};
 use crate::sql::catalog::Catalog;
-use crate::sql::rewrite::{self, Values};
+use crate::sql::rewrite::{self, CopyFiller, Values};
 use crate::sql::{classify, Class, TxEffect};
 
 /// What routing needs from outside the router for one call.
@@ -66,12 +66,13 @@ struct OpenBatch {
 
 /// COPY FROM STDIN in progress: CopyData, CopyDone/Fail and the Syncs PostgreSQL ignores in
 /// copy mode follow the COPY to its backends and open no request.
-#[derive(Clone, Copy)]
 struct CopyIn {
     seq: u64,
     targets: u64,
     extended: bool,
     ended: bool,
+    /// Adds Chorus's values for left-out volatile defaults to every row.
+    filler: Option<CopyFiller>,
 }
 
 /// A request to remember until its reply is complete.
@@ -140,13 +141,34 @@ impl Router {
         if let Some(copy) = &mut self.copy {
             if matches!(tag, COPY_DATA | COPY_DONE | COPY_FAIL | SYNC | FLUSH) {
                 let targets = copy.targets & alive;
+                let frame = cbuf.split_to(len);
+                let bytes = match (&mut copy.filler, tag) {
+                    (Some(f), COPY_DATA) => {
+                        let mut data = Vec::with_capacity(len + 64);
+                        f.feed(&frame[5..], &mut data);
+                        let mut out = BytesMut::with_capacity(data.len() + 5);
+                        message::copy_data_msg(&mut out, &data);
+                        out.freeze()
+                    }
+                    (Some(f), COPY_DONE) => {
+                        let mut data = Vec::new();
+                        f.finish(&mut data);
+                        let mut out = BytesMut::with_capacity(data.len() + 10);
+                        if !data.is_empty() {
+                            message::copy_data_msg(&mut out, &data);
+                        }
+                        out.extend_from_slice(&frame);
+                        out.freeze()
+                    }
+                    _ => frame.freeze(),
+                };
                 match tag {
                     COPY_DONE | COPY_FAIL if copy.extended => copy.ended = true,
                     COPY_DONE | COPY_FAIL => self.copy = None,
                     SYNC if copy.ended => self.copy = None,
                     _ => {}
                 }
-                return Ok(Some(Dispatch::Send { bytes: cbuf.split_to(len).freeze(), targets, request: None }));
+                return Ok(Some(Dispatch::Send { bytes, targets, request: None }));
             }
         }
         match tag {
@@ -216,7 +238,7 @@ impl Router {
 
     /// Request `seq` is complete: a COPY it started is over whatever the client sends next.
     pub fn request_done(&mut self, seq: u64) {
-        if self.copy.is_some_and(|c| c.seq == seq) {
+        if self.copy.as_ref().is_some_and(|c| c.seq == seq) {
             self.copy = None;
         }
     }
@@ -253,7 +275,8 @@ impl Router {
                     let mut buf = BytesMut::with_capacity(sql.len() + 6);
                     message::query_msg(&mut buf, &sql);
                     cbuf.advance(len);
-                    return self.send_query(buf.freeze(), class, a.hash_rows, a.ddl, ctx, next_seq);
+                    let filler = a.copy_fill.as_ref().map(|(f, v)| CopyFiller::new(f.clone(), v.clone(), values.clone()));
+                    return self.send_query(buf.freeze(), class, a.hash_rows, a.ddl, filler, ctx, next_seq);
                 }
             }
             hash_rows = a.hash_rows;
@@ -265,18 +288,20 @@ impl Router {
             let mut buf = BytesMut::new();
             message::query_msg(&mut buf, &sql);
             cbuf.advance(len);
-            return self.send_query(buf.freeze(), class, false, false, ctx, next_seq);
+            return self.send_query(buf.freeze(), class, false, false, None, ctx, next_seq);
         }
         let bytes = cbuf.split_to(len).freeze();
-        self.send_query(bytes, class, hash_rows, ddl, ctx, next_seq)
+        self.send_query(bytes, class, hash_rows, ddl, None, ctx, next_seq)
     }
 
     /// The 0A000 error statement for a refused construct, unless configured to allow it.
     fn refusal(&self, a: &Analysis, ctx: &RouteCtx<'_>) -> Option<String> {
         let why = a.refusal.as_ref()?;
         if ctx.allow_unsafe {
+            metrics::counter!("chorus_unsafe_statements_total", "action" => "allowed").increment(1);
             return None;
         }
+        metrics::counter!("chorus_unsafe_statements_total", "action" => "refused").increment(1);
         Some(rewrite::error_statement(
             "0A000",
             &format!(
@@ -286,12 +311,14 @@ impl Router {
         ))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn send_query(
         &mut self,
         bytes: Bytes,
         class: Class,
         hash_rows: bool,
         ddl: bool,
+        mut filler: Option<CopyFiller>,
         ctx: &RouteCtx<'_>,
         next_seq: &mut u64,
     ) -> Dispatch {
@@ -305,7 +332,7 @@ impl Router {
         let seq = take_seq(next_seq);
         self.apply_tx(class);
         if class.copy_in {
-            self.copy = Some(CopyIn { seq, targets, extended: false, ended: false });
+            self.copy = Some(CopyIn { seq, targets, extended: false, ended: false, filler: filler.take() });
         }
         self.last_targets = targets;
         let retry = (targets.count_ones() == 1 && read && !self.tx_open).then(|| bytes.clone());
@@ -371,6 +398,7 @@ impl Router {
         let mut refusal: Option<String> = None;
         let mut trims: Vec<Option<u16>> = Vec::new();
         let (mut hash_rows, mut ddl) = (true, false);
+        let mut copy_filler: Option<CopyFiller> = None;
         while let Some((tag, len)) = codec.peek(&cbuf[off..])? {
             let body = &cbuf[off + 5..off + len];
             match tag {
@@ -389,6 +417,7 @@ impl Router {
                         if refusal.is_none() {
                             refusal = self.refusal(a, ctx);
                         }
+
                         ddl |= a.ddl;
                     }
                     has_parse = true;
@@ -428,6 +457,9 @@ impl Router {
                             off + len,
                         )),
                         _ => {}
+                    }
+                    if let Some((format, chosen)) = p.analysis.as_ref().and_then(|a| a.copy_fill.as_ref()) {
+                        copy_filler = Some(CopyFiller::new(format.clone(), chosen.clone(), self.values()));
                     }
                     if !p.extra.is_empty() {
                         let values = self.values();
@@ -494,7 +526,7 @@ impl Router {
             cbuf.advance(off);
             let mut buf = BytesMut::new();
             message::query_msg(&mut buf, &sql);
-            return Ok(Some(self.send_query(buf.freeze(), Class::SESSION, false, false, ctx, next_seq)));
+            return Ok(Some(self.send_query(buf.freeze(), Class::SESSION, false, false, None, ctx, next_seq)));
         }
         // A Parse without Bind prepares for later use: every backend must have it.
         if has_parse && !has_bind {
@@ -558,7 +590,7 @@ impl Router {
         }
         self.apply_tx(class);
         if class.copy_in {
-            self.copy = Some(CopyIn { seq, targets, extended: true, ended: false });
+            self.copy = Some(CopyIn { seq, targets, extended: true, ended: false, filler: copy_filler });
         }
         self.last_targets = targets;
         Ok(Some(Dispatch::Send { bytes, targets, request }))
@@ -628,6 +660,7 @@ impl Router {
 
 /// The statement a deadlock victim's backends run instead of its own.
 fn deadlock_statement() -> String {
+    metrics::counter!("chorus_deadlocks_total").increment(1);
     rewrite::error_statement(
         "40P01",
         "deadlock detected by Chorus: this transaction waited for a lock held by a transaction that waits for it; it was rolled back",

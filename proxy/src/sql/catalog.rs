@@ -18,6 +18,9 @@ pub const INT4: u32 = 23;
 pub const INT8: u32 = 20;
 pub const TEXT: u32 = 25;
 pub const VARCHAR: u32 = 1043;
+pub const TIMESTAMPTZ: u32 = 1184;
+pub const UUID: u32 = 2950;
+pub const FLOAT8: u32 = 701;
 
 /// How a column's default behaves on different backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -114,6 +114,87 @@ pub fn uuid_v4() -> String {
     s
 }
 
+/// How COPY FROM STDIN data is laid out, for adding values to each row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyFormat {
+    pub delimiter: u8,
+    pub csv: bool,
+    pub quote: u8,
+    pub header: bool,
+}
+
+/// Adds Chorus's values (volatile defaults the COPY left out) to every row of COPY data as it
+/// streams past, in whatever pieces the client cut it. Sans-IO: bytes in, bytes out.
+pub struct CopyFiller {
+    format: CopyFormat,
+    values: Vec<Chosen>,
+    tx: Values,
+    skip_lines: usize,
+    in_quotes: bool,
+    /// Bytes of the current line so far (only the first two are kept, to spot `\.`).
+    line_len: usize,
+    line_start: [u8; 2],
+}
+
+impl CopyFiller {
+    pub fn new(format: CopyFormat, values: Vec<Chosen>, tx: Values) -> CopyFiller {
+        let skip_lines = usize::from(format.header);
+        CopyFiller { format, values, tx, skip_lines, in_quotes: false, line_len: 0, line_start: [0; 2] }
+    }
+
+    fn push_values(&self, out: &mut Vec<u8>) {
+        for &v in &self.values {
+            out.push(self.format.delimiter);
+            out.extend_from_slice(self.tx.text(v).as_bytes());
+        }
+    }
+
+    /// The end-of-data marker of text format, which gets no values.
+    fn at_marker(&self) -> bool {
+        !self.format.csv && self.line_len == 2 && self.line_start == *b"\\."
+    }
+
+    pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        out.reserve(data.len() + 64);
+        for &b in data {
+            if self.format.csv && b == self.format.quote {
+                self.in_quotes = !self.in_quotes;
+            }
+            if b == b'\n' && !self.in_quotes {
+                let cr = out.last() == Some(&b'\r');
+                if cr {
+                    out.pop();
+                }
+                // An empty line is a row too (one empty or NULL column).
+                if self.skip_lines > 0 {
+                    self.skip_lines -= 1;
+                } else if !self.at_marker() {
+                    self.push_values(out);
+                }
+                if cr {
+                    out.push(b'\r');
+                }
+                out.push(b);
+                self.line_len = 0;
+                continue;
+            }
+            if self.line_len < 2 {
+                self.line_start[self.line_len] = b;
+            }
+            self.line_len += 1;
+            out.push(b);
+        }
+    }
+
+    /// At CopyDone: a last row without its newline still gets its values.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.line_len > 0 && self.skip_lines == 0 && !self.at_marker() && !self.in_quotes {
+            self.push_values(out);
+        }
+        self.line_len = 0;
+    }
+}
+
 /// A statement every backend runs to fail the same way with Chorus's own error, so the
 /// transaction is aborted everywhere exactly as if the statement itself had failed.
 pub fn error_statement(code: &str, message: &str) -> String {
@@ -151,6 +232,29 @@ mod tests {
         let (sql, chosen) = with_params(text, &edits, 2);
         assert_eq!(sql, "insert into t values (1, ($3::timestamptz))");
         assert_eq!(chosen, vec![Chosen::Now("")]);
+    }
+
+    fn filler(csv: bool, header: bool) -> CopyFiller {
+        let format = CopyFormat { delimiter: if csv { b',' } else { b'\t' }, csv, quote: b'"', header };
+        CopyFiller::new(format, vec![Chosen::Now("")], Values { tx_time: "T".into(), stmt_time: "S".into() })
+    }
+
+    fn run(f: &mut CopyFiller, pieces: &[&str]) -> String {
+        let mut out = Vec::new();
+        for p in pieces {
+            f.feed(p.as_bytes(), &mut out);
+        }
+        f.finish(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn copy_rows_get_values_however_the_data_is_cut() {
+        assert_eq!(run(&mut filler(false, false), &["a\t1\nb\t", "2\n"]), "a\t1\tT\nb\t2\tT\n");
+        assert_eq!(run(&mut filler(false, false), &["a\r\nb"]), "a\tT\r\nb\tT");
+        assert_eq!(run(&mut filler(false, false), &["a\n\\.\n"]), "a\tT\n\\.\n");
+        assert_eq!(run(&mut filler(true, true), &["x,y\n1,\"two\nlines\"\n"]), "x,y\n1,\"two\nlines\",T\n");
+        assert_eq!(run(&mut filler(true, false), &["\n1\n"]), ",T\n1,T\n");
     }
 
     #[test]

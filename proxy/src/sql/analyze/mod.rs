@@ -14,8 +14,9 @@ use std::sync::Arc;
 use pg_query::protobuf::{self, node::Node as N, Node};
 use serde_json::Value;
 
-use super::catalog::{Catalog, DefaultKind, Relation, Volatility, INT2, INT4, INT8, TEXT, VARCHAR};
+use super::catalog::{Catalog, DefaultKind, Relation, Volatility, FLOAT8, INT2, INT4, INT8, TEXT, TIMESTAMPTZ, UUID, VARCHAR};
 use super::lexer::{Lexer, Tok};
+use super::rewrite::CopyFormat;
 use super::{classify, Class, TxEffect};
 
 /// A value Chorus chooses once and sends to every backend.
@@ -85,6 +86,9 @@ pub struct Analysis {
     pub max_param: usize,
     /// PostgreSQL's parser accepted the text (else the lexical class stands, writes global).
     pub parsed: bool,
+    /// COPY FROM STDIN leaving out columns with volatile defaults: Chorus sends their values
+    /// with every row (the columns are added to the COPY's list by `edits`).
+    pub copy_fill: Option<(CopyFormat, Vec<Chosen>)>,
 }
 
 impl Analysis {
@@ -264,6 +268,7 @@ pub fn analyze(sql: &[u8], cat: Option<&Catalog>) -> Analysis {
         total.edits.extend(s.edits);
         total.ddl |= s.ddl;
         total.refusal = total.refusal.or(s.refusal);
+        total.copy_fill = total.copy_fill.or(s.copy_fill);
         total.max_param = total.max_param.max(s.max_param);
     }
     if !any {
@@ -327,7 +332,6 @@ const READING_VOLATILES: &[&str] = &[
     "txid_current_snapshot",
     "pg_stat_get_activity",
     "inet_client_addr",
-    "pg_try_advisory_lock_shared",
 ];
 
 struct Stmt<'a> {
@@ -869,20 +873,80 @@ impl Stmt<'_> {
                 _ => None,
             })
             .collect();
+        let mut fills = Vec::new();
         for (i, col) in rel.columns.iter().enumerate() {
             let given = c.attlist.is_empty() || listed.contains(&Some(i));
             if given {
                 continue;
             }
-            match col.default {
-                Some(DefaultKind::Sequence(seq)) => self.out.sequences.push(seq),
-                Some(DefaultKind::Stable) | None => {}
-                Some(_) => self.refuse(&format!(
-                    "COPY into {} without column {}, whose default is volatile (list the column and send its values)",
-                    rel.name, col.name
-                )),
+            let fill = match (col.default, col.type_oid) {
+                (Some(DefaultKind::Sequence(seq)), _) => {
+                    self.out.sequences.push(seq);
+                    continue;
+                }
+                (Some(DefaultKind::Stable) | None, _) => continue,
+                (Some(DefaultKind::Now), TIMESTAMPTZ) => Chosen::Now(""),
+                (Some(DefaultKind::Uuid), UUID) => Chosen::Uuid,
+                (Some(DefaultKind::Random), FLOAT8) => Chosen::Random,
+                _ => {
+                    self.refuse(&format!(
+                        "COPY into {} without column {}, whose volatile default Chorus cannot supply in COPY data (list the column and send its values)",
+                        rel.name, col.name
+                    ));
+                    continue;
+                }
+            };
+            fills.push((i, fill));
+        }
+        if !fills.is_empty() {
+            self.copy_fill(c, &rel, fills);
+        }
+    }
+
+    /// Adds the left-out columns to the COPY's column list and asks for their values per row.
+    fn copy_fill(&mut self, c: &protobuf::CopyStmt, rel: &Relation, fills: Vec<(usize, Chosen)>) {
+        let mut format = CopyFormat { delimiter: b'\t', csv: false, quote: b'"', header: false };
+        let mut delimiter = None;
+        for o in &c.options {
+            let Some(N::DefElem(d)) = &o.node else { continue };
+            let arg = d.arg.as_deref().and_then(|a| match &a.node {
+                Some(N::String(s)) => Some(s.sval.clone()),
+                Some(N::Boolean(b)) => Some(b.boolval.to_string()),
+                Some(N::Integer(i)) => Some(i.ival.to_string()),
+                _ => None,
+            });
+            match (d.defname.as_str(), arg.as_deref()) {
+                ("format", Some("csv")) => format.csv = true,
+                ("format", Some("text")) => {}
+                ("delimiter", Some(v)) if v.len() == 1 => delimiter = Some(v.as_bytes()[0]),
+                ("quote", Some(v)) if v.len() == 1 => format.quote = v.as_bytes()[0],
+                ("header", None) | ("header", Some("true" | "1" | "on")) => format.header = true,
+                ("header", Some("false" | "0" | "off")) => {}
+                ("null" | "encoding" | "force_not_null" | "force_null" | "freeze", _) => {}
+                (name, _) => {
+                    self.refuse(&format!("COPY option {name} with volatile defaults left out"));
+                    return;
+                }
             }
         }
+        format.delimiter = delimiter.unwrap_or(if format.csv { b',' } else { b'\t' });
+        let Some(rv) = &c.relation else { return };
+        let src = self.text.as_bytes();
+        let mut lx = Lexer::new(&src[rv.location as usize..]);
+        let open = loop {
+            match lx.next_with_span() {
+                Some((Tok::Punct(b'('), s, _)) => break Some(rv.location as usize + s),
+                Some((Tok::Word(..) | Tok::Quoted | Tok::Punct(b'.'), _, _)) => {}
+                _ => break None,
+            }
+        };
+        let Some(close) = open.and_then(|o| matching_paren(self.text, o)) else {
+            self.refuse("a COPY column list Chorus cannot extend");
+            return;
+        };
+        let names: String = fills.iter().map(|(i, _)| format!(", {}", quote_ident(&rel.columns[*i].name))).collect();
+        self.out.edits.push(Edit { start: close, end: close, prefix: names, value: None, suffix: "" });
+        self.out.copy_fill = Some((format, fills.into_iter().map(|(_, v)| v).collect()));
     }
 
     /// Edits for now()/random()/uuids in a write; refusals where they are evaluated per row.
