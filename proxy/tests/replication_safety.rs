@@ -456,3 +456,30 @@ async fn returned_rows_are_compared() {
     let pg2: i32 = s.servers[1].local_client("postgres").await.unwrap().query_one("SELECT v FROM t", &[]).await.unwrap().get(0);
     assert_eq!(pg2, 12, "pg2 ran the update on its own data and left the in-sync set");
 }
+
+/// A REPEATABLE READ transaction's snapshot is never taken while a write transaction is half
+/// committed: its first statement waits for writes in flight, then writers go on at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeatable_read_snapshots_wait_for_commits_in_flight() {
+    let s = Setup::new(2).await;
+    let a = s.client().await;
+    a.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL); INSERT INTO t VALUES (1, 0), (2, 0)").await.unwrap();
+    a.batch_execute("BEGIN; UPDATE t SET v = 1 WHERE id = 1").await.unwrap();
+    let b = Arc::new(s.client().await);
+    let b2 = b.clone();
+    let mut snapshot = tokio::spawn(async move {
+        b2.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ").await.unwrap();
+        b2.query_one("SELECT v FROM t WHERE id = 1", &[]).await.unwrap().get::<_, i32>(0)
+    });
+    // Held back while a's write transaction is open (without the barrier it answers 0 at once).
+    assert!(tokio::time::timeout(Duration::from_millis(500), &mut snapshot).await.is_err(), "the snapshot did not wait");
+    a.batch_execute("COMMIT").await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(10), snapshot).await.expect("snapshot taken after the commit").unwrap();
+    assert_eq!(seen, 1, "the snapshot includes the commit that was in flight");
+    // Writers are not held for the rest of b's transaction.
+    tokio::time::timeout(Duration::from_secs(10), a.batch_execute("UPDATE t SET v = 2 WHERE id = 2")).await.unwrap().unwrap();
+    let v: i32 = b.query_one("SELECT v FROM t WHERE id = 2", &[]).await.unwrap().get(0);
+    assert_eq!(v, 0, "b keeps its snapshot");
+    b.batch_execute("COMMIT").await.unwrap();
+    verified(&s).await;
+}

@@ -211,6 +211,41 @@ impl LockOwner {
         wake_waiters(st, res);
     }
 
+    /// Weakens (or, with None, gives up) one lock before the transaction ends: the snapshot
+    /// barrier of a REPEATABLE READ transaction, once its snapshot is taken everywhere.
+    pub fn downgrade(&mut self, res: Res, to: Option<Mode>) {
+        let Some(&have) = self.held.get(&res) else { return };
+        if to == Some(have) {
+            return;
+        }
+        let mut guard = self.mgr.lock();
+        let st = &mut *guard;
+        if let Some(e) = st.entries.get_mut(&res) {
+            match to {
+                Some(m) => e.holders.iter_mut().filter(|(s, _)| *s == self.sid).for_each(|h| h.1 = m),
+                None => e.holders.retain(|(s, _)| *s != self.sid),
+            }
+        }
+        match to {
+            Some(m) => {
+                self.held.insert(res, m);
+            }
+            None => {
+                self.held.remove(&res);
+                if let Some(me) = st.sessions.get_mut(&self.sid) {
+                    me.held.retain(|r| *r != res);
+                }
+            }
+        }
+        drop_empty(st, res);
+        wake_waiters(st, res);
+    }
+
+    /// Whether it holds locks on anything but the cluster-wide resource.
+    pub fn holds_data_locks(&self) -> bool {
+        self.held.keys().any(|r| *r != Res::Global)
+    }
+
     /// Releases everything at the end of a transaction.
     pub fn release_all(&mut self) {
         if self.held.is_empty() {
@@ -373,6 +408,19 @@ mod tests {
         assert_eq!(b.acquire(&[(T, Shared)], w()), Acquire::Granted);
         assert_eq!(a.acquire(&[(T, Exclusive)], w()), Acquire::Wait);
         assert_eq!(b.acquire(&[(T, Exclusive)], w()), Acquire::Deadlock);
+    }
+
+    #[test]
+    fn a_snapshot_barrier_waits_for_writers_and_then_steps_aside() {
+        let m = LockManager::default();
+        let (mut writer, mut r, mut w2) = (m.owner(), m.owner(), m.owner());
+        assert_eq!(writer.acquire(&[(Res::Global, IntentExclusive), (T, Exclusive)], w()), Acquire::Granted);
+        assert_eq!(r.acquire(&[(Res::Global, Shared)], w()), Acquire::Wait, "a write is in flight");
+        writer.release_all();
+        assert_eq!(r.acquire(&[(Res::Global, Shared)], w()), Acquire::Granted);
+        assert_eq!(w2.acquire(&[(Res::Global, IntentExclusive)], w()), Acquire::Wait, "held back while the snapshot is taken");
+        r.downgrade(Res::Global, None);
+        assert_eq!(w2.acquire(&[(Res::Global, IntentExclusive)], w()), Acquire::Granted);
     }
 
     #[test]

@@ -784,7 +784,11 @@ impl Session {
         let Some(req) = self.pending.pop_front() else {
             return Ok(());
         };
-        self.router.request_done(req.seq);
+        if self.router.request_done(req.seq) {
+            // The snapshot is taken on every backend: writers may go on.
+            let keep = self.locks.holds_data_locks().then_some(crate::order::Mode::IntentExclusive);
+            self.locks.downgrade(crate::order::Res::Global, keep);
+        }
         // The common case, one target, needs no vote and no allocation.
         if req.targets.count_ones() == 1 {
             let i = req.targets.trailing_zeros() as usize;

@@ -24,7 +24,7 @@ use crate::protocol::{FrameCodec, ProtocolError};
 use crate::sql::analyze::{analyze_cached, analyze_query_cached, Analysis, Chosen};
 use crate::sql::catalog::Catalog;
 use crate::sql::rewrite::{self, CopyFiller, Values};
-use crate::sql::{classify, Class, TxEffect};
+use crate::sql::{classify, Class, Isolation, TxEffect};
 
 /// What routing needs from outside the router for one call.
 pub struct RouteCtx<'a> {
@@ -75,6 +75,22 @@ struct CopyIn {
     filler: Option<CopyFiller>,
 }
 
+/// The snapshot barrier of a REPEATABLE READ or SERIALIZABLE transaction. Such a transaction
+/// keeps the snapshot its first statement takes; were a commit of another session half done
+/// (on one backend, not yet on another) at that moment, the snapshots would differ between
+/// backends. So that first statement takes the cluster-wide resource in shared mode: it waits
+/// until no write transaction is in flight and holds new ones back until it has completed on
+/// every backend, then steps aside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Barrier {
+    #[default]
+    None,
+    /// The transaction is strict and its snapshot is not taken yet.
+    Pending,
+    /// Request `seq` takes the snapshot under the barrier.
+    Held(u64),
+}
+
 /// A request to remember until its reply is complete.
 pub struct NewRequest {
     pub seq: u64,
@@ -111,6 +127,9 @@ pub struct Router {
     unnamed: Option<(Prepared, u64)>,
     /// The transaction's timestamp, chosen at its first use.
     tx_time: Option<String>,
+    /// The session's default isolation is REPEATABLE READ or SERIALIZABLE.
+    strict_default: bool,
+    barrier: Barrier,
     /// An error the next write gets instead of running (deadlock victim, lock timeout).
     fail_next: Option<(&'static str, String)>,
     locks: Vec<(Res, Mode)>,
@@ -201,6 +220,7 @@ impl Router {
         self.tx_open = status != b'I';
         if !self.tx_open {
             self.tx_time = None;
+            self.barrier = Barrier::None;
         }
     }
 
@@ -224,8 +244,16 @@ impl Router {
 
     /// Takes the locks `plan` needs with these bind parameters. Err carries the replacement
     /// error statement when the session must not run it (deadlock victim, lock timeout).
-    fn lock(&mut self, plans: &[(&Analysis, Option<&[u8]>)], ctx: &mut RouteCtx<'_>) -> Result<Acquire, ProtocolError> {
+    fn lock(
+        &mut self,
+        plans: &[(&Analysis, Option<&[u8]>)],
+        barrier: bool,
+        ctx: &mut RouteCtx<'_>,
+    ) -> Result<Acquire, ProtocolError> {
         self.locks.clear();
+        if barrier {
+            self.locks.push((Res::Global, Mode::Shared));
+        }
         for (a, bind) in plans {
             let view = match bind {
                 Some(b) => Some(message::bind_view(b)?),
@@ -237,9 +265,30 @@ impl Router {
     }
 
     /// Request `seq` is complete: a COPY it started is over whatever the client sends next.
-    pub fn request_done(&mut self, seq: u64) {
+    /// Returns whether it was a snapshot barrier, which the session now lifts.
+    pub fn request_done(&mut self, seq: u64) -> bool {
+        let barrier = self.barrier == Barrier::Held(seq);
+        if barrier {
+            self.barrier = Barrier::None;
+        }
         if self.copy.as_ref().is_some_and(|c| c.seq == seq) {
             self.copy = None;
+        }
+        barrier
+    }
+
+    /// Whether a unit of this class takes the snapshot of a strict transaction that stays open.
+    fn wants_barrier(&self, class: Class) -> bool {
+        if !class.data {
+            return false;
+        }
+        match self.barrier {
+            Barrier::Pending => true,
+            Barrier::Held(_) => false,
+            Barrier::None => {
+                class.tx == TxEffect::Begin
+                    && (class.iso == Isolation::TxStrict || (self.strict_default && class.iso == Isolation::Unchanged))
+            }
         }
     }
 
@@ -255,13 +304,21 @@ impl Router {
         let mut class = plan.as_ref().map_or(lexical, |a| a.class);
         let mut replacement: Option<String> = None;
         let (mut hash_rows, mut ddl) = (false, false);
+        let barrier = self.wants_barrier(class);
+        if plan.is_none() && barrier {
+            match self.lock(&[], true, ctx) {
+                Ok(Acquire::Granted) => {}
+                Ok(Acquire::Wait) => return Dispatch::NeedsLocks,
+                Ok(Acquire::Deadlock) | Err(_) => replacement = Some(deadlock_statement()),
+            }
+        }
         if let Some(a) = &plan {
             if let Some(e) = self.refusal(a, ctx) {
                 replacement = Some(e);
-            } else if a.class.writes {
+            } else if a.class.writes || barrier {
                 match self.fail_next.take() {
                     Some((code, msg)) => replacement = Some(rewrite::error_statement(code, &msg)),
-                    None => match self.lock(&[(a, None)], ctx) {
+                    None => match self.lock(&[(a, None)], barrier, ctx) {
                         Ok(Acquire::Granted) => {}
                         Ok(Acquire::Wait) => return Dispatch::NeedsLocks,
                         Ok(Acquire::Deadlock) | Err(_) => replacement = Some(deadlock_statement()),
@@ -276,7 +333,12 @@ impl Router {
                     message::query_msg(&mut buf, &sql);
                     cbuf.advance(len);
                     let filler = a.copy_fill.as_ref().map(|(f, v)| CopyFiller::new(f.clone(), v.clone(), values.clone()));
-                    return self.send_query(buf.freeze(), class, a.hash_rows, a.ddl, filler, ctx, next_seq);
+                    let seq = *next_seq;
+                    let d = self.send_query(buf.freeze(), class, a.hash_rows, a.ddl, filler, ctx, next_seq);
+                    if barrier {
+                        self.barrier = Barrier::Held(seq);
+                    }
+                    return d;
                 }
             }
             hash_rows = a.hash_rows;
@@ -291,7 +353,12 @@ impl Router {
             return self.send_query(buf.freeze(), class, false, false, None, ctx, next_seq);
         }
         let bytes = cbuf.split_to(len).freeze();
-        self.send_query(bytes, class, hash_rows, ddl, None, ctx, next_seq)
+        let seq = *next_seq;
+        let d = self.send_query(bytes, class, hash_rows, ddl, None, ctx, next_seq);
+        if barrier {
+            self.barrier = Barrier::Held(seq);
+        }
+        d
     }
 
     /// The 0A000 error statement for a refused construct, unless configured to allow it.
@@ -505,12 +572,13 @@ impl Router {
             return Ok(None); // wait for the rest of the batch
         }
         let mut failure = refusal;
-        if failure.is_none() && !writes.is_empty() {
-            if let Some((code, msg)) = self.fail_next.take() {
+        let barrier = synced && self.batch.is_none() && self.wants_barrier(class);
+        if failure.is_none() && (!writes.is_empty() || barrier) {
+            if let Some((code, msg)) = self.fail_next.take().filter(|_| !writes.is_empty()) {
                 failure = Some(rewrite::error_statement(code, &msg));
             } else {
                 let plans: Vec<(&Analysis, Option<&[u8]>)> = writes.iter().map(|(a, s, e)| (&**a, Some(&cbuf[*s..*e]))).collect();
-                match self.lock(&plans, ctx) {
+                match self.lock(&plans, barrier, ctx) {
                     Ok(Acquire::Granted) => {}
                     Ok(Acquire::Wait) => return Ok(Some(Dispatch::NeedsLocks)),
                     Ok(Acquire::Deadlock) | Err(_) => failure = Some(deadlock_statement()),
@@ -585,6 +653,9 @@ impl Router {
             }
         };
         self.batch = if synced { None } else { Some(OpenBatch { seq, targets }) };
+        if barrier {
+            self.barrier = Barrier::Held(seq);
+        }
         if let Some(p) = parsed_unnamed {
             self.unnamed = Some((p, targets));
         }
@@ -610,16 +681,28 @@ impl Router {
     }
 
     fn apply_tx(&mut self, class: Class) {
+        match class.iso {
+            Isolation::SessionStrict => self.strict_default = true,
+            Isolation::SessionLoose => self.strict_default = false,
+            _ => {}
+        }
         match class.tx {
             TxEffect::Begin => {
                 self.tx_open = true;
                 self.tx_time = None;
+                let strict = class.iso == Isolation::TxStrict || (self.strict_default && class.iso == Isolation::Unchanged);
+                self.barrier = if strict { Barrier::Pending } else { Barrier::None };
             }
             TxEffect::End => {
                 self.tx_open = false;
                 self.tx_time = None;
+                self.barrier = Barrier::None;
             }
-            TxEffect::None => {}
+            TxEffect::None => {
+                if class.iso == Isolation::TxStrict && self.tx_open && self.barrier == Barrier::None {
+                    self.barrier = Barrier::Pending;
+                }
+            }
         }
     }
 

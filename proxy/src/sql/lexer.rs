@@ -25,6 +25,10 @@ impl<'a> Lexer<'a> {
         self.src
     }
 
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
     fn peek(&self, off: usize) -> u8 {
         *self.src.get(self.pos + off).unwrap_or(&0)
     }

@@ -25,6 +25,23 @@ pub struct Class {
     pub copy_in: bool,
     /// It contains no statement at all.
     pub empty: bool,
+    /// What it says about isolation (BEGIN/START/SET ... REPEATABLE READ or SERIALIZABLE).
+    pub iso: Isolation,
+    /// It reads or writes data (a transaction's snapshot is taken by such a statement).
+    pub data: bool,
+}
+
+/// Isolation settings that decide whether a transaction's snapshot needs Chorus's barrier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    #[default]
+    Unchanged,
+    /// This transaction is REPEATABLE READ or SERIALIZABLE.
+    TxStrict,
+    /// The session's default becomes REPEATABLE READ or SERIALIZABLE.
+    SessionStrict,
+    /// The session's default becomes READ COMMITTED (or is reset).
+    SessionLoose,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -37,9 +54,33 @@ pub enum TxEffect {
 
 impl Class {
     /// The class of something unknown: a write on every backend.
-    pub const UNKNOWN: Class = Class { read_only: false, writes: true, tx: TxEffect::None, copy_in: false, empty: false };
-    pub(crate) const READ: Class = Class { read_only: true, writes: false, tx: TxEffect::None, copy_in: false, empty: false };
-    pub(crate) const SESSION: Class = Class { read_only: false, writes: false, tx: TxEffect::None, copy_in: false, empty: false };
+    pub const UNKNOWN: Class = Class {
+        read_only: false,
+        writes: true,
+        tx: TxEffect::None,
+        copy_in: false,
+        empty: false,
+        iso: Isolation::Unchanged,
+        data: true,
+    };
+    pub(crate) const READ: Class = Class {
+        read_only: true,
+        writes: false,
+        tx: TxEffect::None,
+        copy_in: false,
+        empty: false,
+        iso: Isolation::Unchanged,
+        data: true,
+    };
+    pub(crate) const SESSION: Class = Class {
+        read_only: false,
+        writes: false,
+        tx: TxEffect::None,
+        copy_in: false,
+        empty: false,
+        iso: Isolation::Unchanged,
+        data: false,
+    };
 
     /// Combines the classes of statements that run one after the other.
     pub fn then(self, next: Class) -> Class {
@@ -55,6 +96,8 @@ impl Class {
             tx: if next.tx == TxEffect::None { self.tx } else { next.tx },
             copy_in: self.copy_in || next.copy_in,
             empty: false,
+            iso: if next.iso == Isolation::Unchanged { self.iso } else { next.iso },
+            data: self.data || next.data,
         }
     }
 }
@@ -215,7 +258,9 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
             Class::UNKNOWN
         }
     } else if eq(kw, "begin") || eq(kw, "start") {
-        Class { tx: TxEffect::Begin, ..Class::SESSION }
+        Class { tx: TxEffect::Begin, iso: isolation(&src[first.0..lx.pos()], false), ..Class::SESSION }
+    } else if eq(kw, "set") || eq(kw, "reset") {
+        Class { iso: isolation(&src[first.0..lx.pos()], eq(kw, "reset")), ..Class::SESSION }
     } else if ((eq(kw, "commit") || eq(kw, "end")) && !eq(second, "prepared")) || eq(kw, "abort") {
         Class { tx: TxEffect::End, ..Class::SESSION }
     } else if eq(kw, "rollback") && eq(second, "to") {
@@ -224,6 +269,9 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
         Class { tx: TxEffect::End, ..Class::SESSION }
     } else if eq(kw, "prepare") && !eq(second, "transaction") {
         Class::SESSION
+    } else if eq(kw, "declare") && reads {
+        // A cursor's query takes the snapshot.
+        Class { data: true, ..Class::SESSION }
     } else if eq(kw, "declare") && !reads {
         // A cursor over a locking or writing query locks like the query would.
         Class::UNKNOWN
@@ -260,6 +308,44 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
         Class::UNKNOWN
     };
     (class, more)
+}
+
+/// What a BEGIN/START/SET/RESET statement says about isolation. Rare statements: a second
+/// pass over their words costs nothing on the hot path.
+fn isolation(stmt: &[u8], reset: bool) -> Isolation {
+    let mut lx = Lexer::new(stmt);
+    let (mut strict, mut loose, mut session, mut transaction, mut all) = (false, false, false, false, false);
+    while let Some(t) = lx.next() {
+        if let Tok::Word(s, e) = t {
+            let w = &stmt[s..e];
+            strict |= eq(w, "repeatable") || eq(w, "serializable");
+            loose |= eq(w, "committed") || eq(w, "uncommitted");
+            session |= eq(w, "characteristics") || eq(w, "default_transaction_isolation");
+            transaction |= eq(w, "transaction") || eq(w, "isolation") || eq(w, "begin") || eq(w, "start");
+            all |= eq(w, "all");
+        }
+    }
+    if reset && (session || all) {
+        return Isolation::SessionLoose;
+    }
+    match (session, strict, loose) {
+        (true, true, _) => Isolation::SessionStrict,
+        (true, false, true) => Isolation::SessionLoose,
+        (false, true, _) if transaction => Isolation::TxStrict,
+        // default_transaction_isolation = 'serializable' spelled as one quoted string.
+        _ => {
+            let text = String::from_utf8_lossy(stmt).to_ascii_lowercase();
+            if text.contains("default_transaction_isolation") {
+                if text.contains("repeatable") || text.contains("serializable") {
+                    Isolation::SessionStrict
+                } else {
+                    Isolation::SessionLoose
+                }
+            } else {
+                Isolation::Unchanged
+            }
+        }
+    }
 }
 
 /// A COPY TO STDOUT reads unless its query could write.
@@ -544,6 +630,22 @@ fn is_safe_call(name: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn isolation_is_read_from_begin_and_set() {
+        assert_eq!(c("BEGIN ISOLATION LEVEL REPEATABLE READ").iso, Isolation::TxStrict);
+        assert_eq!(c("start transaction isolation level serializable, read write").iso, Isolation::TxStrict);
+        assert_eq!(c("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").iso, Isolation::TxStrict);
+        assert_eq!(c("BEGIN").iso, Isolation::Unchanged);
+        assert_eq!(c("BEGIN ISOLATION LEVEL READ COMMITTED").iso, Isolation::Unchanged);
+        assert_eq!(c("SET default_transaction_isolation = 'serializable'").iso, Isolation::SessionStrict);
+        assert_eq!(c("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ").iso, Isolation::SessionStrict);
+        assert_eq!(c("SET default_transaction_isolation TO 'read committed'").iso, Isolation::SessionLoose);
+        assert_eq!(c("RESET ALL").iso, Isolation::SessionLoose);
+        assert_eq!(c("SET search_path = x").iso, Isolation::Unchanged);
+        assert!(c("BEGIN ISOLATION LEVEL SERIALIZABLE; SELECT 1").data);
+        assert!(!c("BEGIN; SET x = 1").data);
+    }
 
     fn c(sql: &str) -> Class {
         classify(sql.as_bytes())

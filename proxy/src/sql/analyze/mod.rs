@@ -276,6 +276,7 @@ pub fn analyze(sql: &[u8], cat: Option<&Catalog>) -> Analysis {
     }
     // COPY FROM STDIN is found by the lexical pass too; keep its flag whatever the parse says.
     total.class.copy_in |= lexical.copy_in;
+    total.class.iso = lexical.iso;
     if total.class.writes && cat.is_none() {
         total.global = true;
     }
