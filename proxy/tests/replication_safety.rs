@@ -483,3 +483,33 @@ async fn repeatable_read_snapshots_wait_for_commits_in_flight() {
     b.batch_execute("COMMIT").await.unwrap();
     verified(&s).await;
 }
+
+/// A plain BEGIN is answered by Chorus and reaches the backends with the next statement:
+/// one round trip fewer per transaction, and nothing a client can tell apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_begin_travels_with_the_next_statement() {
+    let s = Setup::new(2).await;
+    let c = s.client().await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.unwrap();
+    let in_tx = || async {
+        let mut n = Vec::new();
+        for srv in &s.servers {
+            let q = "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()";
+            n.push(srv.local_client("postgres").await.unwrap().query_one(q, &[]).await.unwrap().get::<_, i64>(0));
+        }
+        n
+    };
+    let r = c.simple_query("BEGIN").await.unwrap();
+    assert!(matches!(r.last(), Some(tokio_postgres::SimpleQueryMessage::CommandComplete(0))));
+    assert_eq!(in_tx().await, vec![0, 0], "no backend has seen the BEGIN yet");
+    c.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    assert_eq!(in_tx().await, vec![1, 1], "the BEGIN went with the INSERT");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    // A BEGIN followed by nothing but the client leaving leaves no trace.
+    let d = s.client().await;
+    d.batch_execute("BEGIN").await.unwrap();
+    drop(d);
+    c.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
+    assert_eq!(c.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get::<_, i64>(0), 1);
+    verified(&s).await;
+}

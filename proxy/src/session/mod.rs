@@ -79,6 +79,8 @@ struct Request {
     rfq_sent: bool,
     writes: bool,
     hash_rows: bool,
+    /// Chorus's own request: its replies are compared and never reach the client.
+    internal: bool,
     /// Parameter types the client may see per Describe of a statement (Chorus adds its own).
     trims: VecDeque<Option<u16>>,
     /// The request's first frame, for log lines.
@@ -552,6 +554,7 @@ impl Session {
                 // The real waker is registered when poll_events asks again.
                 waker: &waker,
                 allow_unsafe: self.shared.cfg.unsafe_statements == UnsafeStatements::Allow,
+                idle: self.pending.is_empty(),
             };
             let d = self.router.next(&mut self.cbuf, &self.client_codec, &mut ctx, &mut self.next_seq)?;
             let Some(d) = d else { return Ok(()) };
@@ -573,6 +576,7 @@ impl Session {
                     return Ok(());
                 }
                 Dispatch::Terminate => return Err(End::Quiet),
+                Dispatch::Reply(bytes) => self.forward_static(bytes),
                 Dispatch::Send { bytes, targets, request } => {
                     if targets == 0 {
                         return Err(
@@ -594,11 +598,12 @@ impl Session {
                             targets: r.targets,
                             remaining: r.targets,
                             primary: None,
-                            primary_done: false,
+                            primary_done: r.internal,
                             forwarded: 0,
-                            rfq_sent: false,
+                            rfq_sent: r.internal,
                             writes: r.writes,
                             hash_rows: r.hash_rows,
+                            internal: r.internal,
                             trims: r.trims.into(),
                             sql: r.sql,
                             retry: r.retry,
@@ -758,6 +763,9 @@ impl Session {
     /// Whether connection `i` is (or now becomes) the primary of the oldest request.
     fn claim_primary(&mut self, i: usize) -> bool {
         let Some(req) = self.pending.front_mut() else { return false };
+        if req.internal {
+            return false;
+        }
         if req.primary.is_none() && may_lead(req, &self.conns, i) {
             req.primary = Some(i);
         }

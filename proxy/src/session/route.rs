@@ -39,6 +39,8 @@ pub struct RouteCtx<'a> {
     pub locks: &'a mut LockOwner,
     pub waker: &'a Waker,
     pub allow_unsafe: bool,
+    /// No request is in flight: a reply Chorus writes itself is in order.
+    pub idle: bool,
 }
 
 /// A statement the session prepared: how it routes, and what Chorus adds at each Bind.
@@ -104,6 +106,8 @@ pub struct NewRequest {
     pub ddl: bool,
     /// Per Describe of a statement in it: how many parameter types the client may see.
     pub trims: Vec<Option<u16>>,
+    /// Chorus's own (a BEGIN it already answered): compared, never forwarded.
+    pub internal: bool,
 }
 
 pub enum Dispatch {
@@ -112,6 +116,8 @@ pub enum Dispatch {
     /// The next unit writes and its analysis needs the catalog, which is being (re)loaded.
     NeedsCatalog,
     Terminate,
+    /// Answer the client directly; nothing goes to the backends (yet).
+    Reply(Bytes),
     Send {
         bytes: Bytes,
         targets: u64,
@@ -129,6 +135,8 @@ pub struct Router {
     tx_time: Option<String>,
     /// The session's default isolation is REPEATABLE READ or SERIALIZABLE.
     strict_default: bool,
+    /// A plain BEGIN the client was already told about, sent with the next unit.
+    deferred_begin: Option<Bytes>,
     barrier: Barrier,
     /// An error the next write gets instead of running (deadlock victim, lock timeout).
     fail_next: Option<(&'static str, String)>,
@@ -157,6 +165,25 @@ impl Router {
         let Some((tag, len)) = codec.peek(cbuf)? else {
             return Ok(None);
         };
+        if let Some(begin) = self.deferred_begin.take() {
+            if tag == TERMINATE {
+                return Ok(Some(Dispatch::Terminate)); // the backends never saw the transaction
+            }
+            // The BEGIN goes first, in the same write as what follows it.
+            let seq = take_seq(next_seq);
+            let request = NewRequest {
+                seq,
+                targets: alive,
+                writes: false,
+                sql: begin.clone(),
+                retry: None,
+                hash_rows: false,
+                ddl: false,
+                trims: Vec::new(),
+                internal: true,
+            };
+            return Ok(Some(Dispatch::Send { bytes: begin, targets: alive, request: Some(request) }));
+        }
         if let Some(copy) = &mut self.copy {
             if matches!(tag, COPY_DATA | COPY_DONE | COPY_FAIL | SYNC | FLUSH) {
                 let targets = copy.targets & alive;
@@ -198,6 +225,13 @@ impl Router {
             QUERY => {
                 let sql = message::query_sql(&cbuf[5..len])?;
                 let class = classify(sql);
+                if ctx.idle && !self.tx_open && self.batch.is_none() && is_plain_begin(sql) {
+                    // Nothing happens on a server between BEGIN and the next statement: answer it
+                    // now and send it along with that statement, saving a round trip.
+                    self.deferred_begin = Some(cbuf.split_to(len).freeze());
+                    self.apply_tx(class);
+                    return Ok(Some(Dispatch::Reply(Bytes::from_static(BEGIN_REPLY))));
+                }
                 // Reads and session statements need no analysis: the fast path.
                 if class.writes && ctx.catalog.is_none() && ctx.wait_for_catalog && self.fail_next.is_none() {
                     return Ok(Some(Dispatch::NeedsCatalog));
@@ -415,6 +449,7 @@ impl Router {
                 hash_rows,
                 ddl,
                 trims: Vec::new(),
+                internal: false,
             }),
         }
     }
@@ -649,7 +684,7 @@ impl Router {
                 };
                 let retry = (synced && targets.count_ones() == 1 && read && !self.tx_open).then(|| bytes.clone());
                 let hash_rows = hash_rows && has_bind && class.writes;
-                (seq, Some(NewRequest { seq, targets, writes: class.writes, sql, retry, hash_rows, ddl, trims }))
+                (seq, Some(NewRequest { seq, targets, writes: class.writes, sql, retry, hash_rows, ddl, trims, internal: false }))
             }
         };
         self.batch = if synced { None } else { Some(OpenBatch { seq, targets }) };
@@ -741,6 +776,22 @@ impl Router {
     }
 }
 
+/// CommandComplete "BEGIN" and ReadyForQuery in a transaction.
+static BEGIN_REPLY: &[u8] = b"C\0\0\0\x0aBEGIN\0Z\0\0\0\x05T";
+
+/// `BEGIN`, `BEGIN WORK` or `BEGIN TRANSACTION`, nothing else (no options, no other statement).
+fn is_plain_begin(sql: &[u8]) -> bool {
+    let mut words = sql.split(|b| b.is_ascii_whitespace() || *b == b';').filter(|w| !w.is_empty());
+    let first = words.next();
+    let second = words.next();
+    if words.next().is_some() || !first.is_some_and(|w| w.eq_ignore_ascii_case(b"begin")) {
+        return false;
+    }
+    // Only whitespace and one trailing ';' may surround the words.
+    sql.iter().filter(|&&b| b == b';').count() <= 1
+        && second.is_none_or(|w| w.eq_ignore_ascii_case(b"work") || w.eq_ignore_ascii_case(b"transaction"))
+}
+
 /// The statement a deadlock victim's backends run instead of its own.
 fn deadlock_statement() -> String {
     metrics::counter!("chorus_deadlocks_total").increment(1);
@@ -761,6 +812,24 @@ fn parse_type_count(body: &[u8]) -> usize {
         i += 1;
     }
     body.get(i..i + 2).map(|b| i16::from_be_bytes([b[0], b[1]]).max(0) as usize).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_plain_begin_is_answered_early() {
+        for yes in ["BEGIN", "begin;", "  BEGIN TRANSACTION ;", "Begin Work"] {
+            assert!(is_plain_begin(yes.as_bytes()), "{yes}");
+        }
+        for no in
+            ["BEGIN ISOLATION LEVEL SERIALIZABLE", "BEGIN; SELECT 1", "BEGIN;;", "START TRANSACTION", "BEGIN READ ONLY", "begun"]
+        {
+            assert!(!is_plain_begin(no.as_bytes()), "{no}");
+        }
+        assert_eq!(BEGIN_REPLY.len(), 11 + 6);
+    }
 }
 
 fn take_seq(next: &mut u64) -> u64 {
