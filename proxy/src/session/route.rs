@@ -814,6 +814,12 @@ fn parse_type_count(body: &[u8]) -> usize {
     body.get(i..i + 2).map(|b| i16::from_be_bytes([b[0], b[1]]).max(0) as usize).unwrap_or(0)
 }
 
+fn take_seq(next: &mut u64) -> u64 {
+    let s = *next;
+    *next += 1;
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -830,10 +836,4 @@ mod tests {
         }
         assert_eq!(BEGIN_REPLY.len(), 11 + 6);
     }
-}
-
-fn take_seq(next: &mut u64) -> u64 {
-    let s = *next;
-    *next += 1;
-    s
 }
