@@ -349,8 +349,7 @@ async fn pgbench_history_three_backends() {
 }
 
 /// Every refused construct gets 0A000 naming it and the setting; with "allow" it runs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_constructs() {
+async fn refused_constructs(n: usize) {
     let setup = "CREATE TABLE r (id int PRIMARY KEY, v float8); INSERT INTO r SELECT g, 0 FROM generate_series(1, 5) g; \
                  CREATE TABLE s (id serial PRIMARY KEY, v float8); CREATE TABLE w (id int PRIMARY KEY, u uuid DEFAULT gen_random_uuid())";
     let refused = [
@@ -362,7 +361,7 @@ async fn refused_constructs() {
         ("DELETE FROM r WHERE ctid = '(0,1)'", "ctid"),
         ("SELECT * FROM r FOR UPDATE SKIP LOCKED", "SKIP LOCKED"),
     ];
-    let s = Setup::new(2).await;
+    let s = Setup::new(n).await;
     let c = s.client().await;
     c.batch_execute(setup).await.unwrap();
     for (sql, construct) in refused {
@@ -386,7 +385,7 @@ async fn refused_constructs() {
 
     // With "allow" they run. What they do may differ per backend: that is the documented risk,
     // and verify is how an operator finds out.
-    let s = Setup::with(2, ChorusOptions { extra: "unsafe_statements = \"allow\"".into(), ..ChorusOptions::default() }).await;
+    let s = Setup::with(n, ChorusOptions { extra: "unsafe_statements = \"allow\"".into(), ..ChorusOptions::default() }).await;
     let c = s.client().await;
     c.batch_execute(setup).await.unwrap();
     // The ones that change values per backend go last: a locking read of differing rows
@@ -399,17 +398,26 @@ async fn refused_constructs() {
     assert!(out.contains("equal    postgres.public.s"), "{out}");
 }
 
-/// Writers on distinct rows run side by side; writers on one row queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn non_conflicting_writers_run_concurrently() {
-    let s = Setup::new(2).await;
+async fn refused_constructs_two_backends() {
+    refused_constructs(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_constructs_three_backends() {
+    refused_constructs(3).await;
+}
+
+/// Writers on distinct rows run side by side; writers on one row queue.
+async fn non_conflicting_writers(n: usize) {
+    let s = Setup::new(n).await;
     let c = s.client().await;
     c.batch_execute(
         "CREATE TABLE rows (id int PRIMARY KEY, v bigint NOT NULL); INSERT INTO rows SELECT g, 0 FROM generate_series(1, 8) g",
     )
     .await
     .unwrap();
-    // Each transaction holds its row while the client thinks for 5 ms, as applications do.
+    // Each transaction holds its row while the client thinks for 10 ms, as applications do.
     let run = |distinct: bool| {
         let s = &s;
         async move {
@@ -419,7 +427,7 @@ async fn non_conflicting_writers_run_concurrently() {
                 while Instant::now() < until {
                     c.batch_execute("BEGIN").await.unwrap();
                     c.execute("UPDATE rows SET v = v + 1 WHERE id = $1", &[&id]).await.unwrap();
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     c.batch_execute("COMMIT").await.unwrap();
                     n += 1;
                 }
@@ -432,9 +440,19 @@ async fn non_conflicting_writers_run_concurrently() {
     };
     let one = run(false).await;
     let distinct = run(true).await;
-    println!("8 writers: one row {one} tx, distinct rows {distinct} tx ({:.1}x)", distinct as f64 / one as f64);
+    println!("8 writers, {n} backends: one row {one} tx, distinct rows {distinct} tx ({:.1}x)", distinct as f64 / one as f64);
     assert!(distinct >= 3 * one, "distinct rows {distinct} vs one row {one}");
     verified(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_conflicting_writers_run_concurrently_two_backends() {
+    non_conflicting_writers(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_conflicting_writers_run_concurrently_three_backends() {
+    non_conflicting_writers(3).await;
 }
 
 /// A write whose returned rows differ between backends, with equal command tags, is caught
