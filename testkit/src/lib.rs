@@ -626,5 +626,10 @@ impl ChorusProcess {
 impl Drop for ChorusProcess {
     fn drop(&mut self) {
         self.kill();
+        // CHORUS_TEST_LOGS=DIR keeps every Chorus log of a test run there, for a post-mortem.
+        if let Some(dir) = std::env::var_os("CHORUS_TEST_LOGS") {
+            let to = Path::new(&dir).join(format!("chorus-{}.log", self.port));
+            let _ = std::fs::create_dir_all(&dir).and_then(|_| std::fs::copy(self.dir.path().join("chorus.log"), to));
+        }
     }
 }

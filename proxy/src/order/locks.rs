@@ -181,9 +181,18 @@ impl LockOwner {
                 entry.waiters.push_back((self.sid, target));
             }
             let me = st.sessions.entry(self.sid).or_default();
-            me.waiting = Some(res);
+            // One queue at a time: a wait left over from an earlier attempt is withdrawn.
+            if let Some(old) = me.waiting.replace(res).filter(|&old| old != res) {
+                if let Some(e) = st.entries.get_mut(&old) {
+                    e.waiters.retain(|(s, _)| *s != self.sid);
+                }
+                drop_empty(st, old);
+                wake_waiters(st, old);
+            }
+            let me = st.sessions.entry(self.sid).or_default();
             me.waker = Some(waker.clone());
             if closes_cycle(st, self.sid) {
+                tracing::info!(sid = self.sid, ?res, ?target, state = %describe(st), "deadlock among Chorus's locks");
                 if let Some(e) = st.entries.get_mut(&res) {
                     e.waiters.retain(|(s, _)| *s != self.sid);
                 }
@@ -246,11 +255,13 @@ impl LockOwner {
         self.held.keys().any(|r| *r != Res::Global)
     }
 
-    /// Releases everything at the end of a transaction.
+    /// Releases everything at the end of a transaction, and withdraws a wait in progress (the
+    /// session asks again for its whole set, in order, from the start).
     pub fn release_all(&mut self) {
         if self.held.is_empty() {
             return;
         }
+        self.cancel_wait();
         self.held.clear();
         let mut guard = self.mgr.lock();
         let st = &mut *guard;
@@ -314,6 +325,15 @@ fn closes_cycle(st: &State, sid: Sid) -> bool {
         }
     }
     false
+}
+
+/// Holders and waiters of (at most 20) resources, for the deadlock log line.
+fn describe(st: &State) -> String {
+    let mut out = String::new();
+    for (r, e) in st.entries.iter().take(20) {
+        out.push_str(&format!("{r:?}: holders {:?} waiters {:?}; ", e.holders, e.waiters));
+    }
+    out
 }
 
 fn drop_empty(st: &mut State, res: Res) {
@@ -421,6 +441,22 @@ mod tests {
         assert_eq!(w2.acquire(&[(Res::Global, IntentExclusive)], w()), Acquire::Wait, "held back while the snapshot is taken");
         r.downgrade(Res::Global, None);
         assert_eq!(w2.acquire(&[(Res::Global, IntentExclusive)], w()), Acquire::Granted);
+    }
+
+    #[test]
+    fn releasing_while_waiting_leaves_no_stale_place_in_a_queue() {
+        let m = LockManager::default();
+        let (mut a, mut b, mut c) = (m.owner(), m.owner(), m.owner());
+        assert_eq!(b.acquire(&[(U, Exclusive)], w()), Acquire::Granted);
+        assert_eq!(a.acquire(&[(T, IntentExclusive), (U, Exclusive)], w()), Acquire::Wait);
+        // An earlier request of a's session completes: its locks go, and so does its wait.
+        a.release_all();
+        assert_eq!(c.acquire(&[(T, Exclusive)], w()), Acquire::Granted);
+        b.release_all();
+        assert_eq!(c.acquire(&[(U, Exclusive)], w()), Acquire::Granted, "no stale waiter ahead of c on U");
+        assert_eq!(a.acquire(&[(T, IntentExclusive), (U, Exclusive)], w()), Acquire::Wait);
+        c.release_all();
+        assert_eq!(a.acquire(&[(T, IntentExclusive), (U, Exclusive)], w()), Acquire::Granted);
     }
 
     #[test]
