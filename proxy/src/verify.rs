@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Login};
 use crate::config::Config;
 
 /// Session settings that make every server print rows the same way.
@@ -94,10 +94,16 @@ fn db_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> V
 
 async fn connect(host: &str, port: u16, cfg: &Config, db: &str, app: &str) -> Result<Client, tokio_postgres::Error> {
     let user = cfg.health_user();
-    let mut pg = tokio_postgres::Config::new();
-    pg.host(host).port(port).user(&user.name).password(&user.password).dbname(db).application_name(app);
-    pg.connect_timeout(cfg.connect_timeout);
-    let (client, conn) = pg.connect(NoTls).await?;
+    let login = Login {
+        host,
+        port,
+        user: &user.name,
+        password: &user.password,
+        database: db,
+        application: app,
+        timeout: cfg.connect_timeout,
+    };
+    let (client, conn) = login.config().connect(NoTls).await?;
     tokio::spawn(conn);
     Ok(client)
 }

@@ -12,6 +12,21 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 const SESSIONS: usize = 16;
+
+/// Each scenario runs once with 2 and once with 3 backends.
+macro_rules! with_two_and_three_backends {
+    ($scenario:ident, $two:ident, $three:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $two() {
+            $scenario(2).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $three() {
+            $scenario(3).await;
+        }
+    };
+}
 const RUN: Duration = Duration::from_secs(10);
 
 /// Runs `SESSIONS` workers until `RUN` has passed; each returns how many transactions it did.
@@ -35,6 +50,20 @@ where
 
 fn is(e: &tokio_postgres::Error, code: &SqlState) -> bool {
     e.code() == Some(code)
+}
+
+/// Whether a transaction committed. A deadlock in Chorus (40P01) is counted and rolled back;
+/// any other error fails the test.
+async fn committed(c: &Client, r: Result<(), tokio_postgres::Error>, deadlocks: &AtomicU64) -> bool {
+    match r {
+        Ok(()) => true,
+        Err(e) if is(&e, &SqlState::T_R_DEADLOCK_DETECTED) => {
+            deadlocks.fetch_add(1, Ordering::Relaxed);
+            c.batch_execute("ROLLBACK").await.unwrap();
+            false
+        }
+        Err(e) => panic!("unexpected error: {e:?}"),
+    }
 }
 
 async fn verified(s: &Setup) {
@@ -82,15 +111,7 @@ async fn hot_rows(n: usize) {
     verified(&s).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hot_rows_two_backends() {
-    hot_rows(2).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hot_rows_three_backends() {
-    hot_rows(3).await;
-}
+with_two_and_three_backends!(hot_rows, hot_rows_two_backends, hot_rows_three_backends);
 
 async fn bank(n: usize) {
     let s = Setup::new(n).await;
@@ -129,13 +150,8 @@ async fn bank(n: usize) {
                     }
                 }
                 .await;
-                match r {
-                    Ok(()) => n += 1,
-                    Err(e) if is(&e, &SqlState::T_R_DEADLOCK_DETECTED) => {
-                        dl.fetch_add(1, Ordering::Relaxed);
-                        c.batch_execute("ROLLBACK").await.unwrap();
-                    }
-                    Err(e) => panic!("transfer failed: {e:?}"),
+                if committed(&c, r, &dl).await {
+                    n += 1;
                 }
                 // The total is fixed and nothing is negative, seen through Chorus.
                 if n % 50 == 0 {
@@ -158,15 +174,7 @@ async fn bank(n: usize) {
     verified(&s).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bank_two_backends() {
-    bank(2).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bank_three_backends() {
-    bank(3).await;
-}
+with_two_and_three_backends!(bank, bank_two_backends, bank_three_backends);
 
 async fn ids_and_clocks(n: usize) {
     let s = Setup::new(n).await;
@@ -229,15 +237,7 @@ async fn ids_and_clocks(n: usize) {
     verified(&s).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ids_and_clocks_two_backends() {
-    ids_and_clocks(2).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ids_and_clocks_three_backends() {
-    ids_and_clocks(3).await;
-}
+with_two_and_three_backends!(ids_and_clocks, ids_and_clocks_two_backends, ids_and_clocks_three_backends);
 
 async fn opposite_order(n: usize) {
     let s = Setup::new(n).await;
@@ -258,13 +258,8 @@ async fn opposite_order(n: usize) {
                     c.batch_execute("COMMIT").await
                 }
                 .await;
-                match r {
-                    Ok(()) => n += 1,
-                    Err(e) if is(&e, &SqlState::T_R_DEADLOCK_DETECTED) => {
-                        dl.fetch_add(1, Ordering::Relaxed);
-                        c.batch_execute("ROLLBACK").await.unwrap();
-                    }
-                    Err(e) => panic!("unexpected error: {e:?}"),
+                if committed(&c, r, &dl).await {
+                    n += 1;
                 }
             }
             n
@@ -278,15 +273,7 @@ async fn opposite_order(n: usize) {
     verified(&s).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn opposite_order_two_backends() {
-    opposite_order(2).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn opposite_order_three_backends() {
-    opposite_order(3).await;
-}
+with_two_and_three_backends!(opposite_order, opposite_order_two_backends, opposite_order_three_backends);
 
 async fn visibility_race(n: usize) {
     let s = Setup::new(n).await;
@@ -312,15 +299,7 @@ async fn visibility_race(n: usize) {
     verified(&s).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn visibility_race_two_backends() {
-    visibility_race(2).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn visibility_race_three_backends() {
-    visibility_race(3).await;
-}
+with_two_and_three_backends!(visibility_race, visibility_race_two_backends, visibility_race_three_backends);
 
 async fn pgbench_with_history(n: usize) {
     let s = Setup::new(n).await;
@@ -338,15 +317,7 @@ async fn pgbench_with_history(n: usize) {
     verified(&s).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pgbench_history_two_backends() {
-    pgbench_with_history(2).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pgbench_history_three_backends() {
-    pgbench_with_history(3).await;
-}
+with_two_and_three_backends!(pgbench_with_history, pgbench_history_two_backends, pgbench_history_three_backends);
 
 /// Every refused construct gets 0A000 naming it and the setting; with "allow" it runs.
 async fn refused_constructs(n: usize) {
@@ -398,15 +369,7 @@ async fn refused_constructs(n: usize) {
     assert!(out.contains("equal    postgres.public.s"), "{out}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_constructs_two_backends() {
-    refused_constructs(2).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_constructs_three_backends() {
-    refused_constructs(3).await;
-}
+with_two_and_three_backends!(refused_constructs, refused_constructs_two_backends, refused_constructs_three_backends);
 
 /// Writers on distinct rows run side by side; writers on one row queue.
 async fn non_conflicting_writers(n: usize) {
@@ -445,15 +408,11 @@ async fn non_conflicting_writers(n: usize) {
     verified(&s).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn non_conflicting_writers_run_concurrently_two_backends() {
-    non_conflicting_writers(2).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn non_conflicting_writers_run_concurrently_three_backends() {
-    non_conflicting_writers(3).await;
-}
+with_two_and_three_backends!(
+    non_conflicting_writers,
+    non_conflicting_writers_run_concurrently_two_backends,
+    non_conflicting_writers_run_concurrently_three_backends
+);
 
 /// A write whose returned rows differ between backends, with equal command tags, is caught
 /// by the rows hash: the client sees the lead's rows, the other backend is `diverged`.

@@ -11,17 +11,44 @@ use tokio_util::sync::CancellationToken;
 use super::{Backend, BackendState, Cluster};
 use crate::config::Config;
 
+/// Where and how Chorus's own connections (health checks, catalog loads, verify) log in.
+pub struct Login<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    pub user: &'a str,
+    pub password: &'a str,
+    pub database: &'a str,
+    pub application: &'a str,
+    pub timeout: Duration,
+}
+
+impl Login<'_> {
+    pub fn config(&self) -> tokio_postgres::Config {
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(self.host)
+            .port(self.port)
+            .user(self.user)
+            .password(self.password)
+            .dbname(self.database)
+            .application_name(self.application)
+            .connect_timeout(self.timeout);
+        pg
+    }
+}
+
 /// One check: log in as the health user and run `SELECT 1` within `timeout`.
 pub async fn probe(cfg: &Config, b: &Backend, timeout: Duration) -> Result<(), String> {
     let user = cfg.health_user();
-    let mut pg = tokio_postgres::Config::new();
-    pg.host(&b.host)
-        .port(b.port)
-        .user(&user.name)
-        .password(&user.password)
-        .dbname(&cfg.health_check_database)
-        .application_name("chorus-health")
-        .connect_timeout(timeout);
+    let pg = Login {
+        host: &b.host,
+        port: b.port,
+        user: &user.name,
+        password: &user.password,
+        database: &cfg.health_check_database,
+        application: "chorus-health",
+        timeout,
+    }
+    .config();
     let check = async {
         let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
         let conn = tokio::spawn(conn);

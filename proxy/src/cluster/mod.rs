@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-pub use health::{probe, spawn_health_checks};
+pub use health::{probe, spawn_health_checks, Login};
 pub use state::{BackendState, StateRecord, StateStore};
 
 use crate::config::Config;

@@ -286,14 +286,16 @@ SELECT p.proname, max(CASE p.provolatile WHEN 'i' THEN 0 WHEN 's' THEN 1 ELSE 2 
 FROM pg_proc p GROUP BY p.proname";
 
 async fn load(t: &LoadTarget, generation: u64) -> Result<Catalog, tokio_postgres::Error> {
-    let mut pg = tokio_postgres::Config::new();
-    pg.host(&t.host)
-        .port(t.port)
-        .user(&t.user)
-        .password(&t.password)
-        .dbname(&t.database)
-        .application_name("chorus-catalog")
-        .connect_timeout(Duration::from_secs(10));
+    let pg = crate::cluster::Login {
+        host: &t.host,
+        port: t.port,
+        user: &t.user,
+        password: &t.password,
+        database: &t.database,
+        application: "chorus-catalog",
+        timeout: Duration::from_secs(10),
+    }
+    .config();
     let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
     let conn = tokio::spawn(conn);
     let res = read(&client, generation).await;

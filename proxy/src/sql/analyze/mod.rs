@@ -663,13 +663,13 @@ impl Stmt<'_> {
             if !fills.is_empty() && fills.iter().any(|(_, v)| !matches!(v, Chosen::Now(_))) {
                 self.refuse("INSERT ... SELECT into a table with a volatile default (uuid, random)");
             } else if !fills.is_empty() {
-                self.fill_defaults_select(s, rel, &cols, width, &fills);
+                self.fill_defaults(s, rel, &cols[..width.min(cols.len())], None, &fills);
             }
             self.out.tables.push((rel.oid, TableMode::Exclusive));
             return false;
         };
         if !fills.is_empty() {
-            self.fill_defaults_values(s, rel, &cols, width, rows, &fills);
+            self.fill_defaults(s, rel, &cols[..width.min(cols.len())], Some(rows), &fills);
         }
         // Unique keys of every row pin what the insert may collide with.
         if s.on_conflict_clause.is_some() || rel.complex_unique || rows.len() > 64 {
@@ -725,73 +725,37 @@ impl Stmt<'_> {
         rel.unique.iter().any(|(_, k)| k.iter().all(|c| sorted.contains(c)))
     }
 
-    /// Adds the omitted volatile-default columns to the column list and a value to every row.
-    fn fill_defaults_values(
+    /// Adds the omitted volatile-default columns to the column list, and their values to every
+    /// VALUES row or (now() only, one value for the statement) to the SELECT's target list.
+    fn fill_defaults(
         &mut self,
         s: &protobuf::InsertStmt,
         rel: &Relation,
-        cols: &[usize],
-        width: usize,
-        rows: &[Node],
+        given: &[usize],
+        rows: Option<&[Node]>,
         fills: &[(usize, Chosen)],
     ) {
-        if !self.column_list_edit(s, rel, cols, width, fills) {
+        let ends: Option<Vec<usize>> = match rows {
+            Some(rows) => rows.iter().map(|row| row_close(self.text, row)).collect(),
+            None => match s.select_stmt.as_ref().and_then(|n| n.node.as_ref()) {
+                Some(N::SelectStmt(sel)) => sel.target_list.last().and_then(|t| expr_end(self.text, t)).map(|e| vec![e]),
+                _ => None,
+            },
+        };
+        let list = s.relation.as_ref().and_then(|r| column_list_span(self.text, r.location as usize, s));
+        let (Some(ends), Some((start, end))) = (ends, list) else {
+            self.refuse("an INSERT Chorus cannot extend with a volatile default");
             return;
-        }
-        for row in rows {
-            let Some(close) = row_close(self.text, row) else {
-                self.refuse("a VALUES row Chorus cannot extend with a volatile default");
-                return;
-            };
+        };
+        // The full column list: the given columns, then the filled ones.
+        let names: Vec<String> =
+            given.iter().chain(fills.iter().map(|(c, _)| c)).map(|&c| quote_ident(&rel.columns[c].name)).collect();
+        self.out.edits.push(Edit { start, end, prefix: format!(" ({})", names.join(", ")), value: None, suffix: " " });
+        for at in ends {
             for &(_, v) in fills {
-                self.out.edits.push(Edit { start: close, end: close, prefix: ", ".into(), value: Some(v), suffix: "" });
+                self.out.edits.push(Edit { start: at, end: at, prefix: ", ".into(), value: Some(v), suffix: "" });
             }
         }
-    }
-
-    fn fill_defaults_select(
-        &mut self,
-        s: &protobuf::InsertStmt,
-        rel: &Relation,
-        cols: &[usize],
-        width: usize,
-        fills: &[(usize, Chosen)],
-    ) {
-        // Only now() reaches here: one value for the whole statement, added to the target list.
-        let Some(N::SelectStmt(sel)) = s.select_stmt.as_ref().and_then(|n| n.node.as_ref()) else { return };
-        let Some(last) = sel.target_list.last() else { return };
-        let Some(end) = expr_end(self.text, last) else {
-            self.refuse("an INSERT ... SELECT Chorus cannot extend with a volatile default");
-            return;
-        };
-        if !self.column_list_edit(s, rel, cols, width, fills) {
-            return;
-        }
-        for &(_, v) in fills {
-            self.out.edits.push(Edit { start: end, end, prefix: ", ".into(), value: Some(v), suffix: "" });
-        }
-    }
-
-    /// Writes the full column list (the given columns, then the filled ones).
-    fn column_list_edit(
-        &mut self,
-        s: &protobuf::InsertStmt,
-        rel: &Relation,
-        cols: &[usize],
-        width: usize,
-        fills: &[(usize, Chosen)],
-    ) -> bool {
-        let Some(r) = &s.relation else { return false };
-        let names: Vec<String> =
-            cols.iter().take(width).chain(fills.iter().map(|(c, _)| c)).map(|&c| quote_ident(&rel.columns[c].name)).collect();
-        let list = format!(" ({})", names.join(", "));
-        // Replace from the end of the table name (and alias) to the start of VALUES/SELECT.
-        let Some((start, end)) = column_list_span(self.text, r.location as usize, s) else {
-            self.refuse("an INSERT Chorus cannot extend with a volatile default");
-            return false;
-        };
-        self.out.edits.push(Edit { start, end, prefix: list, value: None, suffix: " " });
-        true
     }
 
     /// UPDATE or DELETE: key locks when the WHERE pins one row by a unique key.
