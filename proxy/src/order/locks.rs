@@ -58,7 +58,7 @@ impl Mode {
     }
 
     /// The weakest mode that covers both.
-    fn join(self, other: Mode) -> Mode {
+    pub(crate) fn join(self, other: Mode) -> Mode {
         if self.covers(other) {
             self
         } else if other.covers(self) {
@@ -118,11 +118,6 @@ impl LockManager {
         let sid = st.next_sid;
         st.sessions.insert(sid, SessionLocks::default());
         LockOwner { mgr: self.clone(), sid, held: HashMap::new() }
-    }
-
-    /// How many locks are held in all (tests and status).
-    pub fn held_count(&self) -> usize {
-        self.lock().entries.values().map(|e| e.holders.len()).sum()
     }
 
     /// Whether anybody holds or waits for anything.

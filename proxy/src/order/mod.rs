@@ -78,7 +78,7 @@ pub fn lock_set(a: &Analysis, db: u32, bind: Option<&BindView<'_>>, out: &mut Ve
     let mut merged: Vec<(Res, Mode)> = Vec::with_capacity(tables.len());
     for &(r, m) in tables.iter() {
         match merged.last_mut() {
-            Some((lr, lm)) if *lr == r => *lm = join(*lm, m),
+            Some((lr, lm)) if *lr == r => *lm = lm.join(m),
             _ => merged.push((r, m)),
         }
     }
@@ -91,14 +91,6 @@ pub fn lock_set(a: &Analysis, db: u32, bind: Option<&BindView<'_>>, out: &mut Ve
     seqs.sort_unstable();
     seqs.dedup();
     out.extend(seqs.into_iter().map(|oid| (Res::Sequence { db, oid }, Mode::Exclusive)));
-}
-
-fn join(a: Mode, b: Mode) -> Mode {
-    match (a, b) {
-        (x, y) if x == y => x,
-        (Mode::IntentShared, y) | (y, Mode::IntentShared) => y,
-        _ => Mode::Exclusive,
-    }
 }
 
 /// The canonical text of a bound key value, or None when Chorus cannot compare it.

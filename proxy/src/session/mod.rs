@@ -414,8 +414,7 @@ impl Session {
                 Acquire::Wait => {}
                 Acquire::Granted => ev.token = true,
                 Acquire::Deadlock => {
-                    metrics::counter!("chorus_deadlocks_total").increment(1);
-                    self.router.fail_next("40P01", "deadlock detected by Chorus: this transaction waited for a lock held by a transaction that waits for it; it was rolled back".into());
+                    self.router.deadlocked();
                     ev.token = true;
                 }
             }
@@ -539,16 +538,13 @@ impl Session {
             }
             self.refresh_conns()?;
             let alive = self.alive_mask();
-            let catalog = if self.ddl_open { self.catalog.last() } else { self.catalog.get() };
-            if catalog.is_none() && !self.ddl_open {
-                self.shared.catalogs.refresh(&self.catalog, self.load_target.clone());
-            }
             let mut ctx = RouteCtx {
                 alive,
                 conns: &self.conns,
                 policy: self.shared.cfg.read_policy,
-                catalog,
-                wait_for_catalog: !self.ddl_open,
+                catalog_slot: &self.catalog,
+                ddl_open: self.ddl_open,
+                catalog_cache: None,
                 db: self.catalog.id,
                 locks: &mut self.locks,
                 // The real waker is registered when poll_events asks again.

@@ -22,7 +22,7 @@ use crate::protocol::message::{
 };
 use crate::protocol::{FrameCodec, ProtocolError};
 use crate::sql::analyze::{analyze_cached, analyze_query_cached, Analysis, Chosen};
-use crate::sql::catalog::Catalog;
+use crate::sql::catalog::{Catalog, CatalogSlot};
 use crate::sql::rewrite::{self, CopyFiller, Values};
 use crate::sql::{classify, Class, Isolation, TxEffect};
 
@@ -31,16 +31,30 @@ pub struct RouteCtx<'a> {
     pub alive: u64,
     pub conns: &'a [BackendConn],
     pub policy: ReadPolicy,
-    pub catalog: Option<Arc<Catalog>>,
-    /// Without a catalog, a write waits for one (false inside the session's own DDL
-    /// transaction, which holds the cluster-wide lock and analyses with what it has).
-    pub wait_for_catalog: bool,
+    pub catalog_slot: &'a CatalogSlot,
+    /// The session's own DDL transaction is open: it analyses with the last catalog loaded
+    /// (it holds the cluster-wide lock) and never waits for a reload.
+    pub ddl_open: bool,
+    /// The catalog, read from the slot at the first write that needs it (reads never do).
+    pub catalog_cache: Option<Option<Arc<Catalog>>>,
     pub db: u32,
     pub locks: &'a mut LockOwner,
     pub waker: &'a Waker,
     pub allow_unsafe: bool,
     /// No request is in flight: a reply Chorus writes itself is in order.
     pub idle: bool,
+}
+
+impl RouteCtx<'_> {
+    fn catalog(&mut self) -> Option<Arc<Catalog>> {
+        let (slot, ddl_open) = (self.catalog_slot, self.ddl_open);
+        self.catalog_cache.get_or_insert_with(|| if ddl_open { slot.last() } else { slot.get() }).clone()
+    }
+
+    /// A write must wait: it needs the catalog, which is being (re)loaded.
+    fn must_wait_for_catalog(&mut self) -> bool {
+        !self.ddl_open && self.catalog().is_none()
+    }
 }
 
 /// A statement the session prepared: how it routes, and what Chorus adds at each Bind.
@@ -225,7 +239,7 @@ impl Router {
             QUERY => {
                 let sql = message::query_sql(&cbuf[5..len])?;
                 let class = classify(sql);
-                if ctx.idle && !self.tx_open && self.batch.is_none() && is_plain_begin(sql) {
+                if class.tx == TxEffect::Begin && ctx.idle && !self.tx_open && self.batch.is_none() && is_plain_begin(sql) {
                     // Nothing happens on a server between BEGIN and the next statement: answer it
                     // now and send it along with that statement, saving a round trip.
                     self.deferred_begin = Some(cbuf.split_to(len).freeze());
@@ -233,10 +247,10 @@ impl Router {
                     return Ok(Some(Dispatch::Reply(Bytes::from_static(BEGIN_REPLY))));
                 }
                 // Reads and session statements need no analysis: the fast path.
-                if class.writes && ctx.catalog.is_none() && ctx.wait_for_catalog && self.fail_next.is_none() {
+                if class.writes && self.fail_next.is_none() && ctx.must_wait_for_catalog() {
                     return Ok(Some(Dispatch::NeedsCatalog));
                 }
-                let plan = class.writes.then(|| analyze_query_cached(sql, ctx.catalog.as_deref()));
+                let plan = class.writes.then(|| analyze_query_cached(sql, ctx.catalog().as_deref()));
                 Ok(Some(self.standalone(cbuf, len, class, plan, ctx, next_seq)))
             }
             FUNCTION_CALL => {
@@ -261,6 +275,12 @@ impl Router {
     /// The next write fails with this error instead of running.
     pub fn fail_next(&mut self, code: &'static str, message: String) {
         self.fail_next = Some((code, message));
+    }
+
+    /// The session's wait for locks closed a cycle: its unit fails with 40P01.
+    pub fn deadlocked(&mut self) {
+        metrics::counter!("chorus_deadlocks_total").increment(1);
+        self.fail_next = Some(("40P01", DEADLOCK.into()));
     }
 
     /// The values for one execution: the transaction's timestamp (new per statement outside
@@ -335,64 +355,47 @@ impl Router {
         ctx: &mut RouteCtx<'_>,
         next_seq: &mut u64,
     ) -> Dispatch {
-        let mut class = plan.as_ref().map_or(lexical, |a| a.class);
-        let mut replacement: Option<String> = None;
-        let (mut hash_rows, mut ddl) = (false, false);
+        let class = plan.as_ref().map_or(lexical, |a| a.class);
         let barrier = self.wants_barrier(class);
-        if plan.is_none() && barrier {
-            match self.lock(&[], true, ctx) {
-                Ok(Acquire::Granted) => {}
-                Ok(Acquire::Wait) => return Dispatch::NeedsLocks,
-                Ok(Acquire::Deadlock) | Err(_) => replacement = Some(deadlock_statement()),
-            }
-        }
-        if let Some(a) = &plan {
-            if let Some(e) = self.refusal(a, ctx) {
-                replacement = Some(e);
-            } else if a.class.writes || barrier {
-                match self.fail_next.take() {
-                    Some((code, msg)) => replacement = Some(rewrite::error_statement(code, &msg)),
-                    None => match self.lock(&[(a, None)], barrier, ctx) {
-                        Ok(Acquire::Granted) => {}
+        let write = plan.as_deref().filter(|a| a.class.writes);
+        let mut replacement = plan.as_ref().and_then(|a| self.refusal(a, ctx));
+        if replacement.is_none() && (write.is_some() || barrier) {
+            replacement = match self.fail_next.take() {
+                Some((code, msg)) => Some(rewrite::error_statement(code, &msg)),
+                None => {
+                    let plans: Vec<(&Analysis, Option<&[u8]>)> = write.map(|a| (a, None)).into_iter().collect();
+                    match self.lock(&plans, barrier, ctx) {
+                        Ok(Acquire::Granted) => None,
                         Ok(Acquire::Wait) => return Dispatch::NeedsLocks,
-                        Ok(Acquire::Deadlock) | Err(_) => replacement = Some(deadlock_statement()),
-                    },
-                }
-            }
-            if replacement.is_none() && !a.edits.is_empty() {
-                if let Ok(text) = std::str::from_utf8(message::query_sql(&cbuf[5..len]).unwrap_or_default()) {
-                    let values = self.values();
-                    let sql = rewrite::with_literals(text, &a.edits, &values);
-                    let mut buf = BytesMut::with_capacity(sql.len() + 6);
-                    message::query_msg(&mut buf, &sql);
-                    cbuf.advance(len);
-                    let filler = a.copy_fill.as_ref().map(|(f, v)| CopyFiller::new(f.clone(), v.clone(), values.clone()));
-                    let seq = *next_seq;
-                    let d = self.send_query(buf.freeze(), class, a.hash_rows, a.ddl, filler, ctx, next_seq);
-                    if barrier {
-                        self.barrier = Barrier::Held(seq);
+                        Ok(Acquire::Deadlock) | Err(_) => Some(deadlock_statement()),
                     }
-                    return d;
                 }
-            }
-            hash_rows = a.hash_rows;
-            ddl = a.ddl;
+            };
         }
         if let Some(sql) = replacement {
             // Every backend fails the same way; nothing of the original statement runs.
-            class = Class::SESSION;
             let mut buf = BytesMut::new();
             message::query_msg(&mut buf, &sql);
             cbuf.advance(len);
-            return self.send_query(buf.freeze(), class, false, false, None, ctx, next_seq);
+            return self.send_query(buf.freeze(), Class::SESSION, false, false, None, false, ctx, next_seq);
         }
-        let bytes = cbuf.split_to(len).freeze();
-        let seq = *next_seq;
-        let d = self.send_query(bytes, class, hash_rows, ddl, None, ctx, next_seq);
-        if barrier {
-            self.barrier = Barrier::Held(seq);
-        }
-        d
+        let Some(a) = plan else {
+            let bytes = cbuf.split_to(len).freeze();
+            return self.send_query(bytes, class, false, false, None, barrier, ctx, next_seq);
+        };
+        let text =
+            std::str::from_utf8(message::query_sql(&cbuf[5..len]).unwrap_or_default()).ok().filter(|_| !a.edits.is_empty());
+        let (bytes, filler) = match text {
+            Some(text) => {
+                let values = self.values();
+                let mut buf = BytesMut::new();
+                message::query_msg(&mut buf, &rewrite::with_literals(text, &a.edits, &values));
+                cbuf.advance(len);
+                (buf.freeze(), a.copy_fill.as_ref().map(|(f, v)| CopyFiller::new(f.clone(), v.clone(), values)))
+            }
+            None => (cbuf.split_to(len).freeze(), None),
+        };
+        self.send_query(bytes, class, a.hash_rows, a.ddl, filler, barrier, ctx, next_seq)
     }
 
     /// The 0A000 error statement for a refused construct, unless configured to allow it.
@@ -420,6 +423,7 @@ impl Router {
         hash_rows: bool,
         ddl: bool,
         mut filler: Option<CopyFiller>,
+        barrier: bool,
         ctx: &RouteCtx<'_>,
         next_seq: &mut u64,
     ) -> Dispatch {
@@ -432,6 +436,9 @@ impl Router {
         };
         let seq = take_seq(next_seq);
         self.apply_tx(class);
+        if barrier {
+            self.barrier = Barrier::Held(seq);
+        }
         if class.copy_in {
             self.copy = Some(CopyIn { seq, targets, extended: false, ended: false, filler: filler.take() });
         }
@@ -455,13 +462,13 @@ impl Router {
     }
 
     /// How a Parse's statement routes and what Chorus adds to it; its rewritten text if any.
-    fn prepare(&self, body: &[u8], ctx: &RouteCtx<'_>) -> Result<(Prepared, Option<String>), ProtocolError> {
+    fn prepare(&self, body: &[u8], ctx: &mut RouteCtx<'_>) -> Result<(Prepared, Option<String>), ProtocolError> {
         let (_, sql) = message::parse_fields(body)?;
         let lexical = classify(sql);
         if !lexical.writes {
             return Ok((Prepared { class: lexical, analysis: None, base: 0, extra: Arc::from([]) }, None));
         }
-        let a = analyze_cached(sql, ctx.catalog.as_deref());
+        let a = analyze_cached(sql, ctx.catalog().as_deref());
         let declared = parse_type_count(body);
         let base = a.max_param.max(declared);
         let mut rewritten = None;
@@ -506,7 +513,7 @@ impl Router {
             match tag {
                 PARSE => {
                     let (name, sql) = message::parse_fields(body)?;
-                    if ctx.catalog.is_none() && ctx.wait_for_catalog && self.fail_next.is_none() && classify(sql).writes {
+                    if self.fail_next.is_none() && classify(sql).writes && ctx.must_wait_for_catalog() {
                         return Ok(Some(Dispatch::NeedsCatalog));
                     }
                     let (p, rewritten) = self.prepare(body, ctx)?;
@@ -629,7 +636,7 @@ impl Router {
             cbuf.advance(off);
             let mut buf = BytesMut::new();
             message::query_msg(&mut buf, &sql);
-            return Ok(Some(self.send_query(buf.freeze(), Class::SESSION, false, false, None, ctx, next_seq)));
+            return Ok(Some(self.send_query(buf.freeze(), Class::SESSION, false, false, None, false, ctx, next_seq)));
         }
         // A Parse without Bind prepares for later use: every backend must have it.
         if has_parse && !has_bind {
@@ -795,11 +802,11 @@ fn is_plain_begin(sql: &[u8]) -> bool {
 /// The statement a deadlock victim's backends run instead of its own.
 fn deadlock_statement() -> String {
     metrics::counter!("chorus_deadlocks_total").increment(1);
-    rewrite::error_statement(
-        "40P01",
-        "deadlock detected by Chorus: this transaction waited for a lock held by a transaction that waits for it; it was rolled back",
-    )
+    rewrite::error_statement("40P01", DEADLOCK)
 }
+
+const DEADLOCK: &str =
+    "deadlock detected by Chorus: this transaction waited for a lock held by a transaction that waits for it; it was rolled back";
 
 /// How many parameter types a Parse declares.
 fn parse_type_count(body: &[u8]) -> usize {

@@ -196,7 +196,6 @@ pub struct LoadTarget {
 #[derive(Default)]
 pub struct Catalogs {
     slots: Mutex<HashMap<String, Arc<CatalogSlot>>>,
-    loads: AtomicU64,
 }
 
 impl Catalogs {
@@ -206,17 +205,12 @@ impl Catalogs {
         slots.entry(database.to_string()).or_insert_with(|| Arc::new(CatalogSlot { id, ..CatalogSlot::default() })).clone()
     }
 
-    /// How many loads have completed (for tests and metrics).
-    pub fn loads(&self) -> u64 {
-        self.loads.load(Ordering::Relaxed)
-    }
-
     /// Starts a background load of `slot` unless it is current or already loading.
-    pub fn refresh(self: &Arc<Self>, slot: &Arc<CatalogSlot>, target: LoadTarget) {
+    pub fn refresh(&self, slot: &Arc<CatalogSlot>, target: LoadTarget) {
         if !slot.needs_load() || slot.loading.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (slot, me) = (slot.clone(), self.clone());
+        let slot = slot.clone();
         tokio::spawn(async move {
             loop {
                 let gen = slot.generation.load(Ordering::Acquire);
@@ -226,7 +220,6 @@ impl Catalogs {
                         if let Ok(mut cur) = slot.current.write() {
                             *cur = Some(Arc::new(cat));
                         }
-                        me.loads.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("chorus_catalog_loads_total").increment(1);
                         *slot.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     }

@@ -91,12 +91,6 @@ pub struct Analysis {
     pub copy_fill: Option<(CopyFormat, Vec<Chosen>)>,
 }
 
-impl Analysis {
-    pub fn needs_locks(&self) -> bool {
-        self.class.writes
-    }
-}
-
 /// Analyses by statement text, with the catalog generation they were made under.
 type Cache = HashMap<Box<[u8]>, (u64, Arc<Analysis>)>;
 
