@@ -13,7 +13,8 @@ command -v psql >/dev/null || need+=(postgresql-client)
 command -v pgbench >/dev/null || need+=(postgresql-contrib)
 command -v pg_config >/dev/null || need+=(libpq-dev)
 command -v cc >/dev/null || need+=(build-essential)
-compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null || compgen -G "/usr/lib/*/libclang*.so*" >/dev/null || need+=(libclang-dev)
+# bindgen loads libclang.so itself (libclang-dev); libclang-cpp, often present alone, is not it.
+compgen -G "/usr/lib/llvm-*/lib/libclang.so" >/dev/null || need+=(libclang-dev)
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}" >&2
   SUDO=""; [[ $(id -u) == 0 ]] || SUDO="sudo"
