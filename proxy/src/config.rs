@@ -94,6 +94,9 @@ impl BackendConfig {
     }
 }
 
+/// Backends a cluster can know, configured and joined (a session's connections fit a u64 mask).
+pub const MAX_BACKENDS: usize = 64;
+
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -142,6 +145,17 @@ pub struct Config {
     /// Threads serving clients; 0 picks one per core.
     #[serde(default)]
     pub worker_threads: usize,
+    /// Directories holding pg_dump, pg_restore and psql of each PostgreSQL major version the
+    /// joins may need (Chorus asks each `pg_dump --version`); empty: the usual Debian places
+    /// (`/usr/lib/postgresql/*/bin`) and PATH.
+    #[serde(default)]
+    pub pg_tools: Vec<PathBuf>,
+    /// Parallel jobs of pg_dump and pg_restore during a join.
+    #[serde(default = "defaults::join_jobs")]
+    pub join_jobs: usize,
+    /// How long a join may pause new writes at detach and attach before it gives up.
+    #[serde(default = "defaults::join_pause_timeout", deserialize_with = "duration")]
+    pub join_pause_timeout: Duration,
     #[serde(default)]
     pub auth: AuthConfig,
     #[serde(default)]
@@ -192,6 +206,12 @@ mod defaults {
         Duration::from_secs(5)
     }
     pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn join_jobs() -> usize {
+        2
+    }
+    pub fn join_pause_timeout() -> Duration {
         Duration::from_secs(30)
     }
     pub fn lock_timeout() -> Duration {
@@ -299,8 +319,11 @@ impl Config {
         if self.max_message_size < 1024 {
             return bad("max_message_size must be at least 1024 bytes".into());
         }
-        if self.backends.len() > 64 {
-            return bad("at most 64 backends are supported".into());
+        if self.backends.len() > MAX_BACKENDS {
+            return bad(format!("at most {MAX_BACKENDS} backends are supported"));
+        }
+        if self.join_jobs == 0 {
+            return bad("join_jobs must be at least 1".into());
         }
         for (key, d) in [
             ("login_timeout", self.login_timeout),

@@ -25,6 +25,8 @@ pub enum SessionError {
     IdleInTransaction(std::time::Duration),
     #[error("replication connections are not supported through Chorus")]
     Replication,
+    #[error("terminating connection: a backend joined the cluster and this session holds {0}, which Chorus cannot copy to it; reconnect")]
+    Unmovable(&'static str),
     /// The client went away or its socket failed: nothing can be told to it.
     #[error("client connection: {0}")]
     ClientIo(#[from] std::io::Error),
@@ -46,6 +48,7 @@ impl SessionError {
             SessionError::NoBackend(_) => "08006",
             SessionError::IdleInTransaction(_) => "25P03",
             SessionError::Replication => "0A000",
+            SessionError::Unmovable(_) => "57P01",
             SessionError::ClientIo(_) | SessionError::Terminated => return None,
         })
     }

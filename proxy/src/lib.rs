@@ -6,11 +6,14 @@
 //! `fanout` holds the backend connections and compares their outcomes; `cluster` owns the
 //! backends' states. `verify` compares the backends' data at a quiesced point.
 
+pub mod admin;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod difflog;
 pub mod error;
 pub mod fanout;
+pub mod join;
 pub mod order;
 pub mod protocol;
 pub mod server;

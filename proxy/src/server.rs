@@ -26,6 +26,9 @@ pub struct Shared {
     pub order: WriteOrder,
     pub catalogs: Arc<Catalogs>,
     pub cancels: Arc<CancelRegistry>,
+    /// The diff log of the join under way, which sessions append their units to.
+    pub difflog: crate::difflog::Slot,
+    pub joins: crate::join::Joins,
     /// Cancelled when Chorus starts shutting down.
     pub stop: CancellationToken,
     verifiers: HashMap<String, Verifier>,
@@ -33,6 +36,11 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Client connections open now.
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
     pub fn verifier(&self, user: &str) -> Option<&Verifier> {
         self.verifiers.get(user)
     }
@@ -51,14 +59,17 @@ pub enum StartError {
 pub struct Server {
     shared: Arc<Shared>,
     listener: TcpListener,
+    admin: Option<TcpListener>,
 }
 
 impl Server {
     /// Opens the cluster state, binds the listener and checks that a backend answers.
     pub async fn start(cfg: Config) -> Result<Server, StartError> {
         let cfg = Arc::new(cfg);
+        // Before anything records a metric: handles taken earlier would go nowhere.
+        crate::admin::metrics_handle();
         let cluster = Arc::new(Cluster::open(&cfg)?);
-        let in_sync: Vec<_> = cluster.in_sync().cloned().collect();
+        let in_sync = cluster.in_sync();
         if in_sync.is_empty() {
             let states: Vec<String> = cluster.backends().iter().map(|b| format!("{} is {}", b.name, b.state())).collect();
             return Err(StartError::NoBackend(states.join(", ")));
@@ -79,6 +90,16 @@ impl Server {
         // Listen only once the backends are checked: a client that can connect is served.
         let listener =
             TcpListener::bind(&cfg.listen).await.map_err(|source| StartError::Listen { addr: cfg.listen.clone(), source })?;
+        let admin = if cfg.admin_token.is_empty() {
+            tracing::warn!("admin API off: set admin_token (or CHORUS_ADMIN_TOKEN) to enable it and /metrics");
+            None
+        } else {
+            Some(
+                TcpListener::bind(&cfg.admin_listen)
+                    .await
+                    .map_err(|source| StartError::Listen { addr: cfg.admin_listen.clone(), source })?,
+            )
+        };
         let verifiers = cfg.users.iter().map(|u| (u.name.clone(), Verifier::from_password(&u.password))).collect();
         let shared = Arc::new(Shared {
             cfg,
@@ -86,15 +107,21 @@ impl Server {
             order: WriteOrder::default(),
             catalogs: Arc::new(Catalogs::default()),
             cancels: Arc::new(CancelRegistry::default()),
+            difflog: Default::default(),
+            joins: Default::default(),
             stop: CancellationToken::new(),
             verifiers,
             clients: AtomicUsize::new(0),
         });
-        Ok(Server { shared, listener })
+        Ok(Server { shared, listener, admin })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -104,7 +131,11 @@ impl Server {
     /// Serves clients until `shutdown` completes, then stops accepting, lets open
     /// transactions finish for up to `shutdown_timeout`, and returns.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let Server { shared, listener } = self;
+        let Server { shared, listener, admin } = self;
+        if let Some(l) = admin {
+            tracing::info!(listen = %shared.cfg.admin_listen, "admin API ready");
+            tokio::spawn(crate::admin::serve(shared.clone(), l));
+        }
         let tracker = TaskTracker::new();
         let workers = match Workers::start(shared.cfg.threads()) {
             Ok(w) => w,

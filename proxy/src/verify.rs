@@ -108,15 +108,62 @@ async fn connect(host: &str, port: u16, cfg: &Config, db: &str, app: &str) -> Re
     Ok(client)
 }
 
-/// Runs verify against the Chorus described by `cfg` (its listen address and backends).
+/// Runs verify against the Chorus described by `cfg` (its listen address and backends), from
+/// outside the proxy: the pause goes through Chorus.
 pub async fn run(cfg: &Config, databases: &[String]) -> Result<Report, VerifyError> {
     let cluster = Cluster::open(cfg).map_err(|e| VerifyError::Setup(e.to_string()))?;
-    let backends: Vec<_> = cluster.in_sync().cloned().collect();
-    if backends.is_empty() {
-        return Err(VerifyError::Setup("no backend is in sync".into()));
-    }
+    let backends = cluster.in_sync();
+    let snaps = prepare(cfg, &backends, databases).await?;
     let (host, port) = split_listen(&cfg.listen)?;
-    let lead = &backends[0];
+    // The quiesced point: hold the cluster-wide write lock through Chorus while snapshots start.
+    let proxy =
+        connect(&host, port, cfg, &cfg.health_check_database, "chorus-verify").await.map_err(db_err("connect through Chorus"))?;
+    let started = Instant::now();
+    proxy
+        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(7302611)")
+        .await
+        .map_err(db_err("take the cluster-wide write lock through Chorus"))?;
+    let paused = Instant::now();
+    let begun = snaps.begin().await;
+    let commit = proxy.batch_execute("COMMIT").await;
+    let pause = paused.elapsed();
+    begun?;
+    commit.map_err(db_err("release the write lock"))?;
+    tracing::info!(waited = ?(paused - started), paused = ?pause, "verify snapshots taken");
+    snaps.finish(pause).await
+}
+
+/// Runs verify inside the proxy (the admin API): the pause is the write order's own.
+pub async fn run_live(shared: &crate::server::Shared, databases: &[String]) -> Result<Report, VerifyError> {
+    let backends = shared.cluster.in_sync();
+    let snaps = prepare(&shared.cfg, &backends, databases).await?;
+    let Some(pause) = shared.order.pause(shared.cfg.lock_timeout).await else {
+        return Err(VerifyError::Setup(format!("writes did not pause within lock_timeout ({:?})", shared.cfg.lock_timeout)));
+    };
+    let paused = Instant::now();
+    let begun = snaps.begin().await;
+    drop(pause);
+    let held = paused.elapsed();
+    begun?;
+    snaps.finish(held).await
+}
+
+/// One connection per (database, backend), each about to open its snapshot.
+pub struct Snapshots {
+    names: Vec<String>,
+    snaps: Vec<(String, String, Client)>,
+}
+
+/// Connects to every database of every backend in `backends` (all databases that accept
+/// connections when `databases` is empty), before any pause, so the pause stays short.
+pub async fn prepare(
+    cfg: &Config,
+    backends: &[std::sync::Arc<crate::cluster::Backend>],
+    databases: &[String],
+) -> Result<Snapshots, VerifyError> {
+    let Some(lead) = backends.first() else {
+        return Err(VerifyError::Setup("no backend is in sync".into()));
+    };
     let dbs: Vec<String> = if databases.is_empty() {
         let c = connect(&lead.host, lead.port, cfg, &cfg.health_check_database, "chorus-verify")
             .await
@@ -130,10 +177,9 @@ pub async fn run(cfg: &Config, databases: &[String]) -> Result<Report, VerifyErr
     } else {
         databases.to_vec()
     };
-    // Open one snapshot connection per (database, backend) before the pause, so the pause is short.
     let mut snaps: Vec<(String, String, Client)> = Vec::new();
     for db in &dbs {
-        for b in &backends {
+        for b in backends {
             let c = connect(&b.host, b.port, cfg, db, "chorus-verify")
                 .await
                 .map_err(db_err(format!("connect to {} database {db}", b.name)))?;
@@ -141,50 +187,47 @@ pub async fn run(cfg: &Config, databases: &[String]) -> Result<Report, VerifyErr
             snaps.push((db.clone(), b.name.clone(), c));
         }
     }
-    // The quiesced point: hold the cluster-wide write lock through Chorus while snapshots start.
-    let proxy =
-        connect(&host, port, cfg, &cfg.health_check_database, "chorus-verify").await.map_err(db_err("connect through Chorus"))?;
-    let started = Instant::now();
-    proxy
-        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(7302611)")
-        .await
-        .map_err(db_err("take the cluster-wide write lock through Chorus"))?;
-    let paused = Instant::now();
-    let begins = futures::future::join_all(
-        snaps.iter().map(|(_, _, c)| c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")),
-    )
-    .await;
-    let commit = proxy.batch_execute("COMMIT").await;
-    let pause = paused.elapsed();
-    for r in begins {
-        r.map_err(db_err("open a snapshot"))?;
-    }
-    commit.map_err(db_err("release the write lock"))?;
-    tracing::info!(waited = ?(paused - started), paused = ?pause, "verify snapshots taken");
-    // Checksums, every backend in parallel, table by table.
-    let sums = futures::future::join_all(snaps.iter().map(|(db, b, c)| async move {
-        let r = checksums(c).await;
-        (db.clone(), b.clone(), r)
-    }))
-    .await;
-    let mut report = Report { pause, ..Report::default() };
-    for (db, b, r) in sums {
-        let r = r.map_err(db_err(format!("checksums on {b} database {db}")))?;
-        let tables = report.databases.entry(db.clone()).or_default();
-        for (t, sum) in &r {
-            tables.entry(t.clone()).or_default().insert(b.clone(), Some(sum.clone()));
+    Ok(Snapshots { names: backends.iter().map(|b| b.name.clone()).collect(), snaps })
+}
+
+impl Snapshots {
+    /// Opens every snapshot at once; call while writes are paused.
+    pub async fn begin(&self) -> Result<(), VerifyError> {
+        let begins = futures::future::join_all(
+            self.snaps.iter().map(|(_, _, c)| c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")),
+        )
+        .await;
+        for r in begins {
+            r.map_err(db_err("open a snapshot"))?;
         }
+        Ok(())
     }
-    // A table that some backend lacks is unequal.
-    let names: Vec<String> = backends.iter().map(|b| b.name.clone()).collect();
-    for tables in report.databases.values_mut() {
-        for per in tables.values_mut() {
-            for n in &names {
-                per.entry(n.clone()).or_insert(None);
+
+    /// Computes the checksums in the snapshots, every backend in parallel, table by table.
+    pub async fn finish(self, pause: Duration) -> Result<Report, VerifyError> {
+        let sums = futures::future::join_all(self.snaps.iter().map(|(db, b, c)| async move {
+            let r = checksums(c).await;
+            (db.clone(), b.clone(), r)
+        }))
+        .await;
+        let mut report = Report { pause, ..Report::default() };
+        for (db, b, r) in sums {
+            let r = r.map_err(db_err(format!("checksums on {b} database {db}")))?;
+            let tables = report.databases.entry(db.clone()).or_default();
+            for (t, sum) in &r {
+                tables.entry(t.clone()).or_default().insert(b.clone(), Some(sum.clone()));
             }
         }
+        // A table that some backend lacks is unequal.
+        for tables in report.databases.values_mut() {
+            for per in tables.values_mut() {
+                for n in &self.names {
+                    per.entry(n.clone()).or_insert(None);
+                }
+            }
+        }
+        Ok(report)
     }
-    Ok(report)
 }
 
 async fn checksums(c: &Client) -> Result<BTreeMap<String, Sum>, tokio_postgres::Error> {

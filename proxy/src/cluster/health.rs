@@ -1,4 +1,4 @@
-//! Health checks: connect and `SELECT 1` on every in-sync backend at an interval.
+//! Health checks: connect and `SHOW server_version` on every in-sync backend at an interval.
 //!
 //! A backend that fails `health_check_failures` checks in a row leaves as `down`. Sessions find
 //! failures on their own connections faster; this catches a backend nobody is using.
@@ -36,7 +36,7 @@ impl Login<'_> {
     }
 }
 
-/// One check: log in as the health user and run `SELECT 1` within `timeout`.
+/// One check: log in as the health user and read the server's version within `timeout`.
 pub async fn probe(cfg: &Config, b: &Backend, timeout: Duration) -> Result<(), String> {
     let user = cfg.health_user();
     let pg = Login {
@@ -52,7 +52,17 @@ pub async fn probe(cfg: &Config, b: &Backend, timeout: Duration) -> Result<(), S
     let check = async {
         let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
         let conn = tokio::spawn(conn);
-        let res = client.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| e.to_string());
+        let res = match client.simple_query("SHOW server_version").await {
+            Ok(msgs) => {
+                for m in msgs {
+                    if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                        b.set_version(r.get(0).unwrap_or_default().to_string());
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        };
         drop(client);
         let _ = conn.await;
         res
@@ -65,7 +75,13 @@ pub async fn probe(cfg: &Config, b: &Backend, timeout: Duration) -> Result<(), S
 
 pub fn spawn_health_checks(cfg: Arc<Config>, cluster: Arc<Cluster>, stop: CancellationToken) {
     for b in cluster.backends().iter().cloned() {
-        let (cfg, cluster, stop) = (cfg.clone(), cluster.clone(), stop.clone());
+        spawn_health_check(cfg.clone(), cluster.clone(), b, stop.clone());
+    }
+}
+
+/// The health check of one backend (also started for a backend that joins).
+pub fn spawn_health_check(cfg: Arc<Config>, cluster: Arc<Cluster>, b: Arc<Backend>, stop: CancellationToken) {
+    {
         tokio::spawn(async move {
             let mut failures = 0u32;
             let mut tick = tokio::time::interval(cfg.health_check_interval);

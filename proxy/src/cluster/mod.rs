@@ -1,20 +1,23 @@
-//! The cluster: every configured backend with its state, the one place states change.
+//! The cluster: every backend with its state, the one place states change.
 //!
 //! Sessions read a backend's state on every request (an atomic load); changes go through
-//! `Cluster::set_state`, which also writes them to the data directory (G8) before anybody
-//! can observe them, so a restart never brings back a backend that had left.
+//! `Cluster::set_state` or `Cluster::eject`, which also write them to the data directory (G8)
+//! before anybody can observe them, so a restart never brings back a backend that had left.
+//! The list of backends grows when a join adds one; it is replaced whole (copy on write), so
+//! readers take a cheap snapshot and never hold a lock. Every change of the in-sync set bumps
+//! the membership epoch, which tells sessions to pick up backends that joined.
 
 mod health;
 mod state;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
-pub use health::{probe, spawn_health_checks, Login};
+pub use health::{probe, spawn_health_check, spawn_health_checks, Login};
 pub use state::{BackendState, StateRecord, StateStore};
 
-use crate::config::Config;
+use crate::config::{Config, MAX_BACKENDS};
 
 /// One backend server as the cluster knows it.
 #[derive(Debug)]
@@ -29,6 +32,13 @@ pub struct Backend {
     reason: Mutex<String>,
     /// Requests in flight on this backend across all sessions; reads go to the least busy.
     pub inflight: AtomicU32,
+    /// False while a joined backend awaits its check against the lead: it takes writes but
+    /// never answers a client.
+    serves_reads: AtomicBool,
+    /// Joined through the admin API rather than configured.
+    pub added: bool,
+    /// The server's version as its last health check read it.
+    version: Mutex<String>,
 }
 
 impl Backend {
@@ -45,6 +55,41 @@ impl Backend {
     pub fn reason(&self) -> String {
         self.reason.lock().map(|r| r.clone()).unwrap_or_default()
     }
+
+    pub fn version(&self) -> String {
+        self.version.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    pub fn set_version(&self, v: String) {
+        if let Ok(mut g) = self.version.lock() {
+            *g = v;
+        }
+    }
+
+    #[inline]
+    pub fn serves_reads(&self) -> bool {
+        self.serves_reads.load(Ordering::Acquire)
+    }
+
+    pub fn set_serves_reads(&self, yes: bool) {
+        self.serves_reads.store(yes, Ordering::Release);
+    }
+
+    fn new(idx: usize, name: &str, host: &str, port: u16, state: BackendState, reason: String, added: bool) -> Backend {
+        Backend {
+            idx,
+            name: name.to_string(),
+            host: host.to_string(),
+            port,
+            addr: format!("{host}:{port}"),
+            state: AtomicU8::new(state as u8),
+            reason: Mutex::new(reason),
+            inflight: AtomicU32::new(0),
+            serves_reads: AtomicBool::new(true),
+            added,
+            version: Mutex::new(String::new()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,72 +100,131 @@ pub enum ClusterError {
     StateFile { path: PathBuf, message: String },
     #[error("no backend named {0:?}")]
     NoSuchBackend(String),
+    #[error("a backend named {0:?} exists already")]
+    Exists(String),
+    #[error("at most {MAX_BACKENDS} backends are supported")]
+    TooMany,
+}
+
+/// A state saved in the middle of a join that Chorus did not live to finish: the newcomer
+/// never attached and the donor's copy is behind (its diff log died with the process).
+fn interrupted(r: &StateRecord) -> (BackendState, String) {
+    match r.state {
+        BackendState::Joining => (BackendState::Down, "its join was interrupted by a restart of Chorus".into()),
+        BackendState::Detached => (
+            BackendState::NeedsRebuild,
+            "it was a join's donor when Chorus stopped; its copy is behind: bring it back with a join".into(),
+        ),
+        s => (s, r.reason.clone()),
+    }
 }
 
 pub struct Cluster {
-    backends: Vec<Arc<Backend>>,
+    backends: RwLock<Arc<Vec<Arc<Backend>>>>,
     store: Mutex<StateStore>,
+    epoch: AtomicU64,
 }
 
 impl Cluster {
     /// Loads the backends from the config and their states from the data directory. Without a
     /// state file every backend starts in sync (the operator vouches that they are identical);
-    /// a backend added to the config later starts `down` until it is brought in.
+    /// a backend added to the config later starts `down` until it is brought in. Backends
+    /// that joined through the admin API come from the state file.
     pub fn open(cfg: &Config) -> Result<Cluster, ClusterError> {
         let store = StateStore::open(&cfg.data_dir)?;
         let saved = store.load()?;
         let first_start = saved.is_none();
         let saved = saved.unwrap_or_default();
-        let backends: Vec<Arc<Backend>> = cfg
-            .backends
-            .iter()
-            .enumerate()
-            .map(|(idx, b)| {
-                let (state, reason) = match saved.get(&b.name) {
-                    Some(r) => (r.state, r.reason.clone()),
-                    None if first_start => (BackendState::InSync, String::new()),
-                    None => (
-                        BackendState::Down,
-                        "added to the configuration after the cluster was formed; bring it in with a join".to_string(),
-                    ),
-                };
-                Arc::new(Backend {
-                    idx,
-                    name: b.name.clone(),
-                    host: b.host.clone(),
-                    port: b.port,
-                    addr: b.addr(),
-                    state: AtomicU8::new(state as u8),
-                    reason: Mutex::new(reason),
-                    inflight: AtomicU32::new(0),
-                })
-            })
-            .collect();
-        let cluster = Cluster { backends, store: Mutex::new(store) };
+        let mut backends: Vec<Arc<Backend>> = Vec::new();
+        for b in &cfg.backends {
+            let (state, reason) = match saved.get(&b.name) {
+                Some(r) => interrupted(r),
+                None if first_start => (BackendState::InSync, String::new()),
+                None => (
+                    BackendState::Down,
+                    "added to the configuration after the cluster was formed; bring it in with a join".to_string(),
+                ),
+            };
+            backends.push(Arc::new(Backend::new(backends.len(), &b.name, &b.host, b.port, state, reason, false)));
+        }
+        for (name, r) in &saved {
+            if let (Some((host, port)), false) = (&r.address, cfg.backends.iter().any(|b| &b.name == name)) {
+                let (state, reason) = interrupted(r);
+                backends.push(Arc::new(Backend::new(backends.len(), name, host, *port, state, reason, true)));
+            }
+        }
+        if backends.len() > MAX_BACKENDS {
+            return Err(ClusterError::TooMany);
+        }
+        let cluster = Cluster { backends: RwLock::new(Arc::new(backends)), store: Mutex::new(store), epoch: AtomicU64::new(0) };
         cluster.persist()?;
+        cluster.publish_states();
         Ok(cluster)
     }
 
-    pub fn backends(&self) -> &[Arc<Backend>] {
-        &self.backends
+    /// A snapshot of every backend, in priority order.
+    pub fn backends(&self) -> Arc<Vec<Arc<Backend>>> {
+        match self.backends.read() {
+            Ok(b) => b.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
     }
 
-    pub fn backend(&self, name: &str) -> Option<&Arc<Backend>> {
-        self.backends.iter().find(|b| b.name == name)
+    pub fn backend(&self, name: &str) -> Option<Arc<Backend>> {
+        self.backends().iter().find(|b| b.name == name).cloned()
     }
 
-    pub fn in_sync(&self) -> impl Iterator<Item = &Arc<Backend>> {
-        self.backends.iter().filter(|b| b.is_in_sync())
+    pub fn in_sync(&self) -> Vec<Arc<Backend>> {
+        self.backends().iter().filter(|b| b.is_in_sync()).cloned().collect()
     }
 
     pub fn in_sync_count(&self) -> usize {
-        self.in_sync().count()
+        self.backends().iter().filter(|b| b.is_in_sync()).count()
+    }
+
+    /// Changes whenever a backend enters the in-sync set.
+    #[inline]
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Adds a backend that joins through the admin API (state `joining`), or reuses the entry
+    /// of a known one that is out of the in-sync set (a `down` backend is brought back the same
+    /// way).
+    pub fn add(&self, name: &str, host: &str, port: u16) -> Result<Arc<Backend>, ClusterError> {
+        let b = {
+            let mut guard = self.backends.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(b) = guard.iter().find(|b| b.name == name) {
+                if b.state() == BackendState::InSync || b.state() == BackendState::Joining || b.state() == BackendState::Detached
+                {
+                    return Err(ClusterError::Exists(name.to_string()));
+                }
+                if b.host != host || b.port != port {
+                    return Err(ClusterError::Exists(format!("{name} (at {}; remove it first or use that address)", b.addr)));
+                }
+                b.state.store(BackendState::Joining as u8, Ordering::Release);
+                b.clone()
+            } else {
+                if guard.len() >= MAX_BACKENDS {
+                    return Err(ClusterError::TooMany);
+                }
+                let b = Arc::new(Backend::new(guard.len(), name, host, port, BackendState::Joining, String::new(), true));
+                let mut list = (**guard).clone();
+                list.push(b.clone());
+                *guard = Arc::new(list);
+                b
+            }
+        };
+        b.set_serves_reads(false);
+        self.set_state(name, BackendState::Joining, "joining")?;
+        Ok(b)
     }
 
     /// Takes an in-sync backend out of the in-sync set. Returns false when it had already left
     /// (another session got there first), so only one log line and one metric per ejection.
     pub fn eject(&self, idx: usize, to: BackendState, reason: &str) -> bool {
-        let Some(b) = self.backends.get(idx) else {
+        let list = self.backends();
+        let Some(b) = list.get(idx) else {
             return false;
         };
         if b.state.compare_exchange(BackendState::InSync as u8, to as u8, Ordering::AcqRel, Ordering::Acquire).is_err() {
@@ -134,22 +238,52 @@ impl Cluster {
         if let Err(e) = self.persist() {
             tracing::error!(error = %e, "could not record backend state; it holds in memory until restart");
         }
+        self.publish_states();
         true
     }
 
-    /// Sets a backend's state by operator decision (the `chorus set-state` command).
+    /// Sets a backend's state: by operator decision (the `chorus set-state` command), or by a
+    /// join or removal. Entering the in-sync set bumps the membership epoch.
     pub fn set_state(&self, name: &str, to: BackendState, reason: &str) -> Result<(), ClusterError> {
         let b = self.backend(name).ok_or_else(|| ClusterError::NoSuchBackend(name.to_string()))?;
-        b.state.store(to as u8, Ordering::Release);
+        let was = BackendState::from_u8(b.state.swap(to as u8, Ordering::AcqRel));
         if let Ok(mut r) = b.reason.lock() {
             *r = reason.to_string();
         }
-        self.persist()
+        if to == BackendState::InSync && was != BackendState::InSync {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        if was != to {
+            tracing::info!(backend = %name, from = %was, to = %to, %reason, "backend state changed");
+        }
+        let r = self.persist();
+        self.publish_states();
+        r
+    }
+
+    /// One gauge per backend and state, 1 for the state it is in.
+    fn publish_states(&self) {
+        for b in self.backends().iter() {
+            let now = b.state();
+            for s in BackendState::ALL {
+                metrics::gauge!("chorus_backend_state", "backend" => b.name.clone(), "state" => s.as_str()).set(if s == now {
+                    1.0
+                } else {
+                    0.0
+                });
+            }
+        }
     }
 
     fn persist(&self) -> Result<(), ClusterError> {
-        let records =
-            self.backends.iter().map(|b| (b.name.clone(), StateRecord { state: b.state(), reason: b.reason() })).collect();
+        let records = self
+            .backends()
+            .iter()
+            .map(|b| {
+                let address = b.added.then(|| (b.host.clone(), b.port));
+                (b.name.clone(), StateRecord { state: b.state(), reason: b.reason(), address })
+            })
+            .collect();
         let store = self
             .store
             .lock()

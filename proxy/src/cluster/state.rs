@@ -19,6 +19,9 @@ pub enum BackendState {
     Diverged = 3,
     Detached = 4,
     Removed = 5,
+    /// A donor whose join failed in a way that its copy cannot be trusted: only a join
+    /// brings it back.
+    NeedsRebuild = 6,
 }
 
 impl BackendState {
@@ -29,7 +32,8 @@ impl BackendState {
             2 => BackendState::Down,
             3 => BackendState::Diverged,
             4 => BackendState::Detached,
-            _ => BackendState::Removed,
+            5 => BackendState::Removed,
+            _ => BackendState::NeedsRebuild,
         }
     }
 
@@ -41,20 +45,22 @@ impl BackendState {
             BackendState::Diverged => "diverged",
             BackendState::Detached => "detached",
             BackendState::Removed => "removed",
+            BackendState::NeedsRebuild => "needs_rebuild",
         }
     }
 
+    pub const ALL: [BackendState; 7] = [
+        BackendState::Joining,
+        BackendState::InSync,
+        BackendState::Down,
+        BackendState::Diverged,
+        BackendState::Detached,
+        BackendState::Removed,
+        BackendState::NeedsRebuild,
+    ];
+
     pub fn parse(s: &str) -> Option<BackendState> {
-        [
-            BackendState::Joining,
-            BackendState::InSync,
-            BackendState::Down,
-            BackendState::Diverged,
-            BackendState::Detached,
-            BackendState::Removed,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == s)
+        BackendState::ALL.into_iter().find(|st| st.as_str() == s)
     }
 }
 
@@ -69,6 +75,9 @@ pub struct StateRecord {
     pub state: BackendState,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// Set for a backend that joined through the admin API and is not in the config file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<(String, u16)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -132,8 +141,11 @@ mod tests {
         let store = StateStore::open(dir.path()).unwrap();
         assert_eq!(store.load().unwrap(), None);
         let mut m = BTreeMap::new();
-        m.insert("pg1".to_string(), StateRecord { state: BackendState::InSync, reason: String::new() });
-        m.insert("pg2".to_string(), StateRecord { state: BackendState::Diverged, reason: "UPDATE 1 vs UPDATE 2".into() });
+        m.insert("pg1".to_string(), StateRecord { state: BackendState::InSync, reason: String::new(), address: None });
+        m.insert(
+            "pg2".to_string(),
+            StateRecord { state: BackendState::Diverged, reason: "UPDATE 1 vs UPDATE 2".into(), address: Some(("h".into(), 5)) },
+        );
         store.save(&m).unwrap();
         assert_eq!(store.load().unwrap(), Some(m));
         let text = std::fs::read_to_string(store.path()).unwrap();
@@ -142,7 +154,7 @@ mod tests {
 
     #[test]
     fn names_and_numbers_agree() {
-        for v in 0..6u8 {
+        for v in 0..7u8 {
             let s = BackendState::from_u8(v);
             assert_eq!(s as u8, v);
             assert_eq!(BackendState::parse(s.as_str()), Some(s));

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -139,6 +139,62 @@ pub async fn connect(
         Ok(r) => r,
         Err(_) => Err(LoginError::Io(format!("no login within {timeout:?}"))),
     }
+}
+
+/// Runs requests on a connection that no session drives (a session's new backend before it
+/// joins the session, a join's replay) and returns each one's outcome. Every request must end
+/// in exactly one ReadyForQuery: a Query with what follows it (COPY data), or extended messages
+/// up to a Sync. They are written at once and answered in order.
+pub async fn run_requests(conn: &mut BackendConn, requests: &[(&[u8], bool)], timeout: Duration) -> Result<Vec<Outcome>, String> {
+    let fut = async {
+        let mut codec = FrameCodec::new((1 << 30) + 1024);
+        // One write for the lot: one packet where it fits, not one per request.
+        let total: usize = requests.iter().map(|(f, _)| f.len()).sum();
+        let mut all = BytesMut::with_capacity(total);
+        for (frames, _) in requests {
+            all.extend_from_slice(frames);
+        }
+        conn.stream.write_all(&all).await.map_err(|e| format!("write failed: {e}"))?;
+        let mut out = Vec::with_capacity(requests.len());
+        let mut o = Outcome::new();
+        while out.len() < requests.len() {
+            let f = read_frame(&mut conn.stream, &mut conn.rbuf, &mut codec).await.map_err(|e| e.to_string())?;
+            if f.tag == message::ERROR_RESPONSE {
+                let e = message::error_fields(f.body());
+                if e.severity == "FATAL" || e.severity == "PANIC" {
+                    return Err(format!("backend ended the connection: {} {}", e.code, e.message));
+                }
+            }
+            if message::is_async_backend_message(f.tag) {
+                continue;
+            }
+            o.record(f.tag, f.body());
+            if f.tag == message::DATA_ROW && requests[out.len()].1 {
+                o.hash_row(f.body());
+            }
+            if f.tag == message::READY_FOR_QUERY {
+                out.push(std::mem::replace(&mut o, Outcome::new()));
+            }
+        }
+        Ok(out)
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no complete answer within {timeout:?}")),
+    }
+}
+
+/// Rebuilds session state on a connection: settings and statements, errors ignored (they
+/// failed the same way where the session made them).
+pub async fn run_script(conn: &mut BackendConn, frames: &[Bytes], timeout: Duration) -> Result<(), String> {
+    let reqs: Vec<(&[u8], bool)> = frames.iter().map(|f| (&f[..], false)).collect();
+    let outcomes = run_requests(conn, &reqs, timeout).await?;
+    for (o, f) in outcomes.iter().zip(frames) {
+        if o.error.is_some() {
+            tracing::debug!(outcome = %o, frame = ?f.first().map(|&t| t as char), "restoring session state: a statement failed");
+        }
+    }
+    Ok(())
 }
 
 async fn read_frame(stream: &mut TcpStream, rbuf: &mut BytesMut, codec: &mut FrameCodec) -> Result<Frame, LoginError> {

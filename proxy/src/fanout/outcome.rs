@@ -40,6 +40,11 @@ impl Outcome {
         Outcome { tags_hash: FNV_OFFSET, ..Default::default() }
     }
 
+    /// The last command tag seen ("COMMIT", "UPDATE 1", ...).
+    pub fn last_tag(&self) -> &[u8] {
+        &self.last_tag[..self.last_tag_len as usize]
+    }
+
     /// Adds a returned row to the rows hash (only for writes whose rows are compared).
     #[inline]
     pub fn hash_row(&mut self, body: &[u8]) {

@@ -27,6 +27,24 @@ impl WriteOrder {
     pub fn owner(&self) -> LockOwner {
         self.locks.owner()
     }
+
+    /// Holds every write back: takes the cluster-wide resource exclusively, which waits for
+    /// every write transaction in flight to complete on every backend (strict two-phase
+    /// locking) and queues new ones behind it. Writes resume when the returned owner drops.
+    /// Joins detach and attach backends under it; None when `timeout` passed first.
+    pub async fn pause(&self, timeout: std::time::Duration) -> Option<LockOwner> {
+        let mut owner = self.owner();
+        let want = [(Res::Global, Mode::Exclusive)];
+        let wait = std::future::poll_fn(|cx| match owner.acquire(&want, cx.waker()) {
+            Acquire::Wait => std::task::Poll::Pending,
+            // Holding nothing, the pause cannot close a cycle; Deadlock is not expected.
+            Acquire::Granted | Acquire::Deadlock => std::task::Poll::Ready(()),
+        });
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(()) if owner.holds_any() => Some(owner),
+            _ => None, // dropping the owner withdraws its place in the queue
+        }
+    }
 }
 
 /// Appends the locks a write needs to `out`, in a fixed order: the cluster-wide resource,

@@ -23,6 +23,8 @@ pub const COPY_DONE: u8 = b'c';
 pub const COPY_FAIL: u8 = b'f';
 pub const TERMINATE: u8 = b'X';
 pub const PASSWORD: u8 = b'p';
+/// A whole Sync message.
+pub const SYNC_MSG: &[u8] = b"S\0\0\0\x04";
 
 // Backend tags.
 pub const AUTHENTICATION: u8 = b'R';

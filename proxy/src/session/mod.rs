@@ -15,6 +15,7 @@
 mod cancel;
 mod route;
 mod startup;
+mod state;
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -35,6 +36,7 @@ use route::{Dispatch, RouteCtx, Router};
 
 use crate::cluster::BackendState;
 use crate::config::{CommitAck, UnsafeStatements};
+use crate::difflog::Record;
 use crate::error::SessionError;
 use crate::fanout::{self, vote, BackendConn, LoginError, Outcome};
 use crate::order::{Acquire, LockOwner};
@@ -88,6 +90,7 @@ struct Request {
     /// The whole request, kept when a single backend serves a read so another can retry it.
     retry: Option<Bytes>,
     first_done_at: Option<Instant>,
+    sent_at: Instant,
 }
 
 /// A future that completes when something a session waits for may have happened.
@@ -167,8 +170,30 @@ pub struct Session {
     shutting_down: bool,
     requests_one: metrics::Counter,
     requests_all: metrics::Counter,
+    errors: metrics::Counter,
+    latency: metrics::Histogram,
+    bytes_in: metrics::Counter,
+    bytes_out: metrics::Counter,
     _cancel: cancel::CancelGuard,
+    /// Unique per session: its records in the diff log carry it.
+    id: u64,
+    /// How to log in as this client on a backend that joins (startup parameters as sent).
+    params: Vec<(String, String)>,
+    settings: state::Settings,
+    unit: state::Unit,
+    /// The diff log this session has written its Open record to.
+    log_opened: u64,
+    /// The cluster membership this session's connections reflect.
+    epoch: u64,
+    /// Backends entered the in-sync set: the session connects to them at its next idle point
+    /// and routes nothing until then.
+    membership_wait: bool,
+    upgrade_due: bool,
+    /// The epoch an open transaction was told about (its next write fails with 40001).
+    stale_epoch: u64,
 }
+
+static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Serves one client connection from its first byte to its last.
 pub async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
@@ -182,7 +207,11 @@ pub async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), client.write_all(&buf)).await;
             return;
         }
-        Ok(Ok(Some((conns, guard, target)))) => Session::new(client, shared, conns, guard, target),
+        Ok(Ok(Some((conns, guard, target, params, epoch)))) => {
+            let mut s = Session::new(client, shared, conns, guard, target, params);
+            s.epoch = epoch;
+            s
+        }
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tell_and_close(&mut client, &e).await;
@@ -202,10 +231,9 @@ async fn tell_and_close(client: &mut TcpStream, e: &SessionError) {
 }
 
 /// Startup, authentication and backend logins. None for a cancel request.
-async fn login(
-    client: &mut TcpStream,
-    shared: &Arc<Shared>,
-) -> Result<Option<(Vec<BackendConn>, cancel::CancelGuard, LoadTarget)>, SessionError> {
+type LoggedIn = (Vec<BackendConn>, cancel::CancelGuard, LoadTarget, Vec<(String, String)>, u64);
+
+async fn login(client: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<LoggedIn>, SessionError> {
     let Some(params) = startup::read_startup(client, shared).await? else {
         return Ok(None);
     };
@@ -214,7 +242,9 @@ async fn login(
     }
     let st = startup::authenticate(client, shared, params).await?;
     let password = shared.cfg.user(&st.user).map(|u| u.password.clone()).unwrap_or_default();
-    let in_sync: Vec<_> = shared.cluster.in_sync().cloned().collect();
+    // Read before the in-sync set: a backend joining in between is picked up at the first request.
+    let epoch = shared.cluster.epoch();
+    let in_sync = shared.cluster.in_sync();
     if in_sync.is_empty() {
         return Err(SessionError::NoBackend("every backend is out of the in-sync set".into()));
     }
@@ -270,7 +300,7 @@ async fn login(
     let database = st.params.iter().find(|(k, _)| k == "database").map(|(_, v)| v.clone()).unwrap_or_else(|| st.user.clone());
     let lead = &conns[0].backend;
     let target = LoadTarget { host: lead.host.clone(), port: lead.port, user: st.user.clone(), password, database };
-    Ok(Some((conns, guard, target)))
+    Ok(Some((conns, guard, target, st.params, epoch)))
 }
 
 impl Session {
@@ -280,6 +310,7 @@ impl Session {
         conns: Vec<BackendConn>,
         cancel: cancel::CancelGuard,
         target: LoadTarget,
+        params: Vec<(String, String)>,
     ) -> Session {
         let locks = shared.order.owner();
         let catalog = shared.catalogs.slot(&target.database);
@@ -311,7 +342,20 @@ impl Session {
             shutting_down: false,
             requests_one: metrics::counter!("chorus_requests_total", "fanout" => "one"),
             requests_all: metrics::counter!("chorus_requests_total", "fanout" => "all"),
+            errors: metrics::counter!("chorus_request_errors_total"),
+            latency: metrics::histogram!("chorus_request_duration_seconds"),
+            bytes_in: metrics::counter!("chorus_client_bytes_total", "direction" => "in"),
+            bytes_out: metrics::counter!("chorus_client_bytes_total", "direction" => "out"),
             _cancel: cancel,
+            id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
+            params,
+            settings: state::Settings::default(),
+            unit: state::Unit::default(),
+            log_opened: 0,
+            epoch: 0,
+            membership_wait: false,
+            upgrade_due: false,
+            stale_epoch: 0,
             shared,
         }
     }
@@ -320,6 +364,11 @@ impl Session {
         metrics::gauge!("chorus_sessions").increment(1.0);
         let end = self.event_loop().await;
         metrics::gauge!("chorus_sessions").decrement(1.0);
+        if let Some(log) = self.shared.difflog.current().filter(|l| l.id == self.log_opened) {
+            let mut b = BytesMut::new();
+            Record::Close { session: self.id }.encode(&mut b);
+            log.append(&b, 0);
+        }
         if let End::Error(e) = &end {
             if let Some(code) = e.sqlstate() {
                 tracing::info!(sqlstate = code, error = %e, "ending session");
@@ -353,7 +402,73 @@ impl Session {
             if let Err(end) = self.handle(ev) {
                 return end;
             }
+            if self.upgrade_due {
+                self.upgrade_due = false;
+                if let Err(end) = self.join_new_backends().await {
+                    return end;
+                }
+                // Route what waited for the new connections.
+                if let Err(end) = self.on_client_data() {
+                    return end;
+                }
+                self.flush_run();
+            }
         }
+    }
+
+    /// Opens connections to backends that entered the in-sync set since this session logged
+    /// in, and gives them the session's settings and named statements. Runs at an idle point
+    /// (no request in flight, no transaction open on the backends), so the new backends start
+    /// with exactly what the others hold.
+    async fn join_new_backends(&mut self) -> Result<(), End> {
+        let epoch = self.shared.cluster.epoch();
+        let fresh: Vec<_> = self
+            .shared
+            .cluster
+            .in_sync()
+            .into_iter()
+            .filter(|b| !self.conns.iter().any(|c| c.alive && c.backend.idx == b.idx))
+            .collect();
+        if !fresh.is_empty() {
+            if let Some(why) = self.settings.unmovable {
+                return Err(SessionError::Unmovable(why).into());
+            }
+        }
+        let mut restore = self.settings.restore_frames(self.router.statement_frames());
+        // A transaction that is open but has done nothing yet starts on the new backends too.
+        restore.extend(self.unit.begin_only());
+        let cfg = self.shared.cfg.clone();
+        for b in fresh {
+            let user = self.load_target.user.clone();
+            let res = async {
+                let login = fanout::connect(b.clone(), &self.params, &user, &self.load_target.password, cfg.connect_timeout)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut conn = login.conn;
+                fanout::conn::run_script(&mut conn, &restore, cfg.connect_timeout).await?;
+                Ok::<_, String>(conn)
+            }
+            .await;
+            match res {
+                Ok(conn) => {
+                    tracing::debug!(backend = %b.name, "session joined a backend that entered the in-sync set");
+                    // Appended, never put in a dead connection's place: an index is a priority
+                    // and the backends a session started with keep theirs.
+                    if self.conns.len() >= 64 {
+                        return Err(SessionError::NoBackend("too many backend connections in one session".into()).into());
+                    }
+                    self.conns.push(conn);
+                }
+                Err(e) => {
+                    self.shared.cluster.eject(b.idx, BackendState::Down, &format!("a session could not log in: {e}"));
+                }
+            }
+        }
+        self.epoch = epoch;
+        self.membership_wait = false;
+        // A 40001 meant for a transaction that did not write is void now.
+        self.router.clear_fail_next();
+        Ok(())
     }
 
     fn handle(&mut self, ev: Events) -> Result<(), End> {
@@ -362,6 +477,9 @@ impl Session {
         }
         if ev.backend_data {
             self.on_backend_data()?;
+            if self.membership_wait && self.pending.is_empty() {
+                self.on_client_data()?;
+            }
         }
         if ev.token {
             self.lock_wait = None;
@@ -430,11 +548,14 @@ impl Session {
                 ev.token = true;
             }
         }
-        if self.lock_wait.is_none() && self.catalog_wait.is_none() && backends_drained && client_ok {
+        if self.lock_wait.is_none() && self.catalog_wait.is_none() && !self.membership_wait && backends_drained && client_ok {
             self.client_codec.reserve_for_partial(&mut self.cbuf);
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.client), cx, &mut self.cbuf) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => ev.client_eof = true,
-                Poll::Ready(Ok(_)) => ev.client_data = true,
+                Poll::Ready(Ok(n)) => {
+                    self.bytes_in.increment(n as u64);
+                    ev.client_data = true;
+                }
                 Poll::Pending => {}
             }
         }
@@ -533,7 +654,10 @@ impl Session {
     fn on_client_data(&mut self) -> Result<(), End> {
         let waker = futures::task::noop_waker();
         loop {
-            if self.lock_wait.is_some() || self.catalog_wait.is_some() {
+            if self.lock_wait.is_some() || self.catalog_wait.is_some() || self.upgrade_due {
+                return Ok(());
+            }
+            if self.shared.cluster.epoch() != self.epoch && !self.membership_changed() {
                 return Ok(());
             }
             self.refresh_conns()?;
@@ -604,7 +728,14 @@ impl Session {
                             sql: r.sql,
                             retry: r.retry,
                             first_done_at: None,
+                            sent_at: Instant::now(),
                         });
+                        if r.logged {
+                            self.settings.observe(&bytes);
+                        }
+                        self.unit.request(r.seq, r.hash_rows, r.logged, &bytes);
+                    } else {
+                        self.unit.more(&bytes, self.shared.difflog.active());
                     }
                     for i in bits(targets) {
                         self.conns[i].out.push(bytes.clone());
@@ -612,6 +743,30 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Backends joined the in-sync set. Returns whether routing may go on now: a session in
+    /// an open transaction goes on with its backends (a write in it fails with 40001, since
+    /// the new backends lack the transaction); otherwise it waits for its requests to finish
+    /// and then connects to the new backends.
+    fn membership_changed(&mut self) -> bool {
+        let epoch = self.shared.cluster.epoch();
+        let just_begun = self.pending.is_empty() && self.unit.begin_only().is_some();
+        if (self.router.backend_tx_open() || self.last_status != b'I') && !just_begun {
+            if self.stale_epoch != epoch {
+                self.stale_epoch = epoch;
+                self.router.fail_next(
+                    "40001",
+                    "could not serialize access: a backend joined the cluster during this transaction; retry it".into(),
+                );
+            }
+            return true;
+        }
+        self.membership_wait = true;
+        if self.pending.is_empty() {
+            self.upgrade_due = true;
+        }
+        false
     }
 
     fn alive_mask(&self) -> u64 {
@@ -837,10 +992,23 @@ impl Session {
         if !req.rfq_sent {
             self.forward_static(rfq(winner.status));
         }
+        if !req.internal {
+            self.latency.record(req.sent_at.elapsed().as_secs_f64());
+            if winner.error.is_some() {
+                self.errors.increment(1);
+            }
+        }
+        self.unit.outcome(req.seq, winner);
         self.last_status = winner.status;
         if self.pending.is_empty() {
             self.router.settle(winner.status);
             if winner.status == b'I' {
+                // The unit of work is over: to the diff log while its locks still hold, so
+                // conflicting transactions are logged in the order they committed.
+                self.log_unit();
+                self.settings.unit_ended(!self.unit.rolled_back());
+                self.router.commit_statements();
+                self.unit.clear();
                 // The commit point completed everywhere: strict two-phase locking ends here.
                 self.locks.release_all();
                 if self.ddl_open {
@@ -850,6 +1018,31 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Appends the finished unit to the diff log of a join under way (with, the first time, how
+    /// to rebuild this session's state as of the unit's start).
+    fn log_unit(&mut self) {
+        if self.unit.is_empty() {
+            return;
+        }
+        let Some(log) = self.shared.difflog.current() else { return };
+        if self.unit.overflow {
+            log.fail("a unit of work bigger than 1 MB was under way when the join started logging".into());
+            return;
+        }
+        let mut buf = BytesMut::new();
+        if self.log_opened != log.id {
+            let mut restore = self.settings.restore_frames(self.router.statement_frames());
+            // A transaction that is open but has done nothing yet starts on the new backends too.
+            restore.extend(self.unit.begin_only());
+            let open =
+                Record::Open { session: self.id, user: self.load_target.user.clone(), params: self.params.clone(), restore };
+            open.encode(&mut buf);
+            self.log_opened = log.id;
+        }
+        self.unit.take_record(self.id).encode(&mut buf);
+        log.append(&buf, 1);
     }
 
     /// Marks connection `i` failed; if `eject`, the backend leaves the in-sync set as `down`.
@@ -954,11 +1147,13 @@ impl Session {
 
     fn forward_static(&mut self, b: Bytes) {
         self.flush_run();
+        self.bytes_out.increment(b.len() as u64);
         self.client_out.push(b);
     }
 
     fn flush_run(&mut self) {
         if let Some(run) = self.run.take() {
+            self.bytes_out.increment(run.len() as u64);
             self.client_out.push(run.freeze());
         }
     }
@@ -978,7 +1173,8 @@ impl Drop for Session {
 /// among their live targets: with two backends the lead wins every tie, so the reply the client
 /// sees is the winner's. Reads are answered by whoever is first.
 fn may_lead(req: &Request, conns: &[BackendConn], i: usize) -> bool {
-    !req.writes || bits(req.targets).find(|&j| conns[j].alive) == Some(i)
+    let serves = |j: usize| conns[j].alive && conns[j].backend.serves_reads();
+    serves(i) && (!req.writes || bits(req.targets).find(|&j| serves(j)) == Some(i))
 }
 
 /// The set bits of a mask, lowest first.
@@ -994,7 +1190,7 @@ fn bits(mut m: u64) -> impl Iterator<Item = usize> {
 }
 
 /// The SQL of a Query or Parse frame, for log lines (cut to a readable length).
-fn statement_text(frame: &Bytes) -> String {
+pub fn statement_text(frame: &Bytes) -> String {
     let body = frame.get(5..).unwrap_or_default();
     let sql = match frame.first() {
         Some(&message::QUERY) => message::query_sql(body).ok(),

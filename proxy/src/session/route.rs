@@ -122,6 +122,9 @@ pub struct NewRequest {
     pub trims: Vec<Option<u16>>,
     /// Chorus's own (a BEGIN it already answered): compared, never forwarded.
     pub internal: bool,
+    /// Part of the session's unit of work for the diff log (everything but a read outside a
+    /// transaction).
+    pub logged: bool,
 }
 
 pub enum Dispatch {
@@ -144,6 +147,9 @@ pub struct Router {
     /// A transaction is open or about to be (judged from what was sent, settled by replies).
     pub tx_open: bool,
     named: HashMap<Box<[u8]>, Prepared>,
+    /// Named statements' Parse frames as sent, to prepare them on a backend that joins.
+    parse_frames: HashMap<Box<[u8]>, Bytes>,
+    unit_statements: Vec<(Box<[u8]>, Option<Bytes>)>,
     unnamed: Option<(Prepared, u64)>,
     /// The transaction's timestamp, chosen at its first use.
     tx_time: Option<String>,
@@ -195,6 +201,7 @@ impl Router {
                 ddl: false,
                 trims: Vec::new(),
                 internal: true,
+                logged: true,
             };
             return Ok(Some(Dispatch::Send { bytes: begin, targets: alive, request: Some(request) }));
         }
@@ -275,6 +282,10 @@ impl Router {
     /// The next write fails with this error instead of running.
     pub fn fail_next(&mut self, code: &'static str, message: String) {
         self.fail_next = Some((code, message));
+    }
+
+    pub fn clear_fail_next(&mut self) {
+        self.fail_next = None;
     }
 
     /// The session's wait for locks closed a cycle: its unit fails with 40P01.
@@ -435,6 +446,7 @@ impl Router {
             ctx.alive
         };
         let seq = take_seq(next_seq);
+        let tx_was_open = self.tx_open;
         self.apply_tx(class);
         if barrier {
             self.barrier = Barrier::Held(seq);
@@ -457,6 +469,7 @@ impl Router {
                 ddl,
                 trims: Vec::new(),
                 internal: false,
+                logged: !read || tx_was_open,
             }),
         }
     }
@@ -677,7 +690,7 @@ impl Router {
             }
             out.freeze()
         };
-        self.forget_closed(&bytes, codec);
+        self.track_statements(&bytes, codec);
         for (name, p) in parsed_named {
             self.named.insert(name, p);
         }
@@ -691,7 +704,9 @@ impl Router {
                 };
                 let retry = (synced && targets.count_ones() == 1 && read && !self.tx_open).then(|| bytes.clone());
                 let hash_rows = hash_rows && has_bind && class.writes;
-                (seq, Some(NewRequest { seq, targets, writes: class.writes, sql, retry, hash_rows, ddl, trims, internal: false }))
+                let logged = !(synced && read && !self.tx_open);
+                let writes = class.writes;
+                (seq, Some(NewRequest { seq, targets, writes, sql, retry, hash_rows, ddl, trims, internal: false, logged }))
             }
         };
         self.batch = if synced { None } else { Some(OpenBatch { seq, targets }) };
@@ -709,17 +724,50 @@ impl Router {
         Ok(Some(Dispatch::Send { bytes, targets, request }))
     }
 
-    /// Forgets statements the client closed.
-    fn forget_closed(&mut self, bytes: &[u8], codec: &FrameCodec) {
+    /// Keeps the Parse frames (as sent) of named statements, and forgets those the client
+    /// closed: a backend that joins later gets them before anything else.
+    fn track_statements(&mut self, bytes: &Bytes, codec: &FrameCodec) {
         let mut off = 0;
         while let Ok(Some((tag, len))) = codec.peek(&bytes[off..]) {
-            if tag == CLOSE {
-                if let Ok((b'S', name)) = message::target_name(&bytes[off + 5..off + len]) {
-                    self.named.remove(name);
+            match tag {
+                CLOSE => {
+                    if let Ok((b'S', name)) = message::target_name(&bytes[off + 5..off + len]) {
+                        self.named.remove(name);
+                        self.unit_statements.push((name.into(), None));
+                    }
                 }
+                PARSE => {
+                    if let Ok((name, _)) = message::parse_fields(&bytes[off + 5..off + len]) {
+                        if !name.is_empty() {
+                            self.unit_statements.push((name.into(), Some(bytes.slice(off..off + len))));
+                        }
+                    }
+                }
+                _ => {}
             }
             off += len;
         }
+    }
+
+    /// The unit of work ended: its Parse and Close take their place in the statements a
+    /// joining backend gets (until then, those frames are part of the unit itself).
+    pub fn commit_statements(&mut self) {
+        for (name, frame) in self.unit_statements.drain(..) {
+            match frame {
+                Some(f) => self.parse_frames.insert(name, f),
+                None => self.parse_frames.remove(&name),
+            };
+        }
+    }
+
+    /// The Parse frames of the session's named statements as of its last idle point.
+    pub fn statement_frames(&self) -> impl Iterator<Item = &Bytes> {
+        self.parse_frames.values()
+    }
+
+    /// A transaction is open on the backends (not just a BEGIN Chorus holds back).
+    pub fn backend_tx_open(&self) -> bool {
+        self.tx_open && self.deferred_begin.is_none()
     }
 
     fn apply_tx(&mut self, class: Class) {
@@ -758,6 +806,9 @@ impl Router {
     /// while that one is within two requests of the least busy: one server process stays warm
     /// instead of a process on every backend being woken in turn.
     fn least_busy(&mut self, pool: u64, conns: &[BackendConn]) -> u64 {
+        // A joined backend that is not checked yet takes writes only.
+        let readable = conns.iter().enumerate().filter(|(_, c)| c.backend.serves_reads()).fold(0u64, |m, (i, _)| m | 1 << i);
+        let pool = if pool & readable != 0 { pool & readable } else { pool };
         let load = |i: usize| conns[i].backend.inflight.load(Ordering::Relaxed);
         if let Some(h) = self.home.filter(|&h| pool & (1 << h) != 0) {
             let home = load(h);

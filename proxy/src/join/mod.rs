@@ -1,0 +1,724 @@
+//! Join: brings a backend into the in-sync set while clients keep working (the contract's join
+//! protocol, G7).
+//!
+//! `detach` (two or more in-sync backends): under a write pause the donor leaves the in-sync
+//! set and the diff log starts, so the donor holds a frozen, consistent copy; it is dumped and
+//! restored into the newcomer; the log is replayed into both; a second short pause replays the
+//! tail and attaches both. `snapshot` (the only way with one in-sync backend): under a write
+//! pause a REPEATABLE READ transaction on the donor exports its snapshot and the log starts;
+//! the donor keeps serving while pg_dump reads that snapshot; the log is replayed into the
+//! newcomer only. Before the newcomer answers any client it is checked against the lead with
+//! verify's checksums. Any failure leaves the newcomer out with the reason and brings the
+//! donor back through the log (or marks it `needs_rebuild`); clients never see an error.
+
+mod replay;
+pub mod tools;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::{self, Backend, BackendState, Login};
+use crate::difflog::DiffLog;
+use crate::server::Shared;
+use replay::Position;
+
+/// Replay is close enough to the head to attach when this few log bytes remain (a few dozen
+/// small transactions: the tail replayed during the attach pause).
+const ATTACH_LAG_BYTES: u64 = 16 << 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    Detach,
+    Snapshot,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct JoinRequest {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    #[serde(default)]
+    pub method: Option<Method>,
+    #[serde(default)]
+    pub donor: Option<String>,
+    /// Restore into databases that already hold tables.
+    #[serde(default)]
+    pub force: bool,
+    /// Attach without comparing checksums with the lead first.
+    #[serde(default)]
+    pub skip_verify: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Starting,
+    Detaching,
+    Dumping,
+    Restoring,
+    Replaying,
+    Attaching,
+    Verifying,
+    Done,
+    Failed,
+}
+
+impl Phase {
+    fn number(self) -> f64 {
+        self as u8 as f64
+    }
+}
+
+/// What `chorusctl join` and the admin API show of a join.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub name: String,
+    pub method: Method,
+    pub donor: String,
+    pub phase: Phase,
+    pub started_unix: u64,
+    pub elapsed_seconds: f64,
+    pub bytes_dumped: u64,
+    pub bytes_restored: u64,
+    pub log_units: u64,
+    pub log_bytes: u64,
+    pub replayed_units: u64,
+    /// Log bytes the slowest replayer still has to apply.
+    pub replay_lag_bytes: u64,
+    pub detach_pause_ms: Option<f64>,
+    pub attach_pause_ms: Option<f64>,
+    pub error: Option<String>,
+    /// What became of the donor when the join failed.
+    pub donor_outcome: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Setup(String),
+    #[error("{0}")]
+    Tool(String),
+    #[error("{context}: {source}")]
+    Db { context: String, source: tokio_postgres::Error },
+    #[error("{0}")]
+    Replay(String),
+}
+
+fn db_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> JoinError {
+    let context = context.into();
+    move |source| JoinError::Db { context, source }
+}
+
+/// The join under way (one at a time) and the last one's progress.
+#[derive(Default)]
+pub struct Joins {
+    current: Mutex<Option<Arc<Mutex<Progress>>>>,
+    running: std::sync::atomic::AtomicBool,
+}
+
+impl Joins {
+    pub fn progress(&self) -> Option<Progress> {
+        let cur = self.current.lock().ok()?.clone()?;
+        let p = cur.lock().ok()?.clone();
+        Some(p)
+    }
+
+    pub fn running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+}
+
+/// Checks the request and starts the join in the background; returns once it is under way.
+pub async fn start(shared: Arc<Shared>, req: JoinRequest) -> Result<Progress, JoinError> {
+    if shared.joins.running.swap(true, Ordering::AcqRel) {
+        return Err(JoinError::Refused("another join is under way; one at a time".into()));
+    }
+    let plan = match plan(&shared, &req).await {
+        Ok(p) => p,
+        Err(e) => {
+            shared.joins.running.store(false, Ordering::Release);
+            return Err(e);
+        }
+    };
+    let progress = Arc::new(Mutex::new(Progress {
+        name: req.name.clone(),
+        method: plan.method,
+        donor: plan.donor.name.clone(),
+        phase: Phase::Starting,
+        started_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        elapsed_seconds: 0.0,
+        bytes_dumped: 0,
+        bytes_restored: 0,
+        log_units: 0,
+        log_bytes: 0,
+        replayed_units: 0,
+        replay_lag_bytes: 0,
+        detach_pause_ms: None,
+        attach_pause_ms: None,
+        error: None,
+        donor_outcome: None,
+    }));
+    if let Ok(mut c) = shared.joins.current.lock() {
+        *c = Some(progress.clone());
+    }
+    let first = progress.lock().map(|p| p.clone()).map_err(|_| JoinError::Setup("progress lock poisoned".into()))?;
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut job = Job { shared: shared.clone(), plan, progress: progress.clone(), started, log: None, replayers: Vec::new() };
+        let result = job.run().await;
+        if let Err(e) = result {
+            job.fail(&e.to_string()).await;
+        }
+        job.cleanup();
+        shared.joins.running.store(false, Ordering::Release);
+    });
+    Ok(first)
+}
+
+struct Plan {
+    method: Method,
+    donor: Arc<Backend>,
+    newcomer: Arc<Backend>,
+    databases: Vec<String>,
+    tools: tools::Tools,
+    work: PathBuf,
+    skip_verify: bool,
+}
+
+async fn connect(shared: &Shared, b: &Backend, db: &str) -> Result<Client, JoinError> {
+    connect_to(shared, &b.name, &b.host, b.port, db).await
+}
+
+async fn connect_to(shared: &Shared, name: &str, host: &str, port: u16, db: &str) -> Result<Client, JoinError> {
+    let user = shared.cfg.health_user();
+    let login = Login {
+        host,
+        port,
+        user: &user.name,
+        password: &user.password,
+        database: db,
+        application: "chorus-join",
+        timeout: shared.cfg.connect_timeout,
+    };
+    let (client, conn) = login.config().connect(NoTls).await.map_err(db_err(format!("connect to {name} database {db}")))?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+async fn version(c: &Client) -> Result<u32, JoinError> {
+    let v: String = c.query_one("SHOW server_version_num", &[]).await.map_err(db_err("read server_version_num"))?.get(0);
+    Ok(v.parse::<u32>().unwrap_or(0) / 10000)
+}
+
+/// Everything checked before anything changes: the method and donor, the newcomer reachable
+/// and empty, the tools present.
+async fn plan(shared: &Arc<Shared>, req: &JoinRequest) -> Result<Plan, JoinError> {
+    let cluster = &shared.cluster;
+    let in_sync = cluster.in_sync();
+    if in_sync.is_empty() {
+        return Err(JoinError::Refused("no backend is in sync to copy from".into()));
+    }
+    let method = req.method.unwrap_or(if in_sync.len() >= 2 { Method::Detach } else { Method::Snapshot });
+    if method == Method::Detach && in_sync.len() < 2 {
+        return Err(JoinError::Refused(
+            "method detach needs two in-sync backends (the donor leaves the in-sync set); use --method snapshot".into(),
+        ));
+    }
+    let donor = match &req.donor {
+        Some(n) => in_sync
+            .iter()
+            .find(|b| &b.name == n)
+            .cloned()
+            .ok_or_else(|| JoinError::Refused(format!("donor {n:?} is not an in-sync backend")))?,
+        // The lowest-priority in-sync backend: the lead keeps leading.
+        None => in_sync.last().cloned().ok_or_else(|| JoinError::Refused("no donor".into()))?,
+    };
+    if let Some(b) = cluster.backend(&req.name) {
+        if matches!(b.state(), BackendState::InSync | BackendState::Joining | BackendState::Detached) {
+            return Err(JoinError::Refused(format!("backend {} is {}; it cannot join", b.name, b.state())));
+        }
+    }
+    let nc = connect_to(shared, &req.name, &req.host, req.port, &shared.cfg.health_check_database).await?;
+    let dc = connect(shared, &donor, &shared.cfg.health_check_database).await?;
+    let (nv, dv) = (version(&nc).await?, version(&dc).await?);
+    if nv < dv {
+        return Err(JoinError::Refused(format!(
+            "{} runs PostgreSQL {nv}, older than the cluster's {dv}: a dump cannot go to an older major version",
+            req.name
+        )));
+    }
+    let databases: Vec<String> = dc
+        .query("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1", &[])
+        .await
+        .map_err(db_err("list the donor's databases"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let existing: Vec<String> = nc
+        .query("SELECT datname FROM pg_database", &[])
+        .await
+        .map_err(db_err("list the newcomer's databases"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !req.force {
+        for db in databases.iter().filter(|d| existing.contains(d)) {
+            let c = connect_to(shared, &req.name, &req.host, req.port, db).await?;
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                       AND n.nspname NOT LIKE 'pg_toast%'",
+                    &[],
+                )
+                .await
+                .map_err(db_err("look for tables on the newcomer"))?
+                .get(0);
+            if n > 0 {
+                return Err(JoinError::Refused(format!(
+                    "database {db} on {} already holds {n} relation(s); join into empty databases, or force it",
+                    req.name
+                )));
+            }
+        }
+    }
+    // Forced: the old copies go (a needs_rebuild donor, a backend that was down).
+    let admin = if req.force && databases.iter().any(|d| existing.contains(d)) {
+        Some(connect_to(shared, &req.name, &req.host, req.port, "template1").await?)
+    } else {
+        None
+    };
+    for db in &databases {
+        if existing.contains(db) {
+            let Some(a) = &admin else { continue };
+            a.batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", quote_ident(db)))
+                .await
+                .map_err(db_err(format!("drop database {db} on {}", req.name)))?;
+        }
+        let c = admin.as_ref().unwrap_or(&nc);
+        c.batch_execute(&format!("CREATE DATABASE {}", quote_ident(db)))
+            .await
+            .map_err(db_err(format!("create database {db} on {}", req.name)))?;
+    }
+    let tools = tools::find(&shared.cfg, nv.max(dv)).await?;
+    let work = shared.cfg.data_dir.join(format!("join-{}", req.name));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| JoinError::Setup(format!("cannot create {}: {e}", work.display())))?;
+    let newcomer = cluster.add(&req.name, &req.host, req.port).map_err(|e| JoinError::Refused(e.to_string()))?;
+    tracing::info!(backend = %req.name, method = ?method, donor = %donor.name, version = nv, tools = %tools.dir.display(), "join starting");
+    Ok(Plan { method, donor, newcomer, databases, tools, work, skip_verify: req.skip_verify })
+}
+
+/// A sequence's qualified name and value (None before its first nextval).
+type SeqValue = (String, Option<i64>);
+
+/// The `snapshot` method's hold on one database of the donor.
+struct Exporter {
+    db: String,
+    /// In the REPEATABLE READ transaction whose snapshot pg_dump reads.
+    client: Client,
+    snapshot: String,
+    /// Sequence values at the snapshot's point (pg_dump would read later ones).
+    sequences: Vec<SeqValue>,
+}
+
+/// Every sequence with its value (NULL before its first nextval).
+const SEQUENCES: &str = "SELECT format('%I.%I', schemaname, sequencename), last_value FROM pg_sequences";
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+struct Replayer {
+    target: Arc<Backend>,
+    pos: Arc<Position>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+struct Job {
+    shared: Arc<Shared>,
+    plan: Plan,
+    progress: Arc<Mutex<Progress>>,
+    started: Instant,
+    log: Option<Arc<DiffLog>>,
+    replayers: Vec<Replayer>,
+}
+
+impl Job {
+    fn update(&self, f: impl FnOnce(&mut Progress)) {
+        if let Ok(mut p) = self.progress.lock() {
+            f(&mut p);
+            p.elapsed_seconds = self.started.elapsed().as_secs_f64();
+            if let Some(log) = &self.log {
+                p.log_units = log.units();
+                p.log_bytes = log.len();
+                let head = log.len();
+                p.replay_lag_bytes =
+                    self.replayers.iter().map(|r| head.saturating_sub(r.pos.bytes.load(Ordering::Acquire))).max().unwrap_or(head);
+                p.replayed_units = self.replayers.iter().map(|r| r.pos.units.load(Ordering::Acquire)).min().unwrap_or(0);
+                metrics::gauge!("chorus_join_replay_lag_bytes").set(p.replay_lag_bytes as f64);
+            }
+            metrics::gauge!("chorus_join_phase").set(p.phase.number());
+        }
+    }
+
+    fn phase(&self, phase: Phase) {
+        tracing::info!(backend = %self.plan.newcomer.name, ?phase, "join phase");
+        self.update(|p| p.phase = phase);
+    }
+
+    async fn pause(&self, what: &str) -> Result<crate::order::LockOwner, JoinError> {
+        let t = self.shared.cfg.join_pause_timeout;
+        self.shared.order.pause(t).await.ok_or_else(|| {
+            JoinError::Setup(format!("{what}: writes did not pause within join_pause_timeout ({t:?}); a transaction stays open"))
+        })
+    }
+
+    async fn run(&mut self) -> Result<(), JoinError> {
+        let shared = self.shared.clone();
+        let (donor, newcomer) = (self.plan.donor.clone(), self.plan.newcomer.clone());
+        // 1. The starting point: a detached donor, or an exported snapshot, with the log on.
+        self.phase(Phase::Detaching);
+        let mut exporters: Vec<Exporter> = Vec::new();
+        if self.plan.method == Method::Snapshot {
+            for db in &self.plan.databases {
+                let c = connect(&shared, &donor, db).await?;
+                exporters.push(Exporter { db: db.clone(), client: c, snapshot: String::new(), sequences: Vec::new() });
+            }
+        }
+        let log = Arc::new(DiffLog::create(&self.plan.work.join("diff.log")).map_err(|e| JoinError::Setup(e.to_string()))?);
+        let pause = self.pause("detach").await?;
+        let paused = Instant::now();
+        let mut started = Ok(());
+        for Exporter { db, client: c, snapshot: snap, sequences: seqs } in &mut exporters {
+            if let Err(e) = c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await {
+                started = Err(db_err(format!("open a snapshot of {db} on {}", donor.name))(e));
+                break;
+            }
+            match c.query_one("SELECT pg_export_snapshot()", &[]).await {
+                Ok(r) => *snap = r.get(0),
+                Err(e) => {
+                    started = Err(db_err(format!("export a snapshot of {db} on {}", donor.name))(e));
+                    break;
+                }
+            }
+            // Sequences are not part of a snapshot: pg_dump reads their values later, when
+            // writes have moved them on. Their values at this point are read now and set on
+            // the newcomer after the restore.
+            match c.query(SEQUENCES, &[]).await {
+                Ok(rows) => *seqs = rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+                Err(e) => {
+                    started = Err(db_err(format!("read the sequences of {db} on {}", donor.name))(e));
+                    break;
+                }
+            }
+        }
+        if started.is_ok() {
+            shared.difflog.set(Some(log.clone()));
+            self.log = Some(log.clone());
+            if self.plan.method == Method::Detach {
+                if let Err(e) = shared.cluster.set_state(
+                    &donor.name,
+                    BackendState::Detached,
+                    &format!("donor for the join of {}", newcomer.name),
+                ) {
+                    started = Err(JoinError::Setup(e.to_string()));
+                }
+            }
+        }
+        drop(pause);
+        let ms = paused.elapsed().as_secs_f64() * 1000.0;
+        metrics::histogram!("chorus_join_pause_seconds", "step" => "detach").record(ms / 1000.0);
+        self.update(|p| p.detach_pause_ms = Some(ms));
+        started?;
+
+        // 2. Dump and restore, roles first.
+        self.phase(Phase::Dumping);
+        let t = self.plan.tools.clone();
+        tools::copy_roles(&t, &shared.cfg, &donor, &newcomer, &self.plan.work).await?;
+        let mut dumps = Vec::new();
+        for (i, db) in self.plan.databases.iter().enumerate() {
+            let dir = self.plan.work.join(format!("db{i}"));
+            let snap = exporters.iter().find(|e| &e.db == db).map(|e| e.snapshot.as_str());
+            let dump = tools::dump(&t, &shared.cfg, &donor, db, &dir, snap);
+            self.watch(dump, |job| {
+                let n = tools::dir_size(&job.plan.work);
+                job.update(|p| p.bytes_dumped = n);
+            })
+            .await?;
+            dumps.push((db.clone(), dir));
+        }
+        // The snapshots are no longer needed once every dump has read them.
+        let sequences: Vec<(String, Vec<SeqValue>)> = exporters.into_iter().map(|e| (e.db, e.sequences)).collect();
+        self.phase(Phase::Restoring);
+        let size_conn = connect(&shared, &newcomer, &shared.cfg.health_check_database).await?;
+        for (db, dir) in &dumps {
+            let restore = tools::restore(&t, &shared.cfg, &newcomer, db, dir);
+            let sc = &size_conn;
+            let r = self.watch_async(restore, sc).await;
+            r?;
+            let _ = std::fs::remove_dir_all(dir);
+            if let Some((_, seqs)) = sequences.iter().find(|(d, _)| d == db).filter(|(_, s)| !s.is_empty()) {
+                let c = connect(&shared, &newcomer, db).await?;
+                let mut sql = String::new();
+                for (name, value) in seqs {
+                    match value {
+                        Some(v) => sql.push_str(&format!("SELECT setval('{}', {v}, true);", name.replace('\'', "''"))),
+                        None => sql.push_str(&format!(
+                            "SELECT setval('{0}', (SELECT seqstart FROM pg_sequence WHERE seqrelid = '{0}'::regclass), false);",
+                            name.replace('\'', "''")
+                        )),
+                    }
+                }
+                c.batch_execute(&sql).await.map_err(db_err(format!("set the sequences of {db} on {}", newcomer.name)))?;
+            }
+        }
+
+        // 3. Replay into the newcomer (and the donor) until both are close to the head.
+        self.phase(Phase::Replaying);
+        self.start_replayer(newcomer.clone(), log.clone());
+        if self.plan.method == Method::Detach {
+            self.start_replayer(donor.clone(), log.clone());
+        }
+        loop {
+            self.check_replayers()?;
+            self.update(|_| {});
+            let lag = self.progress.lock().map(|p| p.replay_lag_bytes).unwrap_or(u64::MAX);
+            if lag <= ATTACH_LAG_BYTES {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // 4. Attach: pause, replay the tail, both in sync, resume.
+        self.phase(Phase::Attaching);
+        let lead =
+            shared.cluster.in_sync().into_iter().next().ok_or_else(|| JoinError::Setup("no in-sync backend left".into()))?;
+        let snaps = if self.plan.skip_verify {
+            None
+        } else {
+            let pair = vec![lead.clone(), newcomer.clone()];
+            Some(
+                crate::verify::prepare(&shared.cfg, &pair, &self.plan.databases)
+                    .await
+                    .map_err(|e| JoinError::Setup(e.to_string()))?,
+            )
+        };
+        let pause = self.pause("attach").await?;
+        let paused = Instant::now();
+        let tail = self.finish_replay().await;
+        let mut attached = tail;
+        if attached.is_ok() {
+            if let Some(s) = &snaps {
+                attached = s.begin().await.map_err(|e| JoinError::Setup(e.to_string()));
+            }
+        }
+        if attached.is_ok() {
+            shared.difflog.set(None);
+            newcomer.set_serves_reads(self.plan.skip_verify);
+            let mut set = shared.cluster.set_state(&newcomer.name, BackendState::InSync, "joined");
+            if set.is_ok() && self.plan.method == Method::Detach {
+                set = shared.cluster.set_state(&donor.name, BackendState::InSync, "back from donating");
+            }
+            attached = set.map_err(|e| JoinError::Setup(e.to_string()));
+        }
+        drop(pause);
+        let ms = paused.elapsed().as_secs_f64() * 1000.0;
+        metrics::histogram!("chorus_join_pause_seconds", "step" => "attach").record(ms / 1000.0);
+        self.update(|p| p.attach_pause_ms = Some(ms));
+        attached?;
+        self.log = None;
+        cluster::spawn_health_check(shared.cfg.clone(), shared.cluster.clone(), newcomer.clone(), shared.stop.clone());
+
+        // 5. Compare the newcomer with the lead before it answers clients.
+        if let Some(s) = snaps {
+            self.phase(Phase::Verifying);
+            let report = s.finish(Duration::from_secs_f64(ms / 1000.0)).await.map_err(|e| JoinError::Setup(e.to_string()))?;
+            let bad = report.unequal();
+            if !bad.is_empty() {
+                let names: Vec<String> = bad.iter().take(5).map(|(d, t)| format!("{d}.{t}")).collect();
+                let why = format!("differs from {} after the join: {}", lead.name, names.join(", "));
+                shared.cluster.eject(newcomer.idx, BackendState::Diverged, &why);
+                self.update(|p| {
+                    p.phase = Phase::Failed;
+                    p.error = Some(why.clone());
+                });
+                return Ok(());
+            }
+            newcomer.set_serves_reads(true);
+        }
+        self.phase(Phase::Done);
+        tracing::info!(backend = %newcomer.name, seconds = self.started.elapsed().as_secs_f64(), "join complete");
+        Ok(())
+    }
+
+    /// Runs a tool to completion, updating progress every half second meanwhile.
+    async fn watch(
+        &self,
+        fut: impl std::future::Future<Output = Result<(), JoinError>>,
+        tick: impl Fn(&Job),
+    ) -> Result<(), JoinError> {
+        tokio::pin!(fut);
+        let mut every = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                r = &mut fut => {
+                    tick(self);
+                    return r;
+                }
+                _ = every.tick() => tick(self),
+            }
+        }
+    }
+
+    /// Like `watch` for a restore: progress is the newcomer's database sizes.
+    async fn watch_async(
+        &self,
+        fut: impl std::future::Future<Output = Result<(), JoinError>>,
+        size: &Client,
+    ) -> Result<(), JoinError> {
+        tokio::pin!(fut);
+        let mut every = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                r = &mut fut => return r,
+                _ = every.tick() => {
+                    if let Ok(row) = size.query_one("SELECT sum(pg_database_size(datname))::bigint FROM pg_database", &[]).await {
+                        let n: i64 = row.get(0);
+                        self.update(|p| p.bytes_restored = n.max(0) as u64);
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_replayer(&mut self, target: Arc<Backend>, log: Arc<DiffLog>) {
+        let pos = Arc::new(Position::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(replay::replay(self.shared.cfg.clone(), log, target.clone(), pos.clone(), stop.clone()));
+        self.replayers.push(Replayer { target, pos, stop, task });
+    }
+
+    fn check_replayers(&self) -> Result<(), JoinError> {
+        if let Some(why) = self.log.as_ref().and_then(|l| l.failed()) {
+            return Err(JoinError::Replay(why));
+        }
+        for r in &self.replayers {
+            if r.task.is_finished() {
+                return Err(JoinError::Replay(format!("replay into {} stopped early", r.target.name)));
+            }
+        }
+        Ok(())
+    }
+
+    /// With writes paused: lets every replayer apply the rest of the log and stop.
+    async fn finish_replay(&mut self) -> Result<(), JoinError> {
+        for r in &self.replayers {
+            r.stop.cancel();
+        }
+        let mut first_err = None;
+        for r in self.replayers.drain(..) {
+            let res = match r.task.await {
+                Ok(res) => res,
+                Err(e) => Err(format!("replay task failed: {e}")),
+            };
+            if let Err(e) = res {
+                first_err.get_or_insert(JoinError::Replay(e));
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Leaves the newcomer out with the reason; brings a detached donor back through the log,
+    /// or marks it for rebuild when that is not possible.
+    async fn fail(&mut self, why: &str) {
+        tracing::error!(backend = %self.plan.newcomer.name, reason = %why, "join failed");
+        metrics::counter!("chorus_join_failures_total").increment(1);
+        let shared = self.shared.clone();
+        let (donor, newcomer) = (self.plan.donor.clone(), self.plan.newcomer.clone());
+        // The newcomer's replayer is of no use any more.
+        for r in self.replayers.iter().filter(|r| r.target.idx == newcomer.idx) {
+            r.task.abort();
+        }
+        self.replayers.retain(|r| r.target.idx != newcomer.idx);
+        let _ = shared.cluster.set_state(&newcomer.name, BackendState::Down, &format!("join failed: {why}"));
+        newcomer.set_serves_reads(true);
+        let mut donor_outcome = None;
+        if self.plan.method == Method::Detach && donor.state() == BackendState::Detached {
+            let back = self.return_donor().await;
+            donor_outcome = Some(match back {
+                Ok(()) => format!("{} is back in sync", donor.name),
+                Err(e) => {
+                    let reason = format!("its join as donor failed and it could not catch up: {e}");
+                    let _ = shared.cluster.set_state(&donor.name, BackendState::NeedsRebuild, &reason);
+                    format!("{} needs a rebuild: {e}", donor.name)
+                }
+            });
+        }
+        shared.difflog.set(None);
+        self.log = None;
+        let why = why.to_string();
+        self.update(|p| {
+            p.phase = Phase::Failed;
+            p.error = Some(why);
+            p.donor_outcome = donor_outcome;
+        });
+    }
+
+    /// Replays the log into the donor up to the head under a pause and attaches it.
+    async fn return_donor(&mut self) -> Result<(), JoinError> {
+        let donor = self.plan.donor.clone();
+        let log = self.log.clone().ok_or_else(|| JoinError::Setup("the diff log never started".into()))?;
+        if log.failed().is_some() {
+            return Err(JoinError::Replay("the diff log failed".into()));
+        }
+        if !self.replayers.iter().any(|r| r.target.idx == donor.idx) {
+            self.start_replayer(donor.clone(), log.clone());
+        }
+        // Catch up while writes go on, then the tail under a pause.
+        loop {
+            let done = self.replayers.iter().find(|r| r.target.idx == donor.idx).map(|r| r.pos.bytes.load(Ordering::Acquire));
+            let r = self.replayers.iter().find(|r| r.target.idx == donor.idx);
+            if r.is_none_or(|r| r.task.is_finished()) {
+                break;
+            }
+            if done.is_some_and(|d| log.len().saturating_sub(d) <= ATTACH_LAG_BYTES) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let pause = self.pause("return the donor").await?;
+        let res = self.finish_replay().await;
+        if res.is_ok() {
+            self.shared.difflog.set(None);
+            self.shared
+                .cluster
+                .set_state(&donor.name, BackendState::InSync, "back from a failed join")
+                .map_err(|e| JoinError::Setup(e.to_string()))?;
+        }
+        drop(pause);
+        res
+    }
+
+    fn cleanup(&mut self) {
+        for r in self.replayers.drain(..) {
+            r.task.abort();
+        }
+        self.shared.difflog.set(None);
+        self.log = None;
+        let _ = std::fs::remove_dir_all(&self.plan.work);
+    }
+}
