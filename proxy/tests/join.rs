@@ -21,12 +21,14 @@ fn pgbench_init(s: &Setup, scale: &str) {
     assert!(ok, "{out}");
 }
 
-/// tpcb-like with 8 clients in the background; its output is read when it ends.
+/// tpcb-like with 8 clients in the background; its output is read when it ends. The rate is
+/// held at 100 transactions per second: the machine (two cores, tests side by side) must have
+/// room left for the join itself.
 fn pgbench_load(s: &Setup, seconds: u32, extra: &[&str]) -> Child {
     let conn = s.chorus.conn_str(APP_USER, "postgres");
     let t = seconds.to_string();
     Command::new(pgbench_bin())
-        .args(["-n", "-b", "tpcb-like", "-c", "8", "-j", "2", "-T", &t])
+        .args(["-n", "-b", "tpcb-like", "-c", "8", "-j", "2", "-R", "100", "-T", &t])
         .args(extra)
         .arg(&conn)
         .stdout(Stdio::piped())
@@ -100,7 +102,7 @@ async fn join_under_pgbench(method: &str) {
     let mut s = Setup::new(2).await;
     pgbench_init(&s, "2");
     let newcomer = PgServer::start(PgOptions::default()).await.unwrap();
-    let mut load = pgbench_load(&s, 25, &[]);
+    let mut load = pgbench_load(&s, 30, &[]);
     wait_for_rows(&s, "SELECT count(*) FROM pgbench_history", 50).await;
     let port = newcomer.port().to_string();
     let (ok, out) = s.chorus.chorusctl(&["join", "pg3", "--host", "127.0.0.1", "--port", &port, "--method", method]);
@@ -187,7 +189,7 @@ async fn upgrade_from_15_to_18_without_downtime() {
     pgbench_init(&s, "2");
     let pg18 = PgServer::start(PgOptions { bin_dir: Some(bin18), ..PgOptions::default() }).await.unwrap();
     assert!(pg18.version().starts_with("18"), "{}", pg18.version());
-    let mut load = pgbench_load(&s, 25, &[]);
+    let mut load = pgbench_load(&s, 30, &[]);
     wait_for_rows(&s, "SELECT count(*) FROM pgbench_history", 50).await;
     let port = pg18.port().to_string();
     let (ok, out) = s.chorus.chorusctl(&["join", "pg18", "--host", "127.0.0.1", "--port", &port]);

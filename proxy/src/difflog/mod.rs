@@ -234,9 +234,9 @@ mod tests {
         // A reader waiting at the head wakes for the next append.
         let waiting = async { r.next(&running).await.unwrap() };
         let mut b = BytesMut::new();
-        Record::Unit { session: 2, requests: vec![] }.encode(&mut b);
+        Record::Unit { session: 2, requests: vec![], locks: vec![] }.encode(&mut b);
         let (got, ()) = tokio::join!(waiting, async { log.append(&b, 1) });
-        assert_eq!(got, Some(Record::Unit { session: 2, requests: vec![] }));
+        assert_eq!(got, Some(Record::Unit { session: 2, requests: vec![], locks: vec![] }));
         assert_eq!(log.units(), 1);
         log.fail("disk full".into());
         assert!(matches!(r.next(&running).await, Err(LogError::Failed(_))));

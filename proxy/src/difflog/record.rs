@@ -35,6 +35,9 @@ pub enum Record {
     Unit {
         session: u64,
         requests: Vec<LoggedRequest>,
+        /// The write locks the unit held at its end (a resource's hash and the mode's number):
+        /// units whose locks do not conflict may be replayed side by side.
+        locks: Vec<(u64, u8)>,
     },
     Close {
         session: u64,
@@ -78,9 +81,14 @@ impl Record {
                     put_str(out, f);
                 }
             }
-            Record::Unit { session, requests } => {
+            Record::Unit { session, requests, locks } => {
                 out.put_u8(UNIT);
                 out.put_u64(*session);
+                out.put_u32(locks.len() as u32);
+                for (h, m) in locks {
+                    out.put_u64(*h);
+                    out.put_u8(*m);
+                }
                 out.put_u32(requests.len() as u32);
                 for r in requests {
                     out.put_u8(r.hash_rows as u8);
@@ -136,6 +144,14 @@ impl Record {
             }
             UNIT => {
                 let n = count(&mut b)?;
+                if b.remaining() < n.saturating_mul(9) {
+                    return Err(Malformed("locks cut short"));
+                }
+                let mut locks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    locks.push((b.get_u64(), b.get_u8()));
+                }
+                let n = count(&mut b)?;
                 let mut requests = Vec::with_capacity(n.min(1024));
                 for _ in 0..n {
                     if b.remaining() < 1 + 4 + 8 + 5 + 1 + 8 {
@@ -152,7 +168,7 @@ impl Record {
                     o.rows_hash = b.get_u64();
                     requests.push(LoggedRequest { frames: bytes(&mut b)?, hash_rows, outcome: o });
                 }
-                Record::Unit { session, requests }
+                Record::Unit { session, requests, locks }
             }
             CLOSE => Record::Close { session },
             _ => return Err(Malformed("unknown record kind")),
@@ -215,6 +231,7 @@ mod tests {
                         outcome: outcome(b"UPDATE 1", b'I'),
                     },
                 ],
+                locks: vec![(42, 1), (7, 3)],
             },
             Record::Close { session: 7 },
         ];
@@ -240,8 +257,8 @@ mod tests {
         let mut b = BytesMut::from(&[0u8, 0, 0, 3, 1, 2, 3][..]);
         assert_eq!(Record::decode(&mut b), Err(Malformed("record shorter than its header")));
         let mut b = BytesMut::new();
-        Record::Unit { session: 1, requests: vec![] }.encode(&mut b);
-        b[12] = 9; // a request count with no requests behind it
+        Record::Unit { session: 1, requests: vec![], locks: vec![] }.encode(&mut b);
+        b[17] = 9; // a request count with no requests behind it
         assert!(Record::decode(&mut b).is_err());
         let mut b = BytesMut::from(&[0u8, 0, 0, 9, 42, 0, 0, 0, 0, 0, 0, 0, 1][..]);
         assert_eq!(Record::decode(&mut b), Err(Malformed("unknown record kind")));

@@ -51,6 +51,19 @@ impl Mode {
         )
     }
 
+    pub fn number(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_number(n: u8) -> Mode {
+        match n {
+            0 => Mode::IntentShared,
+            1 => Mode::IntentExclusive,
+            2 => Mode::Shared,
+            _ => Mode::Exclusive,
+        }
+    }
+
     /// Whether holding `self` already gives what `want` asks for.
     fn covers(self, want: Mode) -> bool {
         use Mode::*;
@@ -137,6 +150,22 @@ pub struct LockOwner {
 impl LockOwner {
     pub fn holds_any(&self) -> bool {
         !self.held.is_empty()
+    }
+
+    /// What this session holds, as (resource hash, mode number): how the diff log records a
+    /// unit's locks so that replay can tell which units may run side by side.
+    pub fn summary(&self) -> Vec<(u64, u8)> {
+        use std::hash::{Hash, Hasher};
+        self.held
+            .iter()
+            .map(|(r, m)| {
+                // DefaultHasher::new() has fixed keys: the same resource hashes the same way
+                // in the replayer (the same process).
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                r.hash(&mut h);
+                (h.finish(), m.number())
+            })
+            .collect()
     }
 
     /// Takes every lock in `want` (in order), or queues for the first it cannot have yet.

@@ -402,7 +402,9 @@ impl Session {
             if let Err(end) = self.handle(ev) {
                 return end;
             }
-            if self.upgrade_due {
+            // A loop: the membership may change again while the session connects (a join
+            // attaches its newcomer and its donor one after the other).
+            while self.upgrade_due {
                 self.upgrade_due = false;
                 if let Err(end) = self.join_new_backends().await {
                     return end;
@@ -1041,7 +1043,7 @@ impl Session {
             open.encode(&mut buf);
             self.log_opened = log.id;
         }
-        self.unit.take_record(self.id).encode(&mut buf);
+        self.unit.take_record(self.id, self.locks.summary()).encode(&mut buf);
         log.append(&buf, 1);
     }
 

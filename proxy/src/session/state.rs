@@ -216,7 +216,7 @@ impl Unit {
     }
 
     /// The unit as a diff log record.
-    pub fn take_record(&mut self, session: u64) -> Record {
+    pub fn take_record(&mut self, session: u64, locks: Vec<(u64, u8)>) -> Record {
         let mut requests = Vec::with_capacity(self.reqs.len());
         for &(_, a, b, hash_rows, outcome) in &self.reqs {
             let frames = if b - a == 1 {
@@ -230,7 +230,7 @@ impl Unit {
             };
             requests.push(LoggedRequest { frames, hash_rows, outcome: outcome.unwrap_or_default() });
         }
-        Record::Unit { session, requests }
+        Record::Unit { session, requests, locks }
     }
 
     pub fn clear(&mut self) {
@@ -296,7 +296,7 @@ mod tests {
         u.request(3, true, true, &q("COPY t FROM STDIN"));
         u.more(&Bytes::from_static(b"d\0\0\0\x061\n"), true);
         u.outcome(3, Outcome::new());
-        let Record::Unit { requests, .. } = u.take_record(9) else { panic!() };
+        let Record::Unit { requests, .. } = u.take_record(9, vec![]) else { panic!() };
         assert_eq!(requests.len(), 2);
         assert!(requests[1].hash_rows && requests[1].frames.ends_with(b"1\n"));
         u.clear();
