@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::cluster::{Cluster, Login};
 use crate::config::Config;
@@ -93,19 +93,7 @@ fn db_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> V
 }
 
 async fn connect(host: &str, port: u16, cfg: &Config, db: &str, app: &str) -> Result<Client, tokio_postgres::Error> {
-    let user = cfg.health_user();
-    let login = Login {
-        host,
-        port,
-        user: &user.name,
-        password: &user.password,
-        database: db,
-        application: app,
-        timeout: cfg.connect_timeout,
-    };
-    let (client, conn) = login.config().connect(NoTls).await?;
-    tokio::spawn(conn);
-    Ok(client)
+    Login::health(cfg, host, port, db, app).connect().await
 }
 
 /// Runs verify against the Chorus described by `cfg` (its listen address and backends), from

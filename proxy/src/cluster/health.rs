@@ -22,7 +22,20 @@ pub struct Login<'a> {
     pub timeout: Duration,
 }
 
-impl Login<'_> {
+impl<'a> Login<'a> {
+    /// Chorus's own login as the health check user (health checks, catalog, verify, joins).
+    pub fn health(cfg: &'a Config, host: &'a str, port: u16, database: &'a str, application: &'a str) -> Login<'a> {
+        let user = cfg.health_user();
+        Login { host, port, user: &user.name, password: &user.password, database, application, timeout: cfg.connect_timeout }
+    }
+
+    /// Connects, with the connection driven by a task of its own.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, conn) = self.config().connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
     pub fn config(&self) -> tokio_postgres::Config {
         let mut pg = tokio_postgres::Config::new();
         pg.host(self.host)

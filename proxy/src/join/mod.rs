@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{self, Backend, BackendState, Login};
@@ -199,19 +199,10 @@ async fn connect(shared: &Shared, b: &Backend, db: &str) -> Result<Client, JoinE
 }
 
 async fn connect_to(shared: &Shared, name: &str, host: &str, port: u16, db: &str) -> Result<Client, JoinError> {
-    let user = shared.cfg.health_user();
-    let login = Login {
-        host,
-        port,
-        user: &user.name,
-        password: &user.password,
-        database: db,
-        application: "chorus-join",
-        timeout: shared.cfg.connect_timeout,
-    };
-    let (client, conn) = login.config().connect(NoTls).await.map_err(db_err(format!("connect to {name} database {db}")))?;
-    tokio::spawn(conn);
-    Ok(client)
+    Login::health(&shared.cfg, host, port, db, "chorus-join")
+        .connect()
+        .await
+        .map_err(db_err(format!("connect to {name} database {db}")))
 }
 
 async fn version(c: &Client) -> Result<u32, JoinError> {
@@ -256,20 +247,8 @@ async fn plan(shared: &Arc<Shared>, req: &JoinRequest) -> Result<Plan, JoinError
             req.name
         )));
     }
-    let databases: Vec<String> = dc
-        .query("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1", &[])
-        .await
-        .map_err(db_err("list the donor's databases"))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let existing: Vec<String> = nc
-        .query("SELECT datname FROM pg_database", &[])
-        .await
-        .map_err(db_err("list the newcomer's databases"))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let databases = names(&dc, "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1").await?;
+    let existing = names(&nc, "SELECT datname FROM pg_database").await?;
     if !req.force {
         for db in databases.iter().filter(|d| existing.contains(d)) {
             let c = connect_to(shared, &req.name, &req.host, req.port, db).await?;
@@ -333,6 +312,11 @@ struct Exporter {
 
 /// Every sequence with its value (NULL before its first nextval).
 const SEQUENCES: &str = "SELECT format('%I.%I', schemaname, sequencename), last_value FROM pg_sequences";
+
+/// The first column of every row of `sql`.
+async fn names(c: &Client, sql: &str) -> Result<Vec<String>, JoinError> {
+    Ok(c.query(sql, &[]).await.map_err(db_err(format!("run {sql}")))?.iter().map(|r| r.get(0)).collect())
+}
 
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
