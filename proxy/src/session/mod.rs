@@ -735,7 +735,7 @@ impl Session {
                         if r.logged {
                             self.settings.observe(&bytes);
                         }
-                        self.unit.request(r.seq, r.hash_rows, r.logged, &bytes);
+                        self.unit.request(r.seq, r.hash_rows, r.logged, &bytes, self.shared.difflog.active());
                     } else {
                         self.unit.more(&bytes, self.shared.difflog.active());
                     }

@@ -149,10 +149,18 @@ impl Settings {
     }
 }
 
+/// A frame of the unit: copied into the unit's own buffer while no join runs (so the client's
+/// read buffer is not pinned by a long transaction), shared while one does.
+enum Piece {
+    Copied(usize, usize),
+    Shared(Bytes),
+}
+
 /// The requests of the current unit, as sent, with their outcomes once known.
 #[derive(Default)]
 pub struct Unit {
-    frames: Vec<Bytes>,
+    frames: Vec<Piece>,
+    copied: bytes::BytesMut,
     /// (seq, first frame, end frame, hash_rows, outcome).
     reqs: Vec<(u64, usize, usize, bool, Option<Outcome>)>,
     bytes: usize,
@@ -164,11 +172,11 @@ pub struct Unit {
 
 impl Unit {
     /// A new request went to every backend (or, `logged` false, a read to one).
-    pub fn request(&mut self, seq: u64, hash_rows: bool, logged: bool, bytes: &Bytes) {
+    pub fn request(&mut self, seq: u64, hash_rows: bool, logged: bool, bytes: &Bytes, join_running: bool) {
         self.on = logged;
         if logged {
             self.reqs.push((seq, self.frames.len(), self.frames.len(), hash_rows, None));
-            self.more(bytes, true);
+            self.more(bytes, join_running);
         }
     }
 
@@ -181,11 +189,25 @@ impl Unit {
         if !join_running && self.bytes > UNIT_KEEP_MAX {
             self.overflow = true;
             self.frames.clear();
+            self.copied.clear();
             return;
         }
-        self.frames.push(bytes.clone());
+        if join_running {
+            self.frames.push(Piece::Shared(bytes.clone()));
+        } else {
+            let start = self.copied.len();
+            self.copied.extend_from_slice(bytes);
+            self.frames.push(Piece::Copied(start, self.copied.len()));
+        }
         if let Some(r) = self.reqs.last_mut() {
             r.2 = self.frames.len();
+        }
+    }
+
+    fn piece(&self, p: &Piece) -> Bytes {
+        match p {
+            Piece::Shared(b) => b.clone(),
+            Piece::Copied(a, b) => Bytes::copy_from_slice(&self.copied[*a..*b]),
         }
     }
 
@@ -204,7 +226,7 @@ impl Unit {
     /// done nothing yet): its frame, which a backend joining now can be given too.
     pub fn begin_only(&self) -> Option<Bytes> {
         let [(_, a, b, _, Some(o))] = self.reqs.as_slice() else { return None };
-        let frame = (b - a == 1).then(|| self.frames[*a].clone())?;
+        let frame = (b - a == 1).then(|| self.piece(&self.frames[*a]))?;
         let sql = (frame.first() == Some(&message::QUERY)).then(|| message::query_sql(&frame[5..]).ok()).flatten()?;
         let class = crate::sql::classify(sql);
         (o.error.is_none() && class.tx == crate::sql::TxEffect::Begin && !class.writes && !class.data).then_some(frame)
@@ -220,11 +242,14 @@ impl Unit {
         let mut requests = Vec::with_capacity(self.reqs.len());
         for &(_, a, b, hash_rows, outcome) in &self.reqs {
             let frames = if b - a == 1 {
-                self.frames[a].clone()
+                self.piece(&self.frames[a])
             } else {
                 let mut f = bytes::BytesMut::new();
-                for x in &self.frames[a..b] {
-                    f.extend_from_slice(x);
+                for p in &self.frames[a..b] {
+                    match p {
+                        Piece::Shared(x) => f.extend_from_slice(x),
+                        Piece::Copied(x, y) => f.extend_from_slice(&self.copied[*x..*y]),
+                    }
                 }
                 f.freeze()
             };
@@ -239,6 +264,11 @@ impl Unit {
         self.bytes = 0;
         self.overflow = false;
         self.on = false;
+        self.copied.clear();
+        if self.copied.capacity() > 64 << 10 {
+            // A big unit passed: give its memory back.
+            self.copied = bytes::BytesMut::new();
+        }
     }
 }
 
@@ -291,9 +321,12 @@ mod tests {
     #[test]
     fn a_unit_records_frames_per_request_and_drops_what_is_too_big_without_a_join() {
         let mut u = Unit::default();
-        u.request(1, false, true, &q("BEGIN"));
-        u.request(2, false, false, &q("SELECT 1")); // a read sent to one backend
-        u.request(3, true, true, &q("COPY t FROM STDIN"));
+        u.request(1, false, true, &q("BEGIN"), false);
+        assert_eq!(u.begin_only(), None, "no outcome yet");
+        u.outcome(1, Outcome::new());
+        assert_eq!(u.begin_only(), Some(q("BEGIN")));
+        u.request(2, false, false, &q("SELECT 1"), false); // a read sent to one backend
+        u.request(3, true, true, &q("COPY t FROM STDIN"), true);
         u.more(&Bytes::from_static(b"d\0\0\0\x061\n"), true);
         u.outcome(3, Outcome::new());
         let Record::Unit { requests, .. } = u.take_record(9, vec![]) else { panic!() };
@@ -301,7 +334,7 @@ mod tests {
         assert!(requests[1].hash_rows && requests[1].frames.ends_with(b"1\n"));
         u.clear();
         assert!(u.is_empty());
-        u.request(4, false, true, &q("COPY t FROM STDIN"));
+        u.request(4, false, true, &q("COPY t FROM STDIN"), false);
         u.more(&Bytes::from(vec![0u8; UNIT_KEEP_MAX + 1]), false);
         assert!(u.overflow);
     }
