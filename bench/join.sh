@@ -82,6 +82,9 @@ sleep 15
 kill -INT "$bench" 2>/dev/null || true
 wait "$bench" 2>/dev/null || true
 join=$(echo "$j1 - $j0" | bc)
+echo "phases (from Chorus's log):"
+sed 's/\x1b\[[0-9;]*m//g' "$work/chorus.log" | grep -E "join phase" | awk '{print "  " $1 "  " $NF}'
+grep -h "lag" "$work/pgbench.out" | tail -1 || true
 python3 - "$work" "$j0" "$j1" "$rate" "$reference" "$join" <<'PY'
 import glob, json, sys
 work, j0, j1, rate, ref, join = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])

@@ -605,7 +605,8 @@ impl Job {
         Ok(())
     }
 
-    /// With writes paused: lets every replayer apply the rest of the log and stop.
+    /// With writes paused: lets every replayer apply the rest of the log and stop, and makes
+    /// what they applied durable.
     async fn finish_replay(&mut self) -> Result<(), JoinError> {
         for r in &self.replayers {
             r.stop.cancel();
@@ -613,7 +614,8 @@ impl Job {
         let mut first_err = None;
         for r in self.replayers.drain(..) {
             let res = match r.task.await {
-                Ok(res) => res,
+                Ok(Ok(())) => replay::flush(&self.shared.cfg, &r.target).await,
+                Ok(Err(e)) => Err(e),
                 Err(e) => Err(format!("replay task failed: {e}")),
             };
             if let Err(e) = res {

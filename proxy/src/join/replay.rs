@@ -25,6 +25,21 @@ use crate::difflog::{DiffLog, LoggedRequest, Record};
 use crate::fanout::{self, BackendConn};
 use crate::order::Mode;
 
+/// `SET synchronous_commit = off` as a Query message.
+static ASYNC_COMMIT: &[u8] = b"Q\0\0\0\x21SET synchronous_commit = off\0";
+
+/// Makes everything replayed into `target` durable: a synchronous commit flushes the WAL up to
+/// itself, and so every asynchronous commit before it.
+pub async fn flush(cfg: &Config, target: &Backend) -> Result<(), String> {
+    let c = crate::cluster::Login::health(cfg, &target.host, target.port, &cfg.health_check_database, "chorus-join")
+        .connect()
+        .await
+        .map_err(|e| format!("connect to {} to flush the replay: {e}", target.name))?;
+    c.batch_execute("SET synchronous_commit = on; BEGIN; SELECT txid_current(); COMMIT")
+        .await
+        .map_err(|e| format!("flush the replay on {}: {e}", target.name))
+}
+
 /// Units replayed at once at most.
 const WINDOW: usize = 16;
 
@@ -73,7 +88,13 @@ async fn run_unit(
                 .await
                 .map_err(|e| format!("replay login as {user} failed: {e}"))?;
             let mut c = l.conn;
-            fanout::conn::run_script(&mut c, &restore, cfg.backend_timeout).await?;
+            // Replayed commits need not wait for the disk one by one: a backend that crashes
+            // during replay fails the join anyway, and `flush` makes the whole replay durable
+            // before the backend is attached. The session's own settings come after this one.
+            let mut script = Vec::with_capacity(restore.len() + 1);
+            script.push(Bytes::from_static(ASYNC_COMMIT));
+            script.extend(restore.iter().cloned());
+            fanout::conn::run_script(&mut c, &script, cfg.backend_timeout).await?;
             c
         }
     };
@@ -224,6 +245,13 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_async_commit_message_is_well_formed() {
+        let codec = crate::protocol::FrameCodec::new(1024);
+        assert_eq!(codec.peek(ASYNC_COMMIT).unwrap(), Some((b'Q', ASYNC_COMMIT.len())));
+        assert_eq!(crate::protocol::message::query_sql(&ASYNC_COMMIT[5..]).unwrap(), b"SET synchronous_commit = off");
+    }
 
     #[test]
     fn lock_summaries_conflict_as_modes_do() {
