@@ -173,7 +173,15 @@ pub async fn start(shared: Arc<Shared>, req: JoinRequest) -> Result<Progress, Jo
     let first = progress.lock().map(|p| p.clone()).map_err(|_| JoinError::Setup("progress lock poisoned".into()))?;
     tokio::spawn(async move {
         let started = Instant::now();
-        let mut job = Job { shared: shared.clone(), plan, progress: progress.clone(), started, log: None, replayers: Vec::new() };
+        let mut job = Job {
+            shared: shared.clone(),
+            plan,
+            progress: progress.clone(),
+            started,
+            log: None,
+            replayers: Vec::new(),
+            donor_replayed: false,
+        };
         let result = job.run().await;
         if let Err(e) = result {
             job.fail(&e.to_string()).await;
@@ -336,6 +344,8 @@ struct Job {
     started: Instant,
     log: Option<Arc<DiffLog>>,
     replayers: Vec<Replayer>,
+    /// A replayer into the donor has been started (it may not start over from the beginning).
+    donor_replayed: bool,
 }
 
 impl Job {
@@ -500,8 +510,19 @@ impl Job {
         };
         let pause = self.pause("attach").await?;
         let paused = Instant::now();
-        let tail = self.finish_replay().await;
-        let mut attached = tail;
+        let results = self.finish_replay().await;
+        let failed = results.iter().find_map(|(b, r)| r.as_ref().err().map(|e| (b.clone(), e.clone())));
+        let mut attached = match &failed {
+            None => Ok(()),
+            Some((_, e)) => Err(JoinError::Replay(e.clone())),
+        };
+        // The donor's replay reached the head under this pause even if the newcomer's failed:
+        // it comes back now.
+        let donor_done = results.iter().any(|(b, r)| b.idx == donor.idx && r.is_ok());
+        if attached.is_err() && donor_done && self.plan.method == Method::Detach {
+            shared.difflog.set(None);
+            let _ = shared.cluster.set_state(&donor.name, BackendState::InSync, "back from a failed join");
+        }
         if attached.is_ok() {
             if let Some(s) = &snaps {
                 attached = s.begin().await.map_err(|e| JoinError::Setup(e.to_string()));
@@ -587,6 +608,9 @@ impl Job {
     }
 
     fn start_replayer(&mut self, target: Arc<Backend>, log: Arc<DiffLog>) {
+        if target.idx == self.plan.donor.idx {
+            self.donor_replayed = true;
+        }
         let pos = Arc::new(Position::default());
         let stop = CancellationToken::new();
         let task = tokio::spawn(replay::replay(self.shared.cfg.clone(), log, target.clone(), pos.clone(), stop.clone()));
@@ -606,26 +630,21 @@ impl Job {
     }
 
     /// With writes paused: lets every replayer apply the rest of the log and stop, and makes
-    /// what they applied durable.
-    async fn finish_replay(&mut self) -> Result<(), JoinError> {
+    /// what they applied durable. Each target's result.
+    async fn finish_replay(&mut self) -> Vec<(Arc<Backend>, Result<(), String>)> {
         for r in &self.replayers {
             r.stop.cancel();
         }
-        let mut first_err = None;
+        let mut out = Vec::new();
         for r in self.replayers.drain(..) {
             let res = match r.task.await {
                 Ok(Ok(())) => replay::flush(&self.shared.cfg, &r.target).await,
                 Ok(Err(e)) => Err(e),
                 Err(e) => Err(format!("replay task failed: {e}")),
             };
-            if let Err(e) = res {
-                first_err.get_or_insert(JoinError::Replay(e));
-            }
+            out.push((r.target, res));
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        out
     }
 
     /// Leaves the newcomer out with the reason; brings a detached donor back through the log,
@@ -672,6 +691,11 @@ impl Job {
             return Err(JoinError::Replay("the diff log failed".into()));
         }
         if !self.replayers.iter().any(|r| r.target.idx == donor.idx) {
+            if self.donor_replayed {
+                // Its replayer ran and is gone: where it stopped is unknown, and starting over
+                // would apply units twice.
+                return Err(JoinError::Replay("the donor's replay stopped part way".into()));
+            }
             self.start_replayer(donor.clone(), log.clone());
         }
         // Catch up while writes go on, then the tail under a pause.
@@ -687,7 +711,10 @@ impl Job {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let pause = self.pause("return the donor").await?;
-        let res = self.finish_replay().await;
+        let res = match self.finish_replay().await.into_iter().find(|(b, _)| b.idx == donor.idx) {
+            Some((_, r)) => r.map_err(JoinError::Replay),
+            None => Err(JoinError::Replay("the donor's replay is gone".into())),
+        };
         if res.is_ok() {
             self.shared.difflog.set(None);
             self.shared
