@@ -487,10 +487,9 @@ impl Session {
             self.lock_wait = None;
         }
         if ev.client_data || ev.token {
-            if self.locks.holds_any() {
-                // Only a session holding the write order has an idle clock running.
-                self.last_client_activity = Instant::now();
-            }
+            // The idle clock (it runs only while the session holds write locks) counts from
+            // the client's last message, also when that message is the one taking the locks.
+            self.last_client_activity = Instant::now();
             self.on_client_data()?;
         }
         if ev.client_eof {
