@@ -699,13 +699,8 @@ impl Job {
             self.start_replayer(donor.clone(), log.clone());
         }
         // Catch up while writes go on, then the tail under a pause.
-        loop {
-            let done = self.replayers.iter().find(|r| r.target.idx == donor.idx).map(|r| r.pos.bytes.load(Ordering::Acquire));
-            let r = self.replayers.iter().find(|r| r.target.idx == donor.idx);
-            if r.is_none_or(|r| r.task.is_finished()) {
-                break;
-            }
-            if done.is_some_and(|d| log.len().saturating_sub(d) <= ATTACH_LAG_BYTES) {
+        while let Some(r) = self.replayers.iter().find(|r| r.target.idx == donor.idx) {
+            if r.task.is_finished() || log.len().saturating_sub(r.pos.bytes.load(Ordering::Acquire)) <= ATTACH_LAG_BYTES {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

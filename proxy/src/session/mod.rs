@@ -207,11 +207,7 @@ pub async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), client.write_all(&buf)).await;
             return;
         }
-        Ok(Ok(Some((conns, guard, target, params, epoch)))) => {
-            let mut s = Session::new(client, shared, conns, guard, target, params);
-            s.epoch = epoch;
-            s
-        }
+        Ok(Ok(Some((conns, guard, target, params, epoch)))) => Session::new(client, shared, conns, guard, target, params, epoch),
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tell_and_close(&mut client, &e).await;
@@ -311,6 +307,7 @@ impl Session {
         cancel: cancel::CancelGuard,
         target: LoadTarget,
         params: Vec<(String, String)>,
+        epoch: u64,
     ) -> Session {
         let locks = shared.order.owner();
         let catalog = shared.catalogs.slot(&target.database);
@@ -352,7 +349,7 @@ impl Session {
             settings: state::Settings::default(),
             unit: state::Unit::default(),
             log_opened: 0,
-            epoch: 0,
+            epoch,
             membership_wait: false,
             upgrade_due: false,
             stale_epoch: 0,
