@@ -110,6 +110,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     #[serde(default)]
     pub read_policy: ReadPolicy,
+    /// Reads stay on the highest-priority backend until it has this many requests in flight.
+    #[serde(default = "defaults::read_capacity")]
+    pub read_capacity: u32,
     #[serde(default)]
     pub commit_ack: CommitAck,
     #[serde(default = "defaults::max_client_connections")]
@@ -186,6 +189,9 @@ mod defaults {
     }
     pub fn data_dir() -> PathBuf {
         "./chorus-data".into()
+    }
+    pub fn read_capacity() -> u32 {
+        8
     }
     pub fn max_client_connections() -> usize {
         1000

@@ -31,6 +31,8 @@ pub struct RouteCtx<'a> {
     pub alive: u64,
     pub conns: &'a [BackendConn],
     pub policy: ReadPolicy,
+    /// Requests in flight at which a backend counts as busy for reads (`read_capacity`).
+    pub read_capacity: u32,
     pub catalog_slot: &'a CatalogSlot,
     /// The session's own DDL transaction is open: it analyses with the last catalog loaded
     /// (it holds the cluster-wide lock) and never waits for a reload.
@@ -164,9 +166,6 @@ pub struct Router {
     batch: Option<OpenBatch>,
     copy: Option<CopyIn>,
     last_targets: u64,
-    rr: usize,
-    /// The backend this session's reads stick to while it is not clearly busier than another.
-    home: Option<usize>,
 }
 
 /// Forward an incomplete extended batch once this much of it has arrived.
@@ -441,7 +440,7 @@ impl Router {
         self.batch = None;
         let read = class.read_only || class.empty;
         let targets = if read && !self.tx_open && ctx.policy == ReadPolicy::One {
-            self.least_busy(ctx.alive, ctx.conns)
+            self.least_busy(ctx.alive, ctx.conns, ctx.read_capacity)
         } else {
             ctx.alive
         };
@@ -663,7 +662,7 @@ impl Router {
                     (true, Some((_, t))) if t & ctx.alive != 0 => t & ctx.alive,
                     _ => ctx.alive,
                 };
-                self.least_busy(pool, ctx.conns)
+                self.least_busy(pool, ctx.conns, ctx.read_capacity)
             }
             None => ctx.alive,
         };
@@ -796,42 +795,33 @@ impl Router {
         }
     }
 
-    /// A router whose first read goes to backend `seed` modulo the backend count, so idle
-    /// sessions spread over the backends.
-    pub fn new(seed: usize) -> Router {
-        Router { rr: seed, ..Router::default() }
-    }
-
-    /// The least busy backend among `pool`. A session keeps reading from the same backend
-    /// while that one is within two requests of the least busy: one server process stays warm
-    /// instead of a process on every backend being woken in turn.
-    fn least_busy(&mut self, pool: u64, conns: &[BackendConn]) -> u64 {
+    /// The least busy backend among `pool`: the highest-priority backend with fewer than
+    /// `capacity` requests in flight (cluster-wide), else the one with the fewest. Below
+    /// capacity a backend is not busy, and keeping reads on one server keeps its caches warm:
+    /// spreading them over servers that are not saturated costs each server cache misses and
+    /// gains nothing (measured in docs/benchmarks.md).
+    fn least_busy(&self, pool: u64, conns: &[BackendConn], capacity: u32) -> u64 {
         // A joined backend that is not checked yet takes writes only.
         let readable = conns.iter().enumerate().filter(|(_, c)| c.backend.serves_reads()).fold(0u64, |m, (i, _)| m | 1 << i);
         let pool = if pool & readable != 0 { pool & readable } else { pool };
-        let load = |i: usize| conns[i].backend.inflight.load(Ordering::Relaxed);
-        if let Some(h) = self.home.filter(|&h| pool & (1 << h) != 0) {
-            let home = load(h);
-            if home < 2 || (0..conns.len()).all(|i| pool & (1 << i) == 0 || load(i) + 2 > home) {
-                return 1 << h;
-            }
-        }
-        self.rr = self.rr.wrapping_add(1);
-        let n = conns.len().max(1);
-        let mut best: Option<(u32, usize)> = None;
-        for k in 0..n {
-            let i = (self.rr + k) % n;
-            if pool & (1 << i) == 0 {
-                continue;
-            }
-            let load = conns[i].backend.inflight.load(Ordering::Relaxed);
-            if best.is_none_or(|(l, _)| load < l) {
-                best = Some((load, i));
-            }
-        }
-        self.home = best.map(|(_, i)| i);
-        best.map(|(_, i)| 1u64 << i).unwrap_or(pool)
+        pick_read(pool, capacity, |i| conns[i].backend.inflight.load(Ordering::Relaxed)).map_or(pool, |i| 1u64 << i)
     }
+}
+
+/// The read policy's choice among `pool` (a mask, lowest bit first = highest priority): the
+/// first backend under `capacity` requests in flight, else the least loaded (ties to priority).
+fn pick_read(pool: u64, capacity: u32, load: impl Fn(usize) -> u32) -> Option<usize> {
+    let mut best: Option<(u32, usize)> = None;
+    for i in super::bits(pool) {
+        let l = load(i);
+        if l < capacity {
+            return Some(i);
+        }
+        if best.is_none_or(|(b, _)| l < b) {
+            best = Some((l, i));
+        }
+    }
+    best.map(|(_, i)| i)
 }
 
 /// CommandComplete "BEGIN" and ReadyForQuery in a transaction.
@@ -881,6 +871,18 @@ fn take_seq(next: &mut u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_stay_on_the_first_backend_under_capacity_then_go_to_the_least_loaded() {
+        let loads = [5u32, 0, 3];
+        let load = |i: usize| loads[i];
+        assert_eq!(pick_read(0b111, 8, load), Some(0), "the lead is not busy");
+        assert_eq!(pick_read(0b110, 8, load), Some(1), "only what the pool holds");
+        assert_eq!(pick_read(0b111, 5, load), Some(1), "the lead is at capacity: the next under it");
+        assert_eq!(pick_read(0b101, 3, load), Some(2), "all busy: the least loaded");
+        assert_eq!(pick_read(0b101, 1, |_| 4), Some(0), "a tie goes to priority");
+        assert_eq!(pick_read(0, 8, load), None);
+    }
 
     #[test]
     fn only_a_plain_begin_is_answered_early() {
