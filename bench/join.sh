@@ -60,10 +60,14 @@ size=$(psql -h 127.0.0.1 -p 57002 -U postgres -qAtc "select pg_size_pretty(pg_da
 
 echo "reference: pg_dump -Fd -j2 + pg_restore -j2 of $size..." >&2
 psql -h 127.0.0.1 -p 57003 -U postgres -qAtc "create database scratch" >/dev/null
+# Busy CPU time of the whole machine, in seconds (all cores): what a phase costs in CPU.
+busy() { awk -v hz="$(getconf CLK_TCK)" '/^cpu / {print ($2+$3+$4+$7+$8+$9)/hz}' /proc/stat; }
+c0=$(busy)
 t0=$(date +%s.%N)
 "$PGBIN/pg_dump" -h 127.0.0.1 -p 57002 -U postgres -Fd -j 2 -f "$work/dump" postgres
 "$PGBIN/pg_restore" -h 127.0.0.1 -p 57003 -U postgres -j 2 -d scratch "$work/dump"
 t1=$(date +%s.%N)
+c1=$(busy)
 reference=$(echo "$t1 - $t0" | bc)
 rm -rf "$work/dump"
 psql -h 127.0.0.1 -p 57003 -U postgres -qAtc "drop database scratch" >/dev/null
@@ -75,8 +79,10 @@ duration=$(printf '%.0f' "$(echo "$reference * 3 + 60" | bc)")
 bench=$!
 sleep 10
 j0=$(date +%s.%N)
+cj0=$(busy)
 CHORUS_ADMIN_TOKEN=$token target/release/chorusctl --admin http://127.0.0.1:6452 join pg3 --host 127.0.0.1 --port 57003 --method "$method"
 j1=$(date +%s.%N)
+cj1=$(busy)
 CHORUS_ADMIN_TOKEN=$token target/release/chorusctl --admin http://127.0.0.1:6452 --json status >"$work/status.json"
 sleep 15
 kill -INT "$bench" 2>/dev/null || true
@@ -108,4 +114,6 @@ if lat:
     print(f"transactions during the join: {len(lat)}, latency p50 {lat[len(lat)//2]:.1f} ms, p99 {lat[int(len(lat)*0.99)]:.1f} ms, max {lat[-1]:.1f} ms")
 print(f"throughput during the join: {tps:.0f} TPS = {tps/rate:.2f} of the {rate:.0f} TPS rate (target >= 0.80)")
 PY
+awk -v n="$(nproc)" -v r="$reference" -v c="$(echo "$c1 - $c0" | bc)" -v j="$join" -v cj="$(echo "$cj1 - $cj0" | bc)" 'BEGIN {
+  printf "machine CPU busy: reference %.1f core-s (%.2f of %d cores on average), join %.1f core-s (%.2f cores)\n", c, c / r, n, cj, cj / j }'
 grep -E "number of failed|aborted" "$work/pgbench.out" || true

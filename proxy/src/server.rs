@@ -201,7 +201,9 @@ impl Workers {
         let mut handles = Vec::new();
         let mut threads = Vec::new();
         for i in 0..n.max(1) {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            // Sockets and timers only: sessions start no processes and catch no signals, and the
+            // process driver would otherwise look for orphans at every turn of the loop.
+            let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
             handles.push(rt.handle().clone());
             let stop = stop.clone();
             threads.push(std::thread::Builder::new().name(format!("chorus-sessions-{i}")).spawn(move || {

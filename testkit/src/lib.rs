@@ -159,7 +159,10 @@ fn template(bin: &Path, ids: Option<(u32, u32)>) -> Result<PathBuf> {
     if dir.join("PG_VERSION").exists() && dir.join(".complete").exists() {
         return Ok(dir);
     }
-    let tmp = root.join(format!("template-{key:016x}-tmp-{}", std::process::id()));
+    // Unique per call: tests of one process start servers from several threads at once.
+    static MAKING: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = MAKING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = root.join(format!("template-{key:016x}-tmp-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
     chown_r(&tmp, ids)?;

@@ -452,6 +452,10 @@ impl Job {
             .await?;
             dumps.push((db.clone(), dir));
         }
+        // The donor's copy is taken: it catches up with the log while the newcomer restores.
+        if self.plan.method == Method::Detach {
+            self.start_replayer(donor.clone(), log.clone());
+        }
         // The snapshots are no longer needed once every dump has read them.
         let sequences: Vec<(String, Vec<SeqValue>)> = exporters.into_iter().map(|e| (e.db, e.sequences)).collect();
         self.phase(Phase::Restoring);
@@ -481,9 +485,6 @@ impl Job {
         // 3. Replay into the newcomer (and the donor) until both are close to the head.
         self.phase(Phase::Replaying);
         self.start_replayer(newcomer.clone(), log.clone());
-        if self.plan.method == Method::Detach {
-            self.start_replayer(donor.clone(), log.clone());
-        }
         loop {
             self.check_replayers()?;
             self.update(|_| {});
