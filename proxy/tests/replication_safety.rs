@@ -371,6 +371,33 @@ async fn refused_constructs(n: usize) {
 
 with_two_and_three_backends!(refused_constructs, refused_constructs_two_backends, refused_constructs_three_backends);
 
+/// verify hashes rows with `hash_record_extended` where every column's hash is exact and by
+/// their text elsewhere: a change behind Chorus's back is found either way, including one
+/// (numeric 1.0 against 1.00) that only the text shows.
+#[tokio::test]
+async fn verify_finds_changes_behind_chorus_back_in_either_hash() {
+    let s = Setup::new(2).await;
+    let c = s.client().await;
+    c.batch_execute(
+        "CREATE TABLE e (id int PRIMARY KEY, t text, b bytea, at timestamptz, u uuid);
+         CREATE TABLE m (id int PRIMARY KEY, v numeric);
+         INSERT INTO e SELECT g, 'row ' || g, '\\x0102', '2026-01-01 00:00+00', md5(g::text)::uuid FROM generate_series(1, 500) g;
+         INSERT INTO m SELECT g, 1.0 FROM generate_series(1, 500) g;",
+    )
+    .await
+    .unwrap();
+    verified(&s).await;
+    let behind = s.servers[1].local_client("postgres").await.unwrap();
+    behind.batch_execute("UPDATE e SET t = 'row 7 ' WHERE id = 7").await.unwrap();
+    let (ok, out) = s.chorus.verify();
+    assert!(!ok && out.contains("UNEQUAL  postgres.public.e"), "{out}");
+    assert!(out.contains("equal    postgres.public.m"), "{out}");
+    behind.batch_execute("UPDATE e SET t = 'row 7' WHERE id = 7; UPDATE m SET v = 1.00 WHERE id = 9").await.unwrap();
+    let (ok, out) = s.chorus.verify();
+    assert!(!ok && out.contains("UNEQUAL  postgres.public.m"), "numeric scale is part of the value:\n{out}");
+    assert!(out.contains("equal    postgres.public.e"), "{out}");
+}
+
 /// Writers on distinct rows run side by side; writers on one row queue.
 async fn non_conflicting_writers(n: usize) {
     let s = Setup::new(n).await;
