@@ -305,7 +305,7 @@ fn wait_for_join(cli: &Cli, api: &Api, name: &str) -> Result<(), String> {
                     if donor.is_empty() { String::new() } else { format!(" ({donor})") }
                 ));
             }
-            _ => std::thread::sleep(Duration::from_millis(250)),
+            _ => std::thread::sleep(Duration::from_millis(100)),
         }
     }
 }

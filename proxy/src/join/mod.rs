@@ -439,19 +439,24 @@ impl Job {
         // 2. Dump and restore, roles first.
         self.phase(Phase::Dumping);
         let t = self.plan.tools.clone();
-        tools::copy_roles(&t, &shared.cfg, &donor, &newcomer, &self.plan.work).await?;
-        let mut dumps = Vec::new();
-        for (i, db) in self.plan.databases.iter().enumerate() {
-            let dir = self.plan.work.join(format!("db{i}"));
-            let snap = exporters.iter().find(|e| &e.db == db).map(|e| e.snapshot.as_str());
-            let dump = tools::dump(&t, &shared.cfg, &donor, db, &dir, snap);
-            self.watch(dump, |job| {
-                let n = tools::dir_size(&job.plan.work);
-                job.update(|p| p.bytes_dumped = n);
-            })
-            .await?;
-            dumps.push((db.clone(), dir));
-        }
+        // The roles are needed by the restore, not by the dump: copied meanwhile.
+        let roles = tools::copy_roles(&t, &shared.cfg, &donor, &newcomer, &self.plan.work);
+        let dumping = async {
+            let mut dumps = Vec::new();
+            for (i, db) in self.plan.databases.iter().enumerate() {
+                let dir = self.plan.work.join(format!("db{i}"));
+                let snap = exporters.iter().find(|e| &e.db == db).map(|e| e.snapshot.as_str());
+                let dump = tools::dump(&t, &shared.cfg, &donor, db, &dir, snap);
+                self.watch(dump, |job| {
+                    let n = tools::dir_size(&job.plan.work);
+                    job.update(|p| p.bytes_dumped = n);
+                })
+                .await?;
+                dumps.push((db.clone(), dir));
+            }
+            Ok::<_, JoinError>(dumps)
+        };
+        let ((), dumps) = futures::try_join!(roles, dumping)?;
         // The donor's copy is taken: it catches up with the log while the newcomer restores.
         if self.plan.method == Method::Detach {
             self.start_replayer(donor.clone(), log.clone());
