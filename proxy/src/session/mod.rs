@@ -312,7 +312,9 @@ impl Session {
         let locks = shared.order.owner();
         let catalog = shared.catalogs.slot(&target.database);
         shared.catalogs.refresh(&catalog, target.clone());
-        let shutdown = Box::pin(shared.stop.clone().cancelled_owned());
+        // A child token of its own: polling a cancellation future takes its token's mutex on
+        // every turn of the loop, and the server's one token would be shared by every session.
+        let shutdown = Box::pin(shared.stop.child_token().cancelled_owned());
         let max = shared.cfg.max_message_size;
         Session {
             client,
