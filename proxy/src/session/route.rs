@@ -439,11 +439,7 @@ impl Router {
     ) -> Dispatch {
         self.batch = None;
         let read = class.read_only || class.empty;
-        let targets = if read && !self.tx_open && ctx.policy == ReadPolicy::One {
-            self.least_busy(ctx.alive, ctx.conns, ctx.read_capacity)
-        } else {
-            ctx.alive
-        };
+        let targets = if read && !self.tx_open && ctx.policy == ReadPolicy::One { least_busy(ctx.alive, ctx) } else { ctx.alive };
         let seq = take_seq(next_seq);
         let tx_was_open = self.tx_open;
         self.apply_tx(class);
@@ -662,7 +658,7 @@ impl Router {
                     (true, Some((_, t))) if t & ctx.alive != 0 => t & ctx.alive,
                     _ => ctx.alive,
                 };
-                self.least_busy(pool, ctx.conns, ctx.read_capacity)
+                least_busy(pool, ctx)
             }
             None => ctx.alive,
         };
@@ -794,18 +790,18 @@ impl Router {
             }
         }
     }
+}
 
-    /// The least busy backend among `pool`: the highest-priority backend with fewer than
-    /// `capacity` requests in flight (cluster-wide), else the one with the fewest. Below
-    /// capacity a backend is not busy, and keeping reads on one server keeps its caches warm:
-    /// spreading them over servers that are not saturated costs each server cache misses and
-    /// gains nothing (measured in docs/benchmarks.md).
-    fn least_busy(&self, pool: u64, conns: &[BackendConn], capacity: u32) -> u64 {
-        // A joined backend that is not checked yet takes writes only.
-        let readable = conns.iter().enumerate().filter(|(_, c)| c.backend.serves_reads()).fold(0u64, |m, (i, _)| m | 1 << i);
-        let pool = if pool & readable != 0 { pool & readable } else { pool };
-        pick_read(pool, capacity, |i| conns[i].backend.inflight.load(Ordering::Relaxed)).map_or(pool, |i| 1u64 << i)
-    }
+/// The least busy backend among `pool`: the highest-priority backend with fewer than
+/// `read_capacity` requests in flight (cluster-wide), else the one with the fewest. Below
+/// capacity a backend is not busy, and keeping reads on one server keeps its caches warm:
+/// spreading them over servers that are not saturated costs each server cache misses and
+/// gains nothing (measured in docs/benchmarks.md).
+fn least_busy(pool: u64, ctx: &RouteCtx<'_>) -> u64 {
+    // A joined backend that is not checked yet takes writes only.
+    let readable = ctx.conns.iter().enumerate().filter(|(_, c)| c.backend.serves_reads()).fold(0u64, |m, (i, _)| m | 1 << i);
+    let pool = if pool & readable != 0 { pool & readable } else { pool };
+    pick_read(pool, ctx.read_capacity, |i| ctx.conns[i].backend.inflight.load(Ordering::Relaxed)).map_or(pool, |i| 1u64 << i)
 }
 
 /// The read policy's choice among `pool` (a mask, lowest bit first = highest priority): the
