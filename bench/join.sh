@@ -24,6 +24,7 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for n in 1 2 3; do as_pg "$PGBIN/pg_ctl -D $work/pg$n -m immediate stop" >/dev/null 2>&1 || true; done
+  cp "$work/chorus.log" /tmp/chorus-joinbench-last.log 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT

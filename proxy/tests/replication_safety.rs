@@ -371,11 +371,11 @@ async fn refused_constructs(n: usize) {
 
 with_two_and_three_backends!(refused_constructs, refused_constructs_two_backends, refused_constructs_three_backends);
 
-/// verify hashes rows with `hash_record_extended` where every column's hash is exact and by
-/// their text elsewhere: a change behind Chorus's back is found either way, including one
-/// (numeric 1.0 against 1.00) that only the text shows.
+/// verify hashes each column (by its type's hash, or by its text) and then the row: a change
+/// behind Chorus's back is found whichever way its columns are hashed, including one (numeric
+/// 1.0 against 1.00) that only the text shows, values swapped between rows, and a NULL.
 #[tokio::test]
-async fn verify_finds_changes_behind_chorus_back_in_either_hash() {
+async fn verify_finds_changes_behind_chorus_back() {
     let s = Setup::new(2).await;
     let c = s.client().await;
     c.batch_execute(
@@ -388,14 +388,24 @@ async fn verify_finds_changes_behind_chorus_back_in_either_hash() {
     .unwrap();
     verified(&s).await;
     let behind = s.servers[1].local_client("postgres").await.unwrap();
-    behind.batch_execute("UPDATE e SET t = 'row 7 ' WHERE id = 7").await.unwrap();
-    let (ok, out) = s.chorus.verify();
-    assert!(!ok && out.contains("UNEQUAL  postgres.public.e"), "{out}");
-    assert!(out.contains("equal    postgres.public.m"), "{out}");
-    behind.batch_execute("UPDATE e SET t = 'row 7' WHERE id = 7; UPDATE m SET v = 1.00 WHERE id = 9").await.unwrap();
-    let (ok, out) = s.chorus.verify();
-    assert!(!ok && out.contains("UNEQUAL  postgres.public.m"), "numeric scale is part of the value:\n{out}");
-    assert!(out.contains("equal    postgres.public.e"), "{out}");
+    let unequal = |change: &'static str, undo: &'static str, table: &'static str, other: &'static str| {
+        let (s, behind) = (&s, &behind);
+        async move {
+            behind.batch_execute(change).await.unwrap();
+            let (ok, out) = s.chorus.verify();
+            assert!(!ok && out.contains(&format!("UNEQUAL  postgres.public.{table}")), "{change}:\n{out}");
+            assert!(out.contains(&format!("equal    postgres.public.{other}")), "{change}:\n{out}");
+            behind.batch_execute(undo).await.unwrap();
+        }
+    };
+    unequal("UPDATE e SET t = 'row 7 ' WHERE id = 7", "UPDATE e SET t = 'row 7' WHERE id = 7", "e", "m").await;
+    // Each column's values stay the same, only their rows change.
+    let swap = "UPDATE e SET t = CASE id WHEN 3 THEN 'row 4' ELSE 'row 3' END WHERE id IN (3, 4)";
+    let back = "UPDATE e SET t = 'row ' || id WHERE id IN (3, 4)";
+    unequal(swap, back, "e", "m").await;
+    unequal("UPDATE e SET b = NULL WHERE id = 5", "UPDATE e SET b = '\\x0102' WHERE id = 5", "e", "m").await;
+    unequal("UPDATE m SET v = 1.00 WHERE id = 9", "UPDATE m SET v = 1.0 WHERE id = 9", "m", "e").await;
+    verified(&s).await;
 }
 
 /// Writers on distinct rows run side by side; writers on one row queue.

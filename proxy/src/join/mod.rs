@@ -3,7 +3,8 @@
 //!
 //! `detach` (two or more in-sync backends): under a write pause the donor leaves the in-sync
 //! set and the diff log starts, so the donor holds a frozen, consistent copy; it is dumped and
-//! restored into the newcomer; the log is replayed into both; a second short pause replays the
+//! restored into the newcomer (the largest tables' rows copied straight across, `copy`); the
+//! log is replayed into both; a second short pause replays the
 //! tail and attaches both. `snapshot` (the only way with one in-sync backend): under a write
 //! pause a REPEATABLE READ transaction on the donor exports its snapshot and the log starts;
 //! the donor keeps serving while pg_dump reads that snapshot; the log is replayed into the
@@ -11,11 +12,12 @@
 //! verify's checksums. Any failure leaves the newcomer out with the reason and brings the
 //! donor back through the log (or marks it `needs_rebuild`); clients never see an error.
 
+mod copy;
 mod replay;
 pub mod tools;
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -436,40 +438,59 @@ impl Job {
         self.update(|p| p.detach_pause_ms = Some(ms));
         started?;
 
-        // 2. Dump and restore, roles first.
+        // 2. Dump and restore, roles first. pg_dump takes the schema and the small tables; the
+        //    largest tables' rows go straight from the donor into the newcomer (see copy.rs).
         self.phase(Phase::Dumping);
         let t = self.plan.tools.clone();
+        let cfg = shared.cfg.clone();
+        let size_conn = connect(&shared, &newcomer, &cfg.health_check_database).await?;
+        let copied = AtomicU64::new(0);
+        let snapshot_of = |db: &str| exporters.iter().find(|e| e.db == db).map(|e| e.snapshot.clone());
         // The roles are needed by the restore, not by the dump: copied meanwhile.
-        let roles = tools::copy_roles(&t, &shared.cfg, &donor, &newcomer, &self.plan.work);
+        let roles = tools::copy_roles(&t, &cfg, &donor, &newcomer, &self.plan.work);
         let dumping = async {
+            let root = self.plan.work.join("dumps");
+            std::fs::create_dir_all(&root).map_err(|e| JoinError::Setup(format!("cannot create {}: {e}", root.display())))?;
             let mut dumps = Vec::new();
             for (i, db) in self.plan.databases.iter().enumerate() {
-                let dir = self.plan.work.join(format!("db{i}"));
-                let snap = exporters.iter().find(|e| &e.db == db).map(|e| e.snapshot.as_str());
-                let dump = tools::dump(&t, &shared.cfg, &donor, db, &dir, snap);
-                self.watch(dump, |job| {
-                    let n = tools::dir_size(&job.plan.work);
-                    job.update(|p| p.bytes_dumped = n);
-                })
-                .await?;
-                dumps.push((db.clone(), dir));
+                let dir = root.join(format!("db{i}"));
+                // Which tables are copied is read where they are read: in the snapshot, or
+                // on the frozen donor.
+                let tables = match exporters.iter().find(|e| &e.db == db) {
+                    Some(e) => copy::tables(&e.client).await?,
+                    None => copy::tables(&connect(&shared, &donor, db).await?).await?,
+                };
+                let snap = snapshot_of(db);
+                let dump = tools::dump(&t, &cfg, &donor, db, &dir, snap.as_deref(), &tables);
+                self.watch(dump, &size_conn, &copied).await?;
+                dumps.push((db.clone(), dir, tables));
             }
             Ok::<_, JoinError>(dumps)
         };
         let ((), dumps) = futures::try_join!(roles, dumping)?;
-        // The donor's copy is taken: it catches up with the log while the newcomer restores.
+        self.phase(Phase::Restoring);
+        for (db, dir, tables) in &dumps {
+            let at = Instant::now();
+            self.watch(tools::restore(&t, &cfg, &newcomer, db, dir, "pre-data"), &size_conn, &copied).await?;
+            tracing::info!(database = %db, seconds = at.elapsed().as_secs_f64(), "join restored the schema");
+            let at = Instant::now();
+            let snap = snapshot_of(db);
+            let rows = copy::copy_tables(&shared, &donor, &newcomer, db, snap.as_deref(), tables, cfg.join_jobs, &copied);
+            let rest = tools::restore(&t, &cfg, &newcomer, db, dir, "data");
+            self.watch(async { futures::try_join!(rows, rest).map(|_| ()) }, &size_conn, &copied).await?;
+            tracing::info!(database = %db, tables_copied = tables.len(), seconds = at.elapsed().as_secs_f64(), "join loaded the rows");
+        }
+        // Every row has been read from the donor: a detached donor catches up with the log
+        // while the newcomer builds its indexes and constraints.
         if self.plan.method == Method::Detach {
             self.start_replayer(donor.clone(), log.clone());
         }
-        // The snapshots are no longer needed once every dump has read them.
+        // The snapshots are no longer needed.
         let sequences: Vec<(String, Vec<SeqValue>)> = exporters.into_iter().map(|e| (e.db, e.sequences)).collect();
-        self.phase(Phase::Restoring);
-        let size_conn = connect(&shared, &newcomer, &shared.cfg.health_check_database).await?;
-        for (db, dir) in &dumps {
-            let restore = tools::restore(&t, &shared.cfg, &newcomer, db, dir);
-            let sc = &size_conn;
-            let r = self.watch_async(restore, sc).await;
-            r?;
+        for (db, dir, _) in &dumps {
+            let at = Instant::now();
+            self.watch(tools::restore(&t, &cfg, &newcomer, db, dir, "post-data"), &size_conn, &copied).await?;
+            tracing::info!(database = %db, seconds = at.elapsed().as_secs_f64(), "join built indexes and constraints");
             let _ = std::fs::remove_dir_all(dir);
             if let Some((_, seqs)) = sequences.iter().find(|(d, _)| d == db).filter(|(_, s)| !s.is_empty()) {
                 let c = connect(&shared, &newcomer, db).await?;
@@ -573,44 +594,42 @@ impl Job {
         Ok(())
     }
 
-    /// Runs a tool to completion, updating progress every half second meanwhile.
+    /// Runs a step to completion, updating the progress every half second meanwhile: bytes
+    /// dumped (the dump files and the rows copied) and restored (the newcomer's databases).
     async fn watch(
         &self,
         fut: impl std::future::Future<Output = Result<(), JoinError>>,
-        tick: impl Fn(&Job),
+        size: &Client,
+        copied: &AtomicU64,
     ) -> Result<(), JoinError> {
         tokio::pin!(fut);
         let mut every = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
                 r = &mut fut => {
-                    tick(self);
+                    self.tick(size, copied).await;
                     return r;
                 }
-                _ = every.tick() => tick(self),
+                _ = every.tick() => self.tick(size, copied).await,
             }
         }
     }
 
-    /// Like `watch` for a restore: progress is the newcomer's database sizes.
-    async fn watch_async(
-        &self,
-        fut: impl std::future::Future<Output = Result<(), JoinError>>,
-        size: &Client,
-    ) -> Result<(), JoinError> {
-        tokio::pin!(fut);
-        let mut every = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            tokio::select! {
-                r = &mut fut => return r,
-                _ = every.tick() => {
-                    if let Ok(row) = size.query_one("SELECT sum(pg_database_size(datname))::bigint FROM pg_database", &[]).await {
-                        let n: i64 = row.get(0);
-                        self.update(|p| p.bytes_restored = n.max(0) as u64);
-                    }
-                }
+    async fn tick(&self, size: &Client, copied: &AtomicU64) {
+        let dumped = tools::dir_size(&self.plan.work.join("dumps")) + copied.load(Ordering::Relaxed);
+        // Bounded: a newcomer that stops answering must not stall the step being watched.
+        let q = size.query_one("SELECT sum(pg_database_size(datname))::bigint FROM pg_database", &[]);
+        let restored = match tokio::time::timeout(Duration::from_secs(1), q).await {
+            Ok(Ok(row)) => Some(row.get::<_, i64>(0).max(0) as u64),
+            _ => None,
+        };
+        self.update(|p| {
+            // Dump files are removed once restored: the count does not go back.
+            p.bytes_dumped = p.bytes_dumped.max(dumped);
+            if let Some(n) = restored {
+                p.bytes_restored = n;
             }
-        }
+        });
     }
 
     fn start_replayer(&mut self, target: Arc<Backend>, log: Arc<DiffLog>) {

@@ -82,7 +82,8 @@ async fn run(mut cmd: Command, what: &str) -> Result<String, JoinError> {
     Ok(stderr)
 }
 
-/// pg_dump of one database in directory format with parallel jobs, from a snapshot if given.
+/// pg_dump of one database in directory format with parallel jobs, from a snapshot if given,
+/// leaving out the rows of the tables `copy` takes.
 pub async fn dump(
     t: &Tools,
     cfg: &Config,
@@ -90,6 +91,7 @@ pub async fn dump(
     db: &str,
     dir: &Path,
     snapshot: Option<&str>,
+    copied: &[super::copy::Table],
 ) -> Result<(), JoinError> {
     let mut cmd = Command::new(t.dir.join("pg_dump"));
     conn_args(&mut cmd, cfg, donor);
@@ -97,15 +99,22 @@ pub async fn dump(
     if let Some(s) = snapshot {
         cmd.arg(format!("--snapshot={s}"));
     }
+    for table in copied {
+        cmd.arg(format!("--exclude-table-data={}", table.name));
+    }
     run(cmd, &format!("pg_dump of database {db} from {}", donor.name)).await.map(|_| ())
 }
 
-/// pg_restore of one dumped database into the newcomer, with parallel jobs.
-pub async fn restore(t: &Tools, cfg: &Config, newcomer: &Backend, db: &str, dir: &Path) -> Result<(), JoinError> {
+/// pg_restore of one section (pre-data, data or post-data) of a dumped database into the
+/// newcomer, with parallel jobs.
+pub async fn restore(t: &Tools, cfg: &Config, newcomer: &Backend, db: &str, dir: &Path, section: &str) -> Result<(), JoinError> {
     let mut cmd = Command::new(t.dir.join("pg_restore"));
     conn_args(&mut cmd, cfg, newcomer);
-    cmd.arg("-j").arg(cfg.join_jobs.to_string()).arg("-d").arg(db).arg(dir);
-    run(cmd, &format!("pg_restore of database {db} into {}", newcomer.name)).await.map(|_| ())
+    // A single job for the pre-data section: parallel restore does it in one anyway.
+    let jobs = if section == "pre-data" { 1 } else { cfg.join_jobs };
+    cmd.arg("-j").arg(jobs.to_string()).arg(format!("--section={section}")).arg("--exit-on-error");
+    cmd.arg("-d").arg(db).arg(dir);
+    run(cmd, &format!("pg_restore ({section}) of database {db} into {}", newcomer.name)).await.map(|_| ())
 }
 
 /// Copies the donor's roles to the newcomer (those that exist there already stay as they are).
