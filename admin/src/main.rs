@@ -285,10 +285,10 @@ fn wait_for_join(cli: &Cli, api: &Api, name: &str) -> Result<(), String> {
                     println!("{}", serde_json::to_string_pretty(&p).unwrap_or_default());
                 } else {
                     println!(
-                        "{name} is in sync after {:.1}s (write pauses: detach {} ms, attach {} ms)",
+                        "{name} is in sync after {:.1}s (write pauses: detach {:.1} ms, attach {:.1} ms)",
                         p.get("elapsed_seconds").and_then(Value::as_f64).unwrap_or(0.0),
-                        s(&p, "detach_pause_ms"),
-                        s(&p, "attach_pause_ms")
+                        p.get("detach_pause_ms").and_then(Value::as_f64).unwrap_or(0.0),
+                        p.get("attach_pause_ms").and_then(Value::as_f64).unwrap_or(0.0)
                     );
                 }
                 return Ok(());
