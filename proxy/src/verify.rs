@@ -108,7 +108,7 @@ impl Report {
 pub enum VerifyError {
     #[error("{0}")]
     Setup(String),
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", crate::cluster::pg_error(source))]
     Db { context: String, source: tokio_postgres::Error },
 }
 

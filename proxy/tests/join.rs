@@ -148,6 +148,12 @@ async fn join_into_a_cluster_of_one() {
     // detach is refused with one backend: it would leave none in sync.
     let (ok, out) = s.chorus.chorusctl(&["join", "pg2", "--host", "127.0.0.1", "--port", &port, "--method", "detach"]);
     assert!(!ok && out.contains("two in-sync backends"), "{out}");
+    // A newcomer without the health-check database: refused with the server's own words.
+    let admin = newcomer.local_client("template1").await.unwrap();
+    admin.batch_execute("DROP DATABASE postgres").await.unwrap();
+    let (ok, out) = s.chorus.chorusctl(&["join", "pg2", "--host", "127.0.0.1", "--port", &port]);
+    assert!(!ok && out.contains("database \"postgres\" does not exist (SQLSTATE 3D000)"), "{out}");
+    admin.batch_execute("CREATE DATABASE postgres").await.unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let stop = stop.clone();

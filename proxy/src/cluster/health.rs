@@ -122,3 +122,15 @@ pub fn spawn_health_check(cfg: Arc<Config>, cluster: Arc<Cluster>, b: Arc<Backen
         });
     }
 }
+
+/// What a server said, for an error line: tokio-postgres shows a server's error as "db error"
+/// alone; the message, its detail and the SQLSTATE are what an operator needs.
+pub fn pg_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => match d.detail() {
+            Some(detail) => format!("{} ({}; SQLSTATE {})", d.message(), detail, d.code().code()),
+            None => format!("{} (SQLSTATE {})", d.message(), d.code().code()),
+        },
+        None => e.to_string(),
+    }
+}

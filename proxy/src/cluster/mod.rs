@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-pub use health::{probe, spawn_health_check, spawn_health_checks, Login};
+pub use health::{pg_error, probe, spawn_health_check, spawn_health_checks, Login};
 pub use state::{BackendState, StateRecord, StateStore};
 
 use crate::config::{Config, MAX_BACKENDS};

@@ -109,7 +109,7 @@ pub enum JoinError {
     Setup(String),
     #[error("{0}")]
     Tool(String),
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", crate::cluster::pg_error(source))]
     Db { context: String, source: tokio_postgres::Error },
     #[error("{0}")]
     Replay(String),

@@ -224,7 +224,7 @@ impl Catalogs {
                         *slot.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     }
                     Ok(Err(e)) => {
-                        let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+                        let msg = crate::cluster::pg_error(&e);
                         tracing::warn!(database = %target.database, error = %msg, "catalog load failed");
                         *slot.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
                     }
