@@ -54,8 +54,7 @@ const TABLES: &str = "SELECT n.nspname::text, c.relname::text, \
 
 /// The tables of the database `c` is connected to whose rows are copied.
 pub async fn tables(c: &Client) -> Result<Vec<Table>, JoinError> {
-    let v: String = c.query_one("SHOW server_version_num", &[]).await.map_err(db_err("read server_version_num"))?.get(0);
-    if v.parse::<u32>().unwrap_or(0) < 120000 {
+    if super::version(c).await? < 12 {
         return Ok(Vec::new());
     }
     let rows = c.query(TABLES, &[&MIN_BYTES, &MAX_TABLES]).await.map_err(db_err("list the tables to copy"))?;

@@ -445,7 +445,8 @@ impl Job {
         let cfg = shared.cfg.clone();
         let size_conn = connect(&shared, &newcomer, &cfg.health_check_database).await?;
         let copied = AtomicU64::new(0);
-        let snapshot_of = |db: &str| exporters.iter().find(|e| e.db == db).map(|e| e.snapshot.clone());
+        let exporter_of = |db: &str| exporters.iter().find(|e| e.db == db);
+        let snapshot_of = |db: &str| exporter_of(db).map(|e| e.snapshot.as_str());
         // The roles are needed by the restore, not by the dump: copied meanwhile.
         let roles = tools::copy_roles(&t, &cfg, &donor, &newcomer, &self.plan.work);
         let dumping = async {
@@ -456,12 +457,11 @@ impl Job {
                 let dir = root.join(format!("db{i}"));
                 // Which tables are copied is read where they are read: in the snapshot, or
                 // on the frozen donor.
-                let tables = match exporters.iter().find(|e| &e.db == db) {
+                let tables = match exporter_of(db) {
                     Some(e) => copy::tables(&e.client).await?,
                     None => copy::tables(&connect(&shared, &donor, db).await?).await?,
                 };
-                let snap = snapshot_of(db);
-                let dump = tools::dump(&t, &cfg, &donor, db, &dir, snap.as_deref(), &tables);
+                let dump = tools::dump(&t, &cfg, &donor, db, &dir, snapshot_of(db), &tables);
                 self.watch(dump, &size_conn, &copied).await?;
                 dumps.push((db.clone(), dir, tables));
             }
@@ -474,8 +474,7 @@ impl Job {
             self.watch(tools::restore(&t, &cfg, &newcomer, db, dir, "pre-data"), &size_conn, &copied).await?;
             tracing::info!(database = %db, seconds = at.elapsed().as_secs_f64(), "join restored the schema");
             let at = Instant::now();
-            let snap = snapshot_of(db);
-            let rows = copy::copy_tables(&shared, &donor, &newcomer, db, snap.as_deref(), tables, cfg.join_jobs, &copied);
+            let rows = copy::copy_tables(&shared, &donor, &newcomer, db, snapshot_of(db), tables, cfg.join_jobs, &copied);
             let rest = tools::restore(&t, &cfg, &newcomer, db, dir, "data");
             self.watch(async { futures::try_join!(rows, rest).map(|_| ()) }, &size_conn, &copied).await?;
             tracing::info!(database = %db, tables_copied = tables.len(), seconds = at.elapsed().as_secs_f64(), "join loaded the rows");

@@ -110,9 +110,7 @@ pub async fn dump(
 pub async fn restore(t: &Tools, cfg: &Config, newcomer: &Backend, db: &str, dir: &Path, section: &str) -> Result<(), JoinError> {
     let mut cmd = Command::new(t.dir.join("pg_restore"));
     conn_args(&mut cmd, cfg, newcomer);
-    // A single job for the pre-data section: parallel restore does it in one anyway.
-    let jobs = if section == "pre-data" { 1 } else { cfg.join_jobs };
-    cmd.arg("-j").arg(jobs.to_string()).arg(format!("--section={section}")).arg("--exit-on-error");
+    cmd.arg("-j").arg(cfg.join_jobs.to_string()).arg(format!("--section={section}")).arg("--exit-on-error");
     cmd.arg("-d").arg(db).arg(dir);
     run(cmd, &format!("pg_restore ({section}) of database {db} into {}", newcomer.name)).await.map(|_| ())
 }
