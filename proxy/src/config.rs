@@ -119,6 +119,9 @@ pub struct Config {
     pub max_client_connections: usize,
     #[serde(default = "defaults::max_message_size")]
     pub max_message_size: usize,
+    /// Client logins that may be logging in to the backends at once; the rest queue.
+    #[serde(default = "defaults::login_concurrency")]
+    pub login_concurrency: usize,
     #[serde(default = "defaults::login_timeout", deserialize_with = "duration")]
     pub login_timeout: Duration,
     #[serde(default = "defaults::idle_in_transaction_timeout", deserialize_with = "duration")]
@@ -195,6 +198,9 @@ mod defaults {
     }
     pub fn max_client_connections() -> usize {
         1000
+    }
+    pub fn login_concurrency() -> usize {
+        32
     }
     pub fn max_message_size() -> usize {
         64 * 1024 * 1024
@@ -295,7 +301,7 @@ impl Config {
         }
         let mut names = HashSet::new();
         for b in &self.backends {
-            if b.name.is_empty() || !b.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            if !valid_backend_name(&b.name) {
                 return bad(format!("backend name {:?} must be non-empty letters, digits, '-' or '_'", b.name));
             }
             if !names.insert(&b.name) {
@@ -321,6 +327,9 @@ impl Config {
         }
         if self.max_client_connections == 0 {
             return bad("max_client_connections must be at least 1".into());
+        }
+        if self.login_concurrency == 0 {
+            return bad("login_concurrency must be at least 1".into());
         }
         if self.max_message_size < 1024 {
             return bad("max_message_size must be at least 1024 bytes".into());
@@ -361,6 +370,12 @@ impl Config {
     pub fn health_user(&self) -> &UserConfig {
         self.health_check_user.as_deref().and_then(|n| self.user(n)).unwrap_or(&self.users[0])
     }
+}
+
+/// A backend name: 1 to 63 letters, digits, '-' or '_'. Names become file names in the data
+/// directory, metric labels and log fields, so nothing else is let in at any entrance.
+pub fn valid_backend_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 63 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 pub fn password_env_var(user: &str) -> String {

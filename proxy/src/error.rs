@@ -27,6 +27,10 @@ pub enum SessionError {
     Replication,
     #[error("terminating connection: a backend joined the cluster and this session holds {0}, which Chorus cannot copy to it; reconnect")]
     Unmovable(&'static str),
+    #[error("terminating connection: this session's connection to backend {0} ended ({1}) while the server stays healthy; reconnect")]
+    ConnectionLost(String, String),
+    #[error("could not log in to backend {0} ({1}) while the server stays healthy; try again")]
+    LoginFailed(String, String),
     /// The client went away or its socket failed: nothing can be told to it.
     #[error("client connection: {0}")]
     ClientIo(#[from] std::io::Error),
@@ -45,7 +49,8 @@ impl SessionError {
             SessionError::AuthFailed(_) => "28P01",
             SessionError::TooManyClients => "53300",
             SessionError::ShuttingDown => "57P03",
-            SessionError::NoBackend(_) => "08006",
+            SessionError::NoBackend(_) | SessionError::ConnectionLost(..) => "08006",
+            SessionError::LoginFailed(..) => "08001",
             SessionError::IdleInTransaction(_) => "25P03",
             SessionError::Replication => "0A000",
             SessionError::Unmovable(_) => "57P01",

@@ -55,6 +55,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // What Chorus writes (states, the diff log with rows in it, roles.sql with password
+    // hashes, dumps made by its child processes) is for its own user alone.
+    // SAFETY: umask only sets this process's file creation mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
     let cli = Cli::parse();
     chorus::demo::init_logging();
     match run(cli) {

@@ -31,6 +31,8 @@ pub struct Shared {
     pub joins: crate::join::Joins,
     /// Cancelled when Chorus starts shutting down.
     pub stop: CancellationToken,
+    /// Backend logins under way at once (`login_concurrency`): a storm of clients queues.
+    pub logins: tokio::sync::Semaphore,
     verifiers: HashMap<String, Verifier>,
     clients: AtomicUsize,
 }
@@ -87,6 +89,7 @@ impl Server {
         if failures.len() == in_sync.len() {
             return Err(StartError::NoBackend(failures.join("; ")));
         }
+        warn_about_connection_limits(&cfg, &cluster).await;
         // Listen only once the backends are checked: a client that can connect is served.
         let listener =
             TcpListener::bind(&cfg.listen).await.map_err(|source| StartError::Listen { addr: cfg.listen.clone(), source })?;
@@ -100,6 +103,7 @@ impl Server {
                     .map_err(|source| StartError::Listen { addr: cfg.admin_listen.clone(), source })?,
             )
         };
+        let login_concurrency = cfg.login_concurrency;
         let verifiers = cfg.users.iter().map(|u| (u.name.clone(), Verifier::from_password(&u.password))).collect();
         let shared = Arc::new(Shared {
             cfg,
@@ -110,6 +114,7 @@ impl Server {
             difflog: Default::default(),
             joins: Default::default(),
             stop: CancellationToken::new(),
+            logins: tokio::sync::Semaphore::new(login_concurrency),
             verifiers,
             clients: AtomicUsize::new(0),
         });
@@ -184,6 +189,29 @@ impl Server {
         }
         workers.stop();
         tracing::info!("Chorus stopped");
+    }
+}
+
+/// Every client session holds one connection per backend: a warning when the backends'
+/// `max_connections` (less the slots reserved for superusers) cannot take
+/// `max_client_connections` sessions plus Chorus's own connections.
+async fn warn_about_connection_limits(cfg: &Config, cluster: &Cluster) {
+    for b in cluster.in_sync() {
+        let login = cluster::Login::health(cfg, &b.host, b.port, &cfg.health_check_database, "chorus-startup");
+        let Ok(client) = login.connect().await else { continue };
+        let q = "SELECT current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int";
+        if let Ok(row) = client.query_one(q, &[]).await {
+            let room: i32 = row.get(0);
+            if (room.max(0) as usize) < cfg.max_client_connections + 4 {
+                tracing::warn!(
+                    backend = %b.name,
+                    backend_slots = room,
+                    max_client_connections = cfg.max_client_connections,
+                    "max_client_connections exceeds what this backend's max_connections can take: \
+                     clients past it get the backend's 53300 at login"
+                );
+            }
+        }
     }
 }
 

@@ -76,8 +76,7 @@ async fn auth(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(t) if same(t.as_bytes(), api.shared.cfg.admin_token.as_bytes()) => next.run(req).await,
         Some(_) => error(StatusCode::UNAUTHORIZED, "wrong admin token"),
@@ -146,9 +145,14 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
 }
 
 async fn join_backend(State(api): State<Arc<Api>>, Json(req): Json<JoinRequest>) -> Response {
+    // Checked before anything else: the name becomes a directory in data_dir.
+    if !crate::config::valid_backend_name(&req.name) {
+        return error(StatusCode::BAD_REQUEST, &format!("backend name {:?} must be 1 to 63 letters, digits, '-' or '_'", req.name));
+    }
     match join::start(api.shared.clone(), req).await {
         Ok(p) => (StatusCode::ACCEPTED, Json(p)).into_response(),
         Err(e @ JoinError::Refused(_)) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(e @ JoinError::BadRequest(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
     }
 }
@@ -240,5 +244,6 @@ mod tests {
         assert!(!same(b"secret", b"secreT"));
         assert!(!same(b"secret", b"secret2"));
         assert!(!same(b"", b"x"));
+        assert!(!same(b"secret ", b"secret"), "a token with a trailing space is another token");
     }
 }

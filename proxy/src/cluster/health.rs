@@ -63,7 +63,13 @@ pub async fn probe(cfg: &Config, b: &Backend, timeout: Duration) -> Result<(), S
     }
     .config();
     let check = async {
-        let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+        let (client, conn) = match pg.connect(tokio_postgres::NoTls).await {
+            Ok(c) => c,
+            // The server answered and refused for lack of resources (too many connections, out
+            // of memory): it is up; its clients' logins are their own outcome.
+            Err(e) if e.as_db_error().is_some_and(|d| d.code().code().starts_with("53")) => return Ok(()),
+            Err(e) => return Err(pg_error(&e)),
+        };
         let conn = tokio::spawn(conn);
         let res = match client.simple_query("SHOW server_version").await {
             Ok(msgs) => {
@@ -84,6 +90,25 @@ pub async fn probe(cfg: &Config, b: &Backend, timeout: Duration) -> Result<(), S
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {timeout:?}")),
     }
+}
+
+/// An on-demand check of `b`, as a session asks when it lost a connection and must tell a
+/// failed server from a connection of its own that ended. Callers that start waiting at the
+/// same moment share one probe: the result of a check that began after the caller asked is
+/// the caller's answer.
+pub async fn check(cfg: &Config, b: &Backend) -> Result<(), String> {
+    let asked = std::time::Instant::now();
+    let mut last = b.last_check.lock().await;
+    if let Some((at, r)) = &*last {
+        if *at >= asked {
+            return r.clone();
+        }
+    }
+    let started = std::time::Instant::now();
+    let r = probe(cfg, b, cfg.health_check_timeout).await;
+    // Stamped with its start: only callers that asked before it began may share it.
+    *last = Some((started, r.clone()));
+    r
 }
 
 pub fn spawn_health_checks(cfg: Arc<Config>, cluster: Arc<Cluster>, stop: CancellationToken) {

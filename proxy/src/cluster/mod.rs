@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-pub use health::{pg_error, probe, spawn_health_check, spawn_health_checks, Login};
+pub use health::{check, pg_error, probe, spawn_health_check, spawn_health_checks, Login};
 pub use state::{BackendState, StateRecord, StateStore};
 
 use crate::config::{Config, MAX_BACKENDS};
@@ -39,6 +39,9 @@ pub struct Backend {
     pub added: bool,
     /// The server's version as its last health check read it.
     version: Mutex<String>,
+    /// The last on-demand check (`health::check`) and when it ended: sessions that lose a
+    /// connection at the same moment share one check instead of each logging in.
+    last_check: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
 }
 
 impl Backend {
@@ -88,6 +91,7 @@ impl Backend {
             serves_reads: AtomicBool::new(true),
             added,
             version: Mutex::new(String::new()),
+            last_check: tokio::sync::Mutex::new(None),
         }
     }
 }
@@ -102,6 +106,8 @@ pub enum ClusterError {
     NoSuchBackend(String),
     #[error("a backend named {0:?} exists already")]
     Exists(String),
+    #[error("backend name {0:?} must be 1 to 63 letters, digits, '-' or '_'")]
+    BadName(String),
     #[error("at most {MAX_BACKENDS} backends are supported")]
     TooMany,
 }
@@ -192,6 +198,10 @@ impl Cluster {
     /// of a known one that is out of the in-sync set (a `down` backend is brought back the same
     /// way).
     pub fn add(&self, name: &str, host: &str, port: u16) -> Result<Arc<Backend>, ClusterError> {
+        if !crate::config::valid_backend_name(name) {
+            return Err(ClusterError::BadName(name.to_string()));
+        }
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         let b = {
             let mut guard = self.backends.write().unwrap_or_else(|p| p.into_inner());
             if let Some(b) = guard.iter().find(|b| b.name == name) {
@@ -202,12 +212,13 @@ impl Cluster {
                 if b.host != host || b.port != port {
                     return Err(ClusterError::Exists(format!("{name} (at {}; remove it first or use that address)", b.addr)));
                 }
-                b.state.store(BackendState::Joining as u8, Ordering::Release);
                 b.clone()
             } else {
                 if guard.len() >= MAX_BACKENDS {
                     return Err(ClusterError::TooMany);
                 }
+                // Written to the file below before anything routes by it: a new entry takes no
+                // traffic until it is in sync.
                 let b = Arc::new(Backend::new(guard.len(), name, host, port, BackendState::Joining, String::new(), true));
                 let mut list = (**guard).clone();
                 list.push(b.clone());
@@ -216,29 +227,35 @@ impl Cluster {
             }
         };
         b.set_serves_reads(false);
-        self.set_state(name, BackendState::Joining, "joining")?;
+        self.change(&store, &b, BackendState::Joining, "joining")?;
         Ok(b)
     }
 
     /// Takes an in-sync backend out of the in-sync set. Returns false when it had already left
     /// (another session got there first), so only one log line and one metric per ejection.
+    /// The last in-sync backend is never taken out as `down`: it holds every committed unit,
+    /// and without it nothing could serve; clients get 08006 until it answers again.
     pub fn eject(&self, idx: usize, to: BackendState, reason: &str) -> bool {
         let list = self.backends();
         let Some(b) = list.get(idx) else {
             return false;
         };
-        if b.state.compare_exchange(BackendState::InSync as u8, to as u8, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        // One lock for every change: the file and the memory never disagree, and two
+        // ejections at once cannot both see the other backend still in sync.
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        if b.state() != BackendState::InSync {
             return false;
         }
-        if let Ok(mut r) = b.reason.lock() {
-            *r = reason.to_string();
+        if to == BackendState::Down && list.iter().all(|o| o.idx == idx || !o.is_in_sync()) {
+            tracing::error!(backend = %b.name, %reason, "the last in-sync backend failed; it stays in sync and clients get 08006 until it answers");
+            return false;
+        }
+        if let Err(e) = self.change(&store, b, to, reason) {
+            tracing::error!(error = %e, backend = %b.name, "could not record the ejection; the backend leaves the in-sync set in memory only");
+            b.state.store(to as u8, Ordering::Release);
         }
         tracing::warn!(backend = %b.name, state = %to, %reason, "backend ejected");
         metrics::counter!("chorus_ejections_total", "backend" => b.name.clone(), "state" => to.as_str()).increment(1);
-        if let Err(e) = self.persist() {
-            tracing::error!(error = %e, "could not record backend state; it holds in memory until restart");
-        }
-        self.publish_states();
         true
     }
 
@@ -246,6 +263,24 @@ impl Cluster {
     /// join or removal. Entering the in-sync set bumps the membership epoch.
     pub fn set_state(&self, name: &str, to: BackendState, reason: &str) -> Result<(), ClusterError> {
         let b = self.backend(name).ok_or_else(|| ClusterError::NoSuchBackend(name.to_string()))?;
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let was = b.state();
+        self.change(&store, &b, to, reason)?;
+        if was != to {
+            tracing::info!(backend = %name, from = %was, to = %to, %reason, "backend state changed");
+        }
+        Ok(())
+    }
+
+    /// Writes `b`'s new state to the file, then makes it take effect (G8: a state is on disk
+    /// before anybody acts on it). The caller holds the store's lock.
+    fn change(&self, store: &StateStore, b: &Backend, to: BackendState, reason: &str) -> Result<(), ClusterError> {
+        let mut records = self.records();
+        records.insert(
+            b.name.clone(),
+            StateRecord { state: to, reason: reason.to_string(), address: b.added.then(|| (b.host.clone(), b.port)) },
+        );
+        store.save(&records)?;
         let was = BackendState::from_u8(b.state.swap(to as u8, Ordering::AcqRel));
         if let Ok(mut r) = b.reason.lock() {
             *r = reason.to_string();
@@ -253,12 +288,8 @@ impl Cluster {
         if to == BackendState::InSync && was != BackendState::InSync {
             self.epoch.fetch_add(1, Ordering::AcqRel);
         }
-        if was != to {
-            tracing::info!(backend = %name, from = %was, to = %to, %reason, "backend state changed");
-        }
-        let r = self.persist();
         self.publish_states();
-        r
+        Ok(())
     }
 
     /// One gauge per backend and state, 1 for the state it is in.
@@ -275,19 +306,18 @@ impl Cluster {
         }
     }
 
-    fn persist(&self) -> Result<(), ClusterError> {
-        let records = self
-            .backends()
+    fn records(&self) -> std::collections::BTreeMap<String, StateRecord> {
+        self.backends()
             .iter()
             .map(|b| {
                 let address = b.added.then(|| (b.host.clone(), b.port));
                 (b.name.clone(), StateRecord { state: b.state(), reason: b.reason(), address })
             })
-            .collect();
-        let store = self
-            .store
-            .lock()
-            .map_err(|_| ClusterError::StateFile { path: PathBuf::new(), message: "state store lock poisoned".into() })?;
-        store.save(&records)
+            .collect()
+    }
+
+    fn persist(&self) -> Result<(), ClusterError> {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.save(&self.records())
     }
 }

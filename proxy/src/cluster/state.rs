@@ -95,6 +95,10 @@ pub struct StateStore {
 impl StateStore {
     pub fn open(dir: &Path) -> Result<StateStore, ClusterError> {
         std::fs::create_dir_all(dir).map_err(|source| ClusterError::DataDir { path: dir.into(), source })?;
+        // Private to Chorus's user, also when it was made before with a looser mask.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|source| ClusterError::DataDir { path: dir.into(), source })?;
         Ok(StateStore { dir: dir.into(), path: dir.join("backends.json") })
     }
 

@@ -33,6 +33,24 @@ pub struct BackendConn {
     pub pos: u32,
     /// What the backend answered so far to the oldest request.
     pub outcome: Outcome,
+    /// The connection ended on the backend's side and the session has not yet decided
+    /// whether that was the backend failing or this session's connection alone.
+    pub ended: Option<Ended>,
+    /// Since when the backend has taken none of the frames queued for it while that queue is
+    /// past the high-water mark (the session stops reading its client then).
+    pub stalled_since: Option<std::time::Instant>,
+}
+
+/// How a session's connection ended on the backend's side.
+pub struct Ended {
+    /// The SQLSTATE of the FATAL it sent last, if it sent one.
+    pub code: Option<[u8; 5]>,
+    /// That FATAL as sent, to forward when the session ends because of it.
+    pub frame: Option<BytesMut>,
+    /// The request it was in the middle of, when that request may have committed on some
+    /// backends and not on this one.
+    pub at_risk: Option<u64>,
+    pub why: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +145,8 @@ pub async fn connect(
                         queue: VecDeque::new(),
                         pos: 0,
                         outcome: Outcome::new(),
+                        ended: None,
+                        stalled_since: None,
                     };
                     return Ok(Login { conn, params: param_frames });
                 }

@@ -8,5 +8,5 @@
 pub mod conn;
 pub mod outcome;
 
-pub use conn::{connect, BackendConn, LoginError};
+pub use conn::{connect, BackendConn, Ended, LoginError};
 pub use outcome::{vote, Outcome, Vote};

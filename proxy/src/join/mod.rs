@@ -103,6 +103,9 @@ pub struct Progress {
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
+    /// The request itself is malformed (a name outside the rule): 400.
+    #[error("{0}")]
+    BadRequest(String),
     #[error("{0}")]
     Refused(String),
     #[error("{0}")]
@@ -224,6 +227,9 @@ async fn version(c: &Client) -> Result<u32, JoinError> {
 /// and empty, the tools present.
 async fn plan(shared: &Arc<Shared>, req: &JoinRequest) -> Result<Plan, JoinError> {
     let cluster = &shared.cluster;
+    if !crate::config::valid_backend_name(&req.name) {
+        return Err(JoinError::BadRequest(format!("backend name {:?} must be 1 to 63 letters, digits, '-' or '_'", req.name)));
+    }
     let in_sync = cluster.in_sync();
     if in_sync.is_empty() {
         return Err(JoinError::Refused("no backend is in sync to copy from".into()));
@@ -250,6 +256,7 @@ async fn plan(shared: &Arc<Shared>, req: &JoinRequest) -> Result<Plan, JoinError
     }
     let nc = connect_to(shared, &req.name, &req.host, req.port, &shared.cfg.health_check_database).await?;
     let dc = connect(shared, &donor, &shared.cfg.health_check_database).await?;
+    refuse_known_server(shared, &req.name, &nc).await?;
     let (nv, dv) = (version(&nc).await?, version(&dc).await?);
     if nv < dv {
         return Err(JoinError::Refused(format!(
@@ -305,6 +312,43 @@ async fn plan(shared: &Arc<Shared>, req: &JoinRequest) -> Result<Plan, JoinError
     let newcomer = cluster.add(&req.name, &req.host, req.port).map_err(|e| JoinError::Refused(e.to_string()))?;
     tracing::info!(backend = %req.name, method = ?method, donor = %donor.name, version = nv, tools = %tools.dir.display(), "join starting");
     Ok(Plan { method, donor, newcomer, databases, tools, work, skip_verify: req.skip_verify })
+}
+
+/// What identifies a running server whatever address reaches it: its cluster's system
+/// identifier (where the login may read it), the time its postmaster started, and its port.
+async fn server_identity(c: &Client) -> Result<String, JoinError> {
+    let sysid = match c.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).await {
+        Ok(r) => r.get::<_, String>(0),
+        Err(_) => String::new(),
+    };
+    let row = c
+        .query_one("SELECT pg_postmaster_start_time()::text, current_setting('port')", &[])
+        .await
+        .map_err(db_err("read the server's identity"))?;
+    Ok(format!("{sysid}/{}/{}", row.get::<_, String>(0), row.get::<_, String>(1)))
+}
+
+/// Refuses a newcomer that is a server the cluster has already under another name (the same
+/// server reached by another address would run every write twice, and a forced join into a
+/// member or the donor would drop its databases).
+async fn refuse_known_server(shared: &Shared, name: &str, newcomer: &Client) -> Result<(), JoinError> {
+    let id = server_identity(newcomer).await?;
+    for b in shared.cluster.backends().iter() {
+        if b.name == name || b.state() == BackendState::Removed {
+            continue;
+        }
+        // A member that cannot be reached now cannot be the server that answered.
+        let Ok(c) = connect(shared, b, &shared.cfg.health_check_database).await else { continue };
+        if server_identity(&c).await.ok().as_ref() == Some(&id) {
+            return Err(JoinError::Refused(format!(
+                "that server is already in the cluster as backend {} ({}, {})",
+                b.name,
+                b.addr,
+                b.state()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A sequence's qualified name and value (None before its first nextval).

@@ -95,7 +95,7 @@ pub async fn dump(
 ) -> Result<(), JoinError> {
     let mut cmd = Command::new(t.dir.join("pg_dump"));
     conn_args(&mut cmd, cfg, donor);
-    cmd.arg("-Fd").arg("-j").arg(cfg.join_jobs.to_string()).arg("-f").arg(dir).arg("-d").arg(db);
+    cmd.arg("-Fd").arg("-j").arg(cfg.join_jobs.to_string()).arg("-f").arg(dir).arg("-d").arg(dbname_conninfo(db));
     if let Some(s) = snapshot {
         cmd.arg(format!("--snapshot={s}"));
     }
@@ -111,7 +111,7 @@ pub async fn restore(t: &Tools, cfg: &Config, newcomer: &Backend, db: &str, dir:
     let mut cmd = Command::new(t.dir.join("pg_restore"));
     conn_args(&mut cmd, cfg, newcomer);
     cmd.arg("-j").arg(cfg.join_jobs.to_string()).arg(format!("--section={section}")).arg("--exit-on-error");
-    cmd.arg("-d").arg(db).arg(dir);
+    cmd.arg("-d").arg(dbname_conninfo(db)).arg(dir);
     run(cmd, &format!("pg_restore ({section}) of database {db} into {}", newcomer.name)).await.map(|_| ())
 }
 
@@ -120,13 +120,20 @@ pub async fn copy_roles(t: &Tools, cfg: &Config, donor: &Backend, newcomer: &Bac
     let file = work.join("roles.sql");
     let mut cmd = Command::new(t.dir.join("pg_dumpall"));
     conn_args(&mut cmd, cfg, donor);
-    cmd.arg("--roles-only").arg("-f").arg(&file).arg("-l").arg(&cfg.health_check_database);
+    cmd.arg("--roles-only").arg("-f").arg(&file).arg("-l").arg(dbname_conninfo(&cfg.health_check_database));
     run(cmd, &format!("pg_dumpall --roles-only from {}", donor.name)).await?;
     let mut cmd = Command::new(t.dir.join("psql"));
     conn_args(&mut cmd, cfg, newcomer);
     // "role already exists" errors are expected for the roles both servers have.
-    cmd.arg("-X").arg("-q").arg("-d").arg(&cfg.health_check_database).arg("-f").arg(&file);
+    cmd.arg("-X").arg("-q").arg("-d").arg(dbname_conninfo(&cfg.health_check_database)).arg("-f").arg(&file);
     run(cmd, &format!("loading roles into {}", newcomer.name)).await.map(|_| ())
+}
+
+/// A database name as a connection string that holds nothing but it: libpq reads a `-d` value
+/// holding `=` (or starting with `postgresql://`) as a connection string, so a database named
+/// `host=elsewhere` would otherwise send the tools to another server.
+pub fn dbname_conninfo(db: &str) -> String {
+    format!("dbname='{}'", db.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 /// Total size of the files under `dir` (bytes dumped so far).
@@ -149,6 +156,13 @@ pub fn dir_size(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn database_names_stay_names() {
+        assert_eq!(dbname_conninfo("bench"), "dbname='bench'");
+        assert_eq!(dbname_conninfo("host=evil port=1"), "dbname='host=evil port=1'");
+        assert_eq!(dbname_conninfo(r"it's\"), r"dbname='it\'s\\'");
+    }
 
     #[test]
     fn reads_major_versions() {

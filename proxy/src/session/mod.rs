@@ -81,6 +81,9 @@ struct Request {
     rfq_sent: bool,
     writes: bool,
     hash_rows: bool,
+    /// It reads facts of each server (pg_stat_*, process ids): only success, error and the
+    /// transaction status are compared.
+    per_server: bool,
     /// Chorus's own request: its replies are compared and never reach the client.
     internal: bool,
     /// Parameter types the client may see per Describe of a statement (Chorus adds its own).
@@ -102,6 +105,8 @@ enum End {
     Error(SessionError),
     /// Close quietly (client gone or said Terminate).
     Quiet,
+    /// Forward this FATAL from a backend, then close: the session's own outcome.
+    Fatal(BytesMut),
 }
 
 impl From<SessionError> for End {
@@ -123,6 +128,8 @@ struct Events {
     client_eof: bool,
     backend_data: bool,
     backend_failed: Vec<(usize, String)>,
+    /// Checks of backends whose connection ended: (connection, whether the server is healthy).
+    checked: Vec<(usize, bool)>,
     token: bool,
     timer: bool,
     shutdown: bool,
@@ -134,6 +141,7 @@ impl Events {
             || self.client_eof
             || self.backend_data
             || !self.backend_failed.is_empty()
+            || !self.checked.is_empty()
             || self.token
             || self.timer
             || self.shutdown
@@ -191,6 +199,11 @@ pub struct Session {
     upgrade_due: bool,
     /// The epoch an open transaction was told about (its next write fails with 40001).
     stale_epoch: u64,
+    /// Health checks of backends whose connection of this session ended: nothing new is
+    /// routed until each has told a failed server from a connection that ended alone.
+    checks: Vec<(usize, Wakeup, Arc<std::sync::atomic::AtomicBool>)>,
+    /// While a backend holds the session back: when to look again whether it left the set.
+    stall_check: Option<Instant>,
 }
 
 static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -244,13 +257,18 @@ async fn login(client: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<Lo
     if in_sync.is_empty() {
         return Err(SessionError::NoBackend("every backend is out of the in-sync set".into()));
     }
-    let logins = futures::future::join_all(
-        in_sync.iter().map(|b| fanout::connect(b.clone(), &st.params, &st.user, &password, shared.cfg.connect_timeout)),
-    )
-    .await;
+    let logins = {
+        // A storm of logins queues here instead of overrunning the servers' process limits.
+        let _permit = shared.logins.acquire().await.map_err(|_| SessionError::ShuttingDown)?;
+        futures::future::join_all(
+            in_sync.iter().map(|b| fanout::connect(b.clone(), &st.params, &st.user, &password, shared.cfg.connect_timeout)),
+        )
+        .await
+    };
     let mut conns = Vec::new();
     let mut params = None;
     let mut refusals = Vec::new();
+    let mut failures = Vec::new();
     for (b, res) in in_sync.iter().zip(logins) {
         match res {
             Ok(l) => {
@@ -259,10 +277,25 @@ async fn login(client: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<Lo
                 }
                 conns.push(l.conn);
             }
-            Err(LoginError::Io(e)) => {
-                shared.cluster.eject(b.idx, BackendState::Down, &format!("login failed: {e}"));
-            }
+            Err(LoginError::Io(e)) => failures.push((b.clone(), e)),
             Err(LoginError::Refused(frame)) => refusals.push((b.clone(), frame)),
+        }
+    }
+    // A refusal for resources (too many connections, out of memory, starting or shutting
+    // down) is this login's outcome, not a fault of the server: the client gets it as it came.
+    if let Some((_, frame)) = refusals.iter().find(|(_, f)| is_resource_refusal(f.body())) {
+        tracing::info!(sqlstate = %message::error_fields(frame.body()).code, "a backend refused a login for lack of resources");
+        client.write_all(&frame.data).await?;
+        return Ok(None);
+    }
+    // A server that could not be reached is checked before it is judged: under a storm of
+    // logins a healthy server can be slow to accept.
+    for (b, e) in failures {
+        match crate::cluster::check(&shared.cfg, &b).await {
+            Ok(()) => return Err(SessionError::LoginFailed(b.name.clone(), e)),
+            Err(check) => {
+                shared.cluster.eject(b.idx, BackendState::Down, &format!("login failed: {e}; health check failed: {check}"));
+            }
         }
     }
     if conns.is_empty() {
@@ -274,7 +307,8 @@ async fn login(client: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<Lo
         return Err(SessionError::NoBackend("no backend accepted the login".into()));
     }
     for (b, frame) in refusals {
-        // Others accepted this very login: this backend differs from them.
+        // Others accepted this very login: this backend differs from them (a role or a
+        // database missing on it alone).
         let f = message::error_fields(frame.body());
         shared.cluster.eject(
             b.idx,
@@ -355,6 +389,8 @@ impl Session {
             membership_wait: false,
             upgrade_due: false,
             stale_epoch: 0,
+            checks: Vec::new(),
+            stall_check: None,
             shared,
         }
     }
@@ -363,12 +399,22 @@ impl Session {
         metrics::gauge!("chorus_sessions").increment(1.0);
         let end = self.event_loop().await;
         metrics::gauge!("chorus_sessions").decrement(1.0);
+        if self.ddl_open {
+            // Its transaction dies with the connections: writes to the database must not wait
+            // for a DDL transaction that will never end.
+            self.ddl_open = false;
+            self.catalog.ddl_ended();
+            self.shared.catalogs.refresh(&self.catalog, self.load_target.clone());
+        }
         if let Some(log) = self.shared.difflog.current().filter(|l| l.id == self.log_opened) {
             let mut b = BytesMut::new();
             Record::Close { session: self.id }.encode(&mut b);
             log.append(&b, 0);
         }
-        if let End::Error(e) = &end {
+        if let End::Fatal(frame) = end {
+            self.flush_run();
+            self.client_out.push(frame.freeze());
+        } else if let End::Error(e) = &end {
             if let Some(code) = e.sqlstate() {
                 tracing::info!(sqlstate = code, error = %e, "ending session");
                 self.flush_run();
@@ -460,9 +506,15 @@ impl Session {
                     }
                     self.conns.push(conn);
                 }
-                Err(e) => {
-                    self.shared.cluster.eject(b.idx, BackendState::Down, &format!("a session could not log in: {e}"));
-                }
+                Err(e) => match crate::cluster::check(&cfg, &b).await {
+                    // The server is fine and this login alone failed (too many connections,
+                    // say): the session cannot go on without the new member.
+                    Ok(()) => return Err(SessionError::LoginFailed(b.name.clone(), e).into()),
+                    Err(check) => {
+                        let why = format!("a session could not log in: {e}; health check failed: {check}");
+                        self.shared.cluster.eject(b.idx, BackendState::Down, &why);
+                    }
+                },
             }
         }
         self.epoch = epoch;
@@ -474,7 +526,10 @@ impl Session {
 
     fn handle(&mut self, ev: Events) -> Result<(), End> {
         for (i, why) in ev.backend_failed {
-            self.fail_conn(i, &why, true)?;
+            self.lost_conn(i, why, None)?;
+        }
+        for (i, healthy) in ev.checked {
+            self.checked(i, healthy)?;
         }
         if ev.backend_data {
             self.on_backend_data()?;
@@ -520,12 +575,26 @@ impl Session {
             ev.client_eof = true;
             return Poll::Ready(ev);
         }
+        let mut stalled = false;
         for (i, c) in self.conns.iter_mut().enumerate() {
             if c.alive {
+                let before = c.out.len();
                 if let Poll::Ready(Err(e)) = c.out.poll_flush(&mut c.stream, cx) {
                     ev.backend_failed.push((i, format!("write failed: {e}")));
                 }
+                // The clock is read only while a backend holds the session back.
+                if c.out.len() >= BACKEND_OUT_HIGH {
+                    if c.stalled_since.is_none() || c.out.len() < before {
+                        c.stalled_since = Some(Instant::now());
+                    }
+                    stalled = true;
+                } else {
+                    c.stalled_since = None;
+                }
             }
+        }
+        if stalled && self.stall_check.is_none() {
+            self.stall_check = Some(Instant::now() + self.shared.cfg.health_check_interval);
         }
         if let Some(since) = self.lock_wait {
             match self.router.retry_locks(&mut self.locks, cx.waker()) {
@@ -540,7 +609,7 @@ impl Session {
                 metrics::histogram!("chorus_write_order_wait_seconds").record(since.elapsed().as_secs_f64());
             }
         }
-        let backends_drained = self.conns.iter().all(|c| !c.alive || c.out.len() < BACKEND_OUT_HIGH);
+        let backends_drained = !stalled;
         let client_ok = self.client_out.len() < CLIENT_OUT_HIGH;
         if let Some((_, wake)) = &mut self.catalog_wait {
             if wake.as_mut().poll(cx).is_ready() || self.catalog.get().is_some() {
@@ -548,7 +617,20 @@ impl Session {
                 ev.token = true;
             }
         }
-        if self.lock_wait.is_none() && self.catalog_wait.is_none() && !self.membership_wait && backends_drained && client_ok {
+        self.checks.retain_mut(|(i, fut, healthy)| match fut.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                ev.checked.push((*i, healthy.load(Ordering::Acquire)));
+                false
+            }
+            Poll::Pending => true,
+        });
+        if self.lock_wait.is_none()
+            && self.catalog_wait.is_none()
+            && !self.membership_wait
+            && self.checks.is_empty()
+            && backends_drained
+            && client_ok
+        {
             self.client_codec.reserve_for_partial(&mut self.cbuf);
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.client), cx, &mut self.cbuf) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => ev.client_eof = true,
@@ -606,7 +688,8 @@ impl Session {
         let lag = self.pending.front().and_then(|r| r.first_done_at).map(|t| t + cfg.backend_timeout);
         let wait = self.lock_wait.map(|t| t + cfg.lock_timeout);
         let cat = self.catalog_wait.as_ref().map(|(t, _)| *t + cfg.lock_timeout);
-        [idle, lag, wait, cat].into_iter().flatten().min()
+        let stall = self.conns.iter().filter_map(|c| c.stalled_since).min().map(|t| t + cfg.backend_timeout);
+        [idle, lag, wait, cat, stall, self.stall_check].into_iter().flatten().min()
     }
 
     fn on_timer(&mut self) -> Result<(), End> {
@@ -638,6 +721,7 @@ impl Session {
             );
             self.on_client_data()?;
         }
+        self.on_stall_timer(now)?;
         let laggards = match self.pending.front() {
             Some(r) if r.first_done_at.is_some_and(|t| now >= t + cfg.backend_timeout) => r.remaining,
             _ => 0,
@@ -649,12 +733,37 @@ impl Session {
         Ok(())
     }
 
+    /// A backend that takes no more of what the session queued for it (a COPY streaming into
+    /// a stopped server, say) holds the session back: it is dropped once the health check
+    /// took it out of the in-sync set, and ejected when it made no progress for
+    /// `backend_timeout` while another backend kept taking its frames.
+    fn on_stall_timer(&mut self, now: Instant) -> Result<(), End> {
+        let stalled: Vec<usize> = (0..self.conns.len()).filter(|&i| self.conns[i].alive && self.conns[i].stalled_since.is_some()).collect();
+        if stalled.is_empty() {
+            self.stall_check = None;
+            return Ok(());
+        }
+        let timeout = self.shared.cfg.backend_timeout;
+        let moving = self.conns.iter().any(|c| c.alive && c.stalled_since.is_none());
+        for i in stalled {
+            if !self.conns[i].backend.is_in_sync() {
+                self.fail_conn(i, "backend left the in-sync set", false)?;
+            } else if moving && self.conns[i].stalled_since.is_some_and(|t| now >= t + timeout) {
+                let why = format!("took none of the frames queued for it for backend_timeout ({timeout:?}) while the others did");
+                self.fail_conn(i, &why, true)?;
+            }
+        }
+        let still = self.conns.iter().any(|c| c.alive && c.stalled_since.is_some());
+        self.stall_check = still.then(|| now + self.shared.cfg.health_check_interval);
+        Ok(())
+    }
+
     // ---- client side -----------------------------------------------------------------------
 
     fn on_client_data(&mut self) -> Result<(), End> {
         let waker = futures::task::noop_waker();
         loop {
-            if self.lock_wait.is_some() || self.catalog_wait.is_some() || self.upgrade_due {
+            if self.lock_wait.is_some() || self.catalog_wait.is_some() || self.upgrade_due || !self.checks.is_empty() {
                 return Ok(());
             }
             if self.shared.cluster.epoch() != self.epoch && !self.membership_changed() {
@@ -724,6 +833,7 @@ impl Session {
                             rfq_sent: r.internal,
                             writes: r.writes,
                             hash_rows: r.hash_rows,
+                            per_server: r.per_server,
                             internal: r.internal,
                             trims: r.trims.into(),
                             sql: r.sql,
@@ -839,8 +949,9 @@ impl Session {
                 let f = message::error_fields(body);
                 if f.severity == "FATAL" || f.severity == "PANIC" {
                     let why = format!("backend ended the connection: {} {}", f.code, f.message);
+                    let frame = self.conns[i].rbuf.split_to(len);
                     self.conns[i].rbuf.clear();
-                    self.fail_conn(i, &why, true)?;
+                    self.lost_conn(i, why, Some(frame))?;
                     return Ok(true);
                 }
             }
@@ -944,6 +1055,7 @@ impl Session {
         let Some(req) = self.pending.pop_front() else {
             return Ok(());
         };
+        self.settle_at_risk(&req)?;
         if self.router.request_done(req.seq) {
             // The snapshot is taken on every backend: writers may go on.
             let keep = self.locks.holds_data_locks().then_some(crate::order::Mode::IntentExclusive);
@@ -965,7 +1077,7 @@ impl Session {
             let c = &mut self.conns[i];
             let o = std::mem::replace(&mut c.outcome, Outcome::new());
             if c.alive {
-                finished.push((i, o));
+                finished.push((i, if req.per_server { o.success_only() } else { o }));
             }
         }
         if finished.is_empty() {
@@ -1099,6 +1211,106 @@ impl Session {
         self.on_backend_data()
     }
 
+    /// A connection of this session ended on the backend's side (a FATAL, or the socket
+    /// closed). What that means is decided here (contract, "What ejects a backend"):
+    /// - every connection of the session ended with the same FATAL: the request's or the
+    ///   session's own outcome (an idle timeout, `pg_terminate_backend(pg_backend_pid())`); the
+    ///   client gets that FATAL and no backend leaves;
+    /// - it ended in the middle of a request that may have committed elsewhere: when the others
+    ///   finish that request, this backend differs from them and leaves as `down`;
+    /// - otherwise a health check of the server decides: a failed server leaves as `down` and
+    ///   the session goes on without it; a healthy one stays, and only this session ends (its
+    ///   open transaction, if any, rolls back everywhere as its connections close).
+    fn lost_conn(&mut self, i: usize, why: String, fatal: Option<BytesMut>) -> Result<(), End> {
+        if !self.conns[i].alive {
+            return Ok(());
+        }
+        let code = fatal.as_ref().map(|f| message::error_code(&f[5..]));
+        let at_risk = self.conns[i].queue.front().copied().filter(|_| self.locks.holds_any());
+        tracing::debug!(backend = %self.conns[i].backend.name, reason = %why, "a backend connection of the session ended");
+        self.conns[i].ended = Some(fanout::Ended { code, frame: fatal, at_risk, why: why.clone() });
+        if !self.conns.iter().enumerate().any(|(j, c)| j != i && c.alive) {
+            if let Some(frame) = self.alike_end() {
+                self.close_conn(i);
+                return Err(End::Fatal(frame));
+            }
+            // Each connection ended its own way: the servers are checked without the session.
+            for j in 0..self.conns.len() {
+                if self.conns[j].ended.take().is_some() {
+                    let (cfg, cluster, b) = (self.shared.cfg.clone(), self.shared.cluster.clone(), self.conns[j].backend.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = crate::cluster::check(&cfg, &b).await {
+                            cluster.eject(b.idx, BackendState::Down, &format!("connection lost and health check failed: {e}"));
+                        }
+                    });
+                }
+            }
+        } else if at_risk.is_none() {
+            let (cfg, b) = (self.shared.cfg.clone(), self.conns[i].backend.clone());
+            let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = healthy.clone();
+            let fut: Wakeup = Box::pin(async move {
+                flag.store(crate::cluster::check(&cfg, &b).await.is_ok(), Ordering::Release);
+            });
+            self.checks.push((i, fut, healthy));
+        }
+        self.fail_conn(i, &why, false)
+    }
+
+    /// When every connection that ended undecided ended with the same FATAL: the lead's.
+    fn alike_end(&mut self) -> Option<BytesMut> {
+        let mut code = None;
+        for c in self.conns.iter().filter_map(|c| c.ended.as_ref()) {
+            match (code, c.code) {
+                (_, None) => return None,
+                (None, Some(x)) => code = Some(x),
+                (Some(a), Some(b)) if a != b => return None,
+                _ => {}
+            }
+        }
+        code?;
+        let frame = self.conns.iter_mut().find_map(|c| c.ended.as_mut().and_then(|e| e.frame.take()));
+        for c in &mut self.conns {
+            c.ended = None;
+        }
+        self.checks.clear();
+        frame
+    }
+
+    /// The health check of a backend whose connection ended has answered.
+    fn checked(&mut self, i: usize, healthy: bool) -> Result<(), End> {
+        let Some(ended) = self.conns[i].ended.take() else {
+            return Ok(());
+        };
+        if healthy {
+            tracing::info!(backend = %self.conns[i].backend.name, reason = %ended.why, "a connection of this session ended while its server is healthy: the session ends");
+            return Err(match ended.frame {
+                Some(f) => End::Fatal(f),
+                None => SessionError::ConnectionLost(self.conns[i].backend.name.clone(), ended.why).into(),
+            });
+        }
+        let why = format!("{}; its health check failed", ended.why);
+        self.shared.cluster.eject(self.conns[i].backend.idx, BackendState::Down, &why);
+        if self.checks.is_empty() {
+            // Routing waited for the check: what the client sent meanwhile goes now.
+            self.on_client_data()?;
+        }
+        Ok(())
+    }
+
+    /// Request `req` is complete on the connections still alive: those that ended in the
+    /// middle of it, where it may have committed, differ from the others and leave.
+    fn settle_at_risk(&mut self, req: &Request) -> Result<(), End> {
+        for i in bits(req.targets) {
+            if self.conns[i].ended.as_ref().is_some_and(|e| e.at_risk == Some(req.seq)) {
+                let ended = self.conns[i].ended.take().map(|e| e.why).unwrap_or_default();
+                let why = format!("{ended} in the middle of a write that the other backends completed");
+                self.shared.cluster.eject(self.conns[i].backend.idx, BackendState::Down, &why);
+            }
+        }
+        Ok(())
+    }
+
     /// Sends a read that lost its only backend before any reply to another backend.
     fn retry_elsewhere(&mut self, k: usize) -> Result<(), End> {
         if k + 1 != self.pending.len() {
@@ -1188,6 +1400,13 @@ fn bits(mut m: u64) -> impl Iterator<Item = usize> {
         m &= m - 1;
         Some(i)
     })
+}
+
+/// A login refused for lack of resources (SQLSTATE class 53) or because the server is starting
+/// or shutting down (57P03).
+fn is_resource_refusal(body: &[u8]) -> bool {
+    let code = message::error_code(body);
+    code.starts_with(b"53") || &code == b"57P03"
 }
 
 /// The SQL of a Query or Parse frame, for log lines (cut to a readable length).

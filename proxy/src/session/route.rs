@@ -22,9 +22,9 @@ use crate::protocol::message::{
 };
 use crate::protocol::{FrameCodec, ProtocolError};
 use crate::sql::analyze::{analyze_cached, analyze_query_cached, Analysis, Chosen};
-use crate::sql::catalog::{Catalog, CatalogSlot};
+use crate::sql::catalog::{Catalog, CatalogSlot, ReadGuardState};
 use crate::sql::rewrite::{self, CopyFiller, Values};
-use crate::sql::{classify, Class, Isolation, TxEffect};
+use crate::sql::{classify, touches_guards, Class, Isolation, TxEffect};
 
 /// What routing needs from outside the router for one call.
 pub struct RouteCtx<'a> {
@@ -127,6 +127,8 @@ pub struct NewRequest {
     /// Part of the session's unit of work for the diff log (everything but a read outside a
     /// transaction).
     pub logged: bool,
+    /// It reads facts of each server: only success or error is compared, not its rows.
+    pub per_server: bool,
 }
 
 pub enum Dispatch {
@@ -201,6 +203,7 @@ impl Router {
                 trims: Vec::new(),
                 internal: true,
                 logged: true,
+                per_server: false,
             };
             return Ok(Some(Dispatch::Send { bytes: begin, targets: alive, request: Some(request) }));
         }
@@ -244,7 +247,7 @@ impl Router {
             }
             QUERY => {
                 let sql = message::query_sql(&cbuf[5..len])?;
-                let class = classify(sql);
+                let class = guard_read(classify(sql), sql, ctx);
                 if class.tx == TxEffect::Begin && ctx.idle && !self.tx_open && self.batch.is_none() && is_plain_begin(sql) {
                     // Nothing happens on a server between BEGIN and the next statement: answer it
                     // now and send it along with that statement, saving a round trip.
@@ -366,6 +369,7 @@ impl Router {
         next_seq: &mut u64,
     ) -> Dispatch {
         let class = plan.as_ref().map_or(lexical, |a| a.class);
+        let class = Class { per_server: class.per_server || lexical.per_server, ..class };
         let barrier = self.wants_barrier(class);
         let write = plan.as_deref().filter(|a| a.class.writes);
         let mut replacement = plan.as_ref().and_then(|a| self.refusal(a, ctx));
@@ -465,6 +469,7 @@ impl Router {
                 trims: Vec::new(),
                 internal: false,
                 logged: !read || tx_was_open,
+                per_server: class.per_server,
             }),
         }
     }
@@ -472,11 +477,12 @@ impl Router {
     /// How a Parse's statement routes and what Chorus adds to it; its rewritten text if any.
     fn prepare(&self, body: &[u8], ctx: &mut RouteCtx<'_>) -> Result<(Prepared, Option<String>), ProtocolError> {
         let (_, sql) = message::parse_fields(body)?;
-        let lexical = classify(sql);
+        let lexical = guard_read(classify(sql), sql, ctx);
         if !lexical.writes {
             return Ok((Prepared { class: lexical, analysis: None, base: 0, extra: Arc::from([]) }, None));
         }
         let a = analyze_cached(sql, ctx.catalog().as_deref());
+        let class = Class { per_server: a.class.per_server || lexical.per_server, ..a.class };
         let declared = parse_type_count(body);
         let base = a.max_param.max(declared);
         let mut rewritten = None;
@@ -488,7 +494,7 @@ impl Router {
                 extra = chosen.into();
             }
         }
-        Ok((Prepared { class: a.class, analysis: Some(a), base, extra }, rewritten))
+        Ok((Prepared { class, analysis: Some(a), base, extra }, rewritten))
     }
 
     fn extended(
@@ -521,7 +527,7 @@ impl Router {
             match tag {
                 PARSE => {
                     let (name, sql) = message::parse_fields(body)?;
-                    if self.fail_next.is_none() && classify(sql).writes && ctx.must_wait_for_catalog() {
+                    if self.fail_next.is_none() && guard_read(classify(sql), sql, ctx).writes && ctx.must_wait_for_catalog() {
                         return Ok(Some(Dispatch::NeedsCatalog));
                     }
                     let (p, rewritten) = self.prepare(body, ctx)?;
@@ -701,7 +707,10 @@ impl Router {
                 let hash_rows = hash_rows && has_bind && class.writes;
                 let logged = !(synced && read && !self.tx_open);
                 let writes = class.writes;
-                (seq, Some(NewRequest { seq, targets, writes, sql, retry, hash_rows, ddl, trims, internal: false, logged }))
+                let per_server = class.per_server;
+                let request =
+                    NewRequest { seq, targets, writes, sql, retry, hash_rows, ddl, trims, internal: false, logged, per_server };
+                (seq, Some(request))
             }
         };
         self.batch = if synced { None } else { Some(OpenBatch { seq, targets }) };
@@ -789,6 +798,27 @@ impl Router {
                 }
             }
         }
+    }
+}
+
+/// A statement the lexical pass calls a read, checked against what the database's catalog
+/// says may run behind it (user functions that overload a built-in name, views over writing
+/// functions, user operators). Where the database has none of them (most), this is one
+/// atomic load. Without a current catalog the read counts as unknown: a write, analysed once
+/// the catalog is loaded.
+fn guard_read(class: Class, sql: &[u8], ctx: &RouteCtx<'_>) -> Class {
+    if !class.read_only {
+        return class;
+    }
+    let risky = match ctx.catalog_slot.read_guards() {
+        ReadGuardState::Clear => false,
+        ReadGuardState::Check => ctx.catalog_slot.last().is_none_or(|c| touches_guards(sql, &c.guards)),
+        ReadGuardState::Unknown => true,
+    };
+    if risky {
+        Class { per_server: class.per_server, tx: class.tx, iso: class.iso, ..Class::UNKNOWN }
+    } else {
+        class
     }
 }
 

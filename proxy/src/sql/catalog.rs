@@ -7,7 +7,7 @@
 //! every write as one it cannot analyse (the cluster-wide lock), so a stale catalog can cost
 //! concurrency but never correctness.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -85,12 +85,34 @@ pub enum Volatility {
     Volatile,
 }
 
+/// What can make a statement that the lexical fast path calls a read run code that may write:
+/// the names the second look (`sql::touches_guards`) checks a read against. Empty in most
+/// databases, which is what keeps reads cheap.
+#[derive(Debug, Default)]
+pub struct ReadGuards {
+    /// Names of functions that are not built in (user and extension functions): a call of one
+    /// of these names may resolve to it even where a built-in shares the name.
+    pub functions: HashSet<String>,
+    /// Views, and tables with row-level security policies, whose reading calls a function
+    /// that is not provably read-only (directly or through another such relation).
+    pub relations: HashSet<String>,
+    /// Operators that are not built in.
+    pub operators: Vec<String>,
+}
+
+impl ReadGuards {
+    pub fn is_empty(&self) -> bool {
+        self.functions.is_empty() && self.relations.is_empty() && self.operators.is_empty()
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Catalog {
     relations: HashMap<u32, Relation>,
     /// Unqualified name to every relation of that name in any schema.
     by_name: HashMap<String, Vec<u32>>,
     functions: HashMap<String, (Volatility, bool)>,
+    pub guards: ReadGuards,
     /// The generation this copy was loaded at; analyses cached under another are stale.
     pub generation: u64,
 }
@@ -122,6 +144,9 @@ impl Catalog {
             cat.relations.insert(r.oid, r);
         }
         for &(n, v, b) in functions {
+            if !b {
+                cat.guards.functions.insert(n.to_string());
+            }
             cat.functions.insert(n.to_string(), (v, b));
         }
         cat
@@ -148,6 +173,20 @@ pub struct CatalogSlot {
     pub loaded: tokio::sync::Notify,
     /// Why the last load failed, for the error a waiting write gets in the end.
     pub last_error: Mutex<Option<String>>,
+    /// What reads must be checked against (`ReadGuardState`), one atomic load on the fast path.
+    guards: std::sync::atomic::AtomicU8,
+}
+
+/// Whether reads in a database need a second look before they may go to one backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadGuardState {
+    /// No catalog of the database's present state: a read is treated as unknown (a write)
+    /// until one is loaded.
+    Unknown,
+    /// Nothing in the database can make a lexical read write.
+    Clear,
+    /// Reads are checked against the catalog's guards.
+    Check,
 }
 
 impl CatalogSlot {
@@ -155,6 +194,18 @@ impl CatalogSlot {
     pub fn get(&self) -> Option<Arc<Catalog>> {
         let cur = self.current.read().ok()?.clone()?;
         (cur.generation == self.generation.load(Ordering::Acquire) && self.ddl_open.load(Ordering::Acquire) == 0).then_some(cur)
+    }
+
+    /// What reads must be checked against. A DDL transaction that is still open changes
+    /// nothing others can see, so its catalog keeps serving; one that ended makes the state
+    /// unknown until the reload.
+    #[inline]
+    pub fn read_guards(&self) -> ReadGuardState {
+        match self.guards.load(Ordering::Acquire) {
+            1 => ReadGuardState::Clear,
+            2 => ReadGuardState::Check,
+            _ => ReadGuardState::Unknown,
+        }
     }
 
     /// The last catalog loaded, current or not: for the transaction that ran DDL itself, which
@@ -171,6 +222,7 @@ impl CatalogSlot {
 
     /// The transaction that ran DDL ended (committed or not).
     pub fn ddl_ended(&self) {
+        self.guards.store(0, Ordering::Release);
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.ddl_open.fetch_sub(1, Ordering::AcqRel);
     }
@@ -217,8 +269,13 @@ impl Catalogs {
                 let res = tokio::time::timeout(Duration::from_secs(30), load(&target, gen)).await;
                 match res {
                     Ok(Ok(cat)) => {
+                        let guards = if cat.guards.is_empty() { 1 } else { 2 };
                         if let Ok(mut cur) = slot.current.write() {
                             *cur = Some(Arc::new(cat));
+                            // Only a load of the present state tells reads what to check.
+                            if slot.generation.load(Ordering::Acquire) == gen {
+                                slot.guards.store(guards, Ordering::Release);
+                            }
                         }
                         metrics::counter!("chorus_catalog_loads_total").increment(1);
                         *slot.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -277,6 +334,28 @@ const FOREIGN_KEYS: &str = "SELECT conrelid, confrelid FROM pg_constraint WHERE 
 const FUNCTIONS: &str = "\
 SELECT p.proname, max(CASE p.provolatile WHEN 'i' THEN 0 WHEN 's' THEN 1 ELSE 2 END)::int4, bool_and(p.oid < 16384)
 FROM pg_proc p GROUP BY p.proname";
+
+/// Views (through their rules, and the views over those) and tables with row-level security
+/// policies whose reading calls a function that is not built in, or a built-in that writes.
+const GUARDED_RELATIONS: &str = "\
+WITH RECURSIVE risky AS (
+  SELECT p.oid FROM pg_proc p WHERE p.oid >= 16384 OR p.proname = ANY($1::text[])
+), direct AS (
+  SELECT r.ev_class AS rel FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
+   WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_proc'::regclass AND d.refobjid IN (SELECT oid FROM risky)
+  UNION
+  SELECT pol.polrelid FROM pg_depend d JOIN pg_policy pol ON pol.oid = d.objid
+   WHERE d.classid = 'pg_policy'::regclass AND d.refclassid = 'pg_proc'::regclass AND d.refobjid IN (SELECT oid FROM risky)
+), closure(rel) AS (
+  SELECT rel FROM direct
+  UNION
+  SELECT r.ev_class FROM closure c
+    JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = c.rel AND d.classid = 'pg_rewrite'::regclass
+    JOIN pg_rewrite r ON r.oid = d.objid
+)
+SELECT DISTINCT c.relname::text FROM closure JOIN pg_class c ON c.oid = closure.rel";
+
+const USER_OPERATORS: &str = "SELECT DISTINCT oprname::text FROM pg_operator WHERE oid >= 16384";
 
 async fn load(t: &LoadTarget, generation: u64) -> Result<Catalog, tokio_postgres::Error> {
     let pg = crate::cluster::Login {
@@ -360,7 +439,18 @@ async fn read(client: &tokio_postgres::Client, generation: u64) -> Result<Catalo
             1 => Volatility::Stable,
             _ => Volatility::Volatile,
         };
-        cat.functions.insert(r.get(0), (v, r.get(2)));
+        let (name, builtin): (String, bool) = (r.get(0), r.get(2));
+        if !builtin {
+            cat.guards.functions.insert(name.clone());
+        }
+        cat.functions.insert(name, (v, builtin));
+    }
+    let writing: Vec<String> = super::analyze::WRITING_BUILTINS.iter().map(|s| s.to_string()).collect();
+    for r in client.query(GUARDED_RELATIONS, &[&writing]).await? {
+        cat.guards.relations.insert(r.get(0));
+    }
+    for r in client.query(USER_OPERATORS, &[]).await? {
+        cat.guards.operators.push(r.get(0));
     }
     Ok(cat)
 }

@@ -29,6 +29,9 @@ pub struct Class {
     pub iso: Isolation,
     /// It reads or writes data (a transaction's snapshot is taken by such a statement).
     pub data: bool,
+    /// It reads facts of the server it runs on (process ids, pg_stat_* views, addresses,
+    /// sizes): its row counts and rows differ between backends and are never compared.
+    pub per_server: bool,
 }
 
 /// Isolation settings that decide whether a transaction's snapshot needs Chorus's barrier.
@@ -62,6 +65,7 @@ impl Class {
         empty: false,
         iso: Isolation::Unchanged,
         data: true,
+        per_server: false,
     };
     pub(crate) const READ: Class = Class {
         read_only: true,
@@ -71,6 +75,7 @@ impl Class {
         empty: false,
         iso: Isolation::Unchanged,
         data: true,
+        per_server: false,
     };
     pub(crate) const SESSION: Class = Class {
         read_only: false,
@@ -80,6 +85,7 @@ impl Class {
         empty: false,
         iso: Isolation::Unchanged,
         data: false,
+        per_server: false,
     };
 
     /// Combines the classes of statements that run one after the other.
@@ -98,6 +104,7 @@ impl Class {
             empty: false,
             iso: if next.iso == Isolation::Unchanged { self.iso } else { next.iso },
             data: self.data || next.data,
+            per_server: self.per_server || next.per_server,
         }
     }
 }
@@ -130,6 +137,7 @@ struct Scan {
     from_stdin: bool,
     to_other: bool,
     any_token: bool,
+    per_server: bool,
 }
 
 fn eq(w: &[u8], k: &str) -> bool {
@@ -180,24 +188,40 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
     let mut more = false;
     let mut prev: Option<Tok> = None;
     let mut prev_kw = Kw::Other;
+    // A '.' was just seen: the next word is qualified (by this word, or by a quoted name).
+    let mut dot_after: Option<Option<(usize, usize)>> = None;
+    // The qualifier of the word in `prev`, if it had one.
+    let mut qualifier: Option<Option<(usize, usize)>> = None;
     while let Some(tok) = lx.next() {
         sc.any_token = true;
+        let qualified_by = dot_after.take();
         match tok {
             Tok::Punct(b';') if depth == 0 => {
                 more = true;
                 break;
             }
             Tok::Punct(b'(') => {
-                match prev {
-                    Some(Tok::Word(s, e)) if !is_safe_call(&src[s..e]) => sc.unsafe_call = true,
-                    Some(Tok::Quoted) => sc.unsafe_call = true,
+                match (prev, qualifier) {
+                    (Some(Tok::Word(s, e)), _) if !is_safe_call(&src[s..e]) => sc.unsafe_call = true,
+                    // schema.f(...): only pg_catalog's own functions are known.
+                    (Some(Tok::Word(..)), Some(q)) if !q.is_some_and(|(s, e)| eq(&src[s..e], "pg_catalog")) => {
+                        sc.unsafe_call = true
+                    }
+                    (Some(Tok::Quoted), _) => sc.unsafe_call = true,
                     _ => {}
                 }
                 depth += 1;
             }
+            Tok::Punct(b'.') => {
+                dot_after = Some(match prev {
+                    Some(Tok::Word(s, e)) => Some((s, e)),
+                    _ => None,
+                });
+            }
             Tok::Punct(b')') => depth -= 1,
             Tok::Word(s, e) => {
                 let w = &src[s..e];
+                sc.per_server |= is_per_server(w);
                 if sc.first.is_none() {
                     sc.first = Some((s, e));
                 } else if sc.second.is_none() {
@@ -233,6 +257,7 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
             Tok::Word(..) | Tok::Quoted => Some(tok),
             _ => None,
         };
+        qualifier = qualified_by;
     }
     let word = |r: Option<(usize, usize)>| r.map(|(s, e)| &src[s..e]).unwrap_or(b"");
     let Some(first) = sc.first else {
@@ -242,6 +267,7 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
     };
     let kw = &src[first.0..first.1];
     let second = word(sc.second);
+    let per_server = sc.per_server;
     let reads = !sc.unsafe_call && !sc.write_marker;
     let class = if ["select", "values", "table", "with"].iter().any(|k| eq(kw, k)) {
         if reads {
@@ -307,7 +333,98 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
     } else {
         Class::UNKNOWN
     };
-    (class, more)
+    (Class { per_server, ..class }, more)
+}
+
+/// The second look at a statement the lexical pass calls a read, in a database whose catalog
+/// has something a read may run without saying so: a call of a name that a function outside
+/// the built-ins carries, a relation whose reading calls such a function, or an operator that
+/// is not built in. Fails closed: any of them named (even inside a string, for operators)
+/// makes the answer true.
+pub fn touches_guards(sql: &[u8], guards: &catalog::ReadGuards) -> bool {
+    if guards.operators.iter().any(|op| sql.windows(op.len()).any(|w| w == op.as_bytes())) {
+        return true;
+    }
+    let mut lx = Lexer::new(sql);
+    let mut prev: Option<String> = None;
+    while let Some((tok, s, e)) = lx.next_with_span() {
+        let name = match tok {
+            Tok::Word(..) => Some(String::from_utf8_lossy(&sql[s..e]).to_ascii_lowercase()),
+            // A quoted name is taken as written, without its quotes.
+            Tok::Quoted if e >= s + 2 => Some(String::from_utf8_lossy(&sql[s + 1..e - 1]).replace("\"\"", "\"")),
+            Tok::Punct(b'(') => {
+                if prev.as_ref().is_some_and(|p| guards.functions.contains(p)) {
+                    return true;
+                }
+                None
+            }
+            _ => None,
+        };
+        if let Some(n) = &name {
+            if guards.relations.contains(n) {
+                return true;
+            }
+        }
+        prev = name;
+    }
+    false
+}
+
+/// Words that name facts of one server: what a statement using them returns differs between
+/// backends by nature (process ids, activity and statistics views, addresses, sizes, WAL
+/// positions, transaction ids).
+fn is_per_server(w: &[u8]) -> bool {
+    if w.len() < 7 {
+        return false;
+    }
+    let lower = |p: &str| w.len() >= p.len() && w[..p.len()].eq_ignore_ascii_case(p.as_bytes());
+    if lower("inet_server_") || lower("inet_client_") || lower("txid_current") {
+        return true;
+    }
+    if !lower("pg_") {
+        return false;
+    }
+    const PREFIXES: &[&str] = &[
+        "pg_stat",
+        "pg_backend_pid",
+        "pg_terminate_backend",
+        "pg_cancel_backend",
+        "pg_postmaster_start_time",
+        "pg_conf_load_time",
+        "pg_locks",
+        "pg_blocking_pids",
+        "pg_safe_snapshot_blocking_pids",
+        "pg_current_wal",
+        "pg_current_xact_id",
+        "pg_current_snapshot",
+        "pg_last_wal",
+        "pg_wal_lsn_diff",
+        "pg_control_",
+        "pg_ls_",
+        "pg_database_size",
+        "pg_relation_size",
+        "pg_total_relation_size",
+        "pg_table_size",
+        "pg_indexes_size",
+        "pg_relation_filenode",
+        "pg_relation_filepath",
+        "pg_prepared_xacts",
+        "pg_replication_",
+        "pg_backend_memory_contexts",
+        "pg_shmem_allocations",
+        "pg_snapshot_",
+        "pg_xact_status",
+        "pg_sequence_last_value",
+        "pg_trigger_depth",
+        "pg_notification_queue_usage",
+        "pg_is_in_recovery",
+        "pg_tablespace_size",
+        "pg_file_settings",
+        "pg_hba_file_rules",
+        "pg_ident_file_mappings",
+        "pg_get_wal",
+    ];
+    PREFIXES.iter().any(|p| lower(p))
 }
 
 /// What a BEGIN/START/SET/RESET statement says about isolation. Rare statements: a second
@@ -696,10 +813,58 @@ mod tests {
             "COMMIT PREPARED 'x'",
             "select pg_advisory_lock(1)",
             "DECLARE c CURSOR FOR SELECT * FROM t FOR UPDATE",
+            // A schema-qualified call reaches a user function whatever its name.
+            "select s.lower(1)",
+            "SELECT public.now()",
+            "select \"s\".lower(1)",
+            "select * from app.report(1)",
         ] {
             let cl = c(q);
             assert!(!cl.read_only && cl.writes, "{q}: {cl:?}");
         }
+    }
+
+    #[test]
+    fn pg_catalog_calls_and_column_references_stay_reads() {
+        for q in ["select pg_catalog.lower('A')", "select t.a, s.t.b from s.t", "SELECT PG_CATALOG.now()"] {
+            assert!(c(q).read_only, "{q}");
+        }
+    }
+
+    #[test]
+    fn per_server_facts_are_marked() {
+        for q in [
+            "select pg_backend_pid()",
+            "SELECT count(*) FROM pg_stat_activity",
+            "select pid, (select pg_terminate_backend(pid)) from pg_stat_activity where usename = 'x'",
+            "select inet_server_port()",
+            "select pg_database_size(current_database())",
+            "select * from pg_locks",
+        ] {
+            assert!(c(q).per_server, "{q}");
+        }
+        for q in ["select 1", "select * from pg_class", "update t set v = 1", "select pgx_stat()"] {
+            assert!(!c(q).per_server, "{q}");
+        }
+    }
+
+    #[test]
+    fn guards_catch_what_a_catalog_names() {
+        let mut g = catalog::ReadGuards::default();
+        assert!(!touches_guards(b"select lower('a') from v", &g));
+        g.functions.insert("lower".into());
+        g.relations.insert("v".into());
+        g.relations.insert("Mixed".into());
+        g.operators.push("#@#".into());
+        assert!(touches_guards(b"select lower('a')", &g));
+        assert!(touches_guards(b"SELECT LOWER ('a')", &g));
+        assert!(!touches_guards(b"select lower from t", &g), "a column named like the function is no call");
+        assert!(touches_guards(b"select * from v", &g));
+        assert!(touches_guards(b"select * from public.V", &g));
+        assert!(touches_guards(b"select * from \"Mixed\"", &g));
+        assert!(!touches_guards(b"select * from mixed", &g), "unquoted names fold to lower case");
+        assert!(touches_guards(b"select 1 #@# 2", &g));
+        assert!(!touches_guards(b"select 1 + 2 from t", &g));
     }
 
     #[test]

@@ -287,7 +287,7 @@ pub fn analyze(sql: &[u8], cat: Option<&Catalog>) -> Analysis {
 }
 
 /// Built-in functions that change something although a SELECT may call them.
-const WRITING_BUILTINS: &[&str] = &[
+pub const WRITING_BUILTINS: &[&str] = &[
     "nextval",
     "setval",
     "set_config",
@@ -351,6 +351,10 @@ struct Found {
     nested_write: bool,
     ctes: Vec<String>,
     limit_without_order: bool,
+    /// A function called by a name qualified with a schema other than pg_catalog.
+    foreign_call: bool,
+    /// Operator names used (A_Expr), to check against the catalog's own operators.
+    operators: Vec<String>,
 }
 
 impl Stmt<'_> {
@@ -444,7 +448,7 @@ impl Stmt<'_> {
         if s.into_clause.is_some() {
             return self.other(); // SELECT INTO creates a table
         }
-        let writes_fn = self.calls_write(&found);
+        let writes_fn = self.calls_write(&found) | self.runs_user_code(&found);
         if !found.locking && !found.nested_write && !writes_fn {
             self.out.class = Class::READ;
             return;
@@ -470,6 +474,21 @@ impl Stmt<'_> {
     }
 
     /// Whether any called function writes; records sequence locks and unknowns as it goes.
+    /// Whether reading what the statement names may run code that is not provably read-only:
+    /// a function of another schema called by its qualified name, a relation whose reading
+    /// calls such code, or an operator that is not built in. Such a statement is a write
+    /// under the cluster-wide lock.
+    fn runs_user_code(&mut self, found: &Found) -> bool {
+        let guards = self.cat.map(|c| &c.guards);
+        let relation = guards.is_some_and(|g| found.relations.iter().any(|(_, n, _)| g.relations.contains(n)));
+        let operator = guards.is_some_and(|g| found.operators.iter().any(|o| g.operators.contains(o)));
+        let risky = found.foreign_call || relation || operator;
+        if risky {
+            self.out.global = true;
+        }
+        risky
+    }
+
     fn calls_write(&mut self, found: &Found) -> bool {
         let mut writes = false;
         for (name, _, arg) in &found.calls {
@@ -488,7 +507,12 @@ impl Stmt<'_> {
             }
             let advisory_or_lo =
                 name.starts_with("pg_advisory") || name.starts_with("pg_try_advisory") || name.starts_with("lo_");
-            if (builtin && WRITING_BUILTINS.contains(&name.as_str())) || advisory_or_lo {
+            if !builtin {
+                // A function outside the built-ins (or a name one of them overloads) may
+                // write whatever its volatility says, through what it calls.
+                writes = true;
+                self.out.global = true;
+            } else if (builtin && WRITING_BUILTINS.contains(&name.as_str())) || advisory_or_lo {
                 writes = true;
                 self.out.global = true;
             } else if vol == Volatility::Volatile && !(builtin && READING_VOLATILES.contains(&name.as_str())) {
@@ -981,8 +1005,12 @@ fn visit(v: &Value, f: &mut Found, in_subquery: bool) {
             for (k, x) in o {
                 match k.as_str() {
                     "FuncCall" => {
-                        let name =
-                            x["funcname"].as_array().and_then(|n| n.last()).and_then(|n| n["node"]["String"]["sval"].as_str());
+                        let parts = x["funcname"].as_array();
+                        let schema = parts.filter(|p| p.len() > 1).and_then(|p| p.first()).map(|n| n["node"]["String"]["sval"].as_str());
+                        if schema.is_some_and(|s| s != Some("pg_catalog")) {
+                            f.foreign_call = true;
+                        }
+                        let name = parts.and_then(|n| n.last()).and_then(|n| n["node"]["String"]["sval"].as_str());
                         if let Some(name) = name {
                             let arg = x["args"].as_array().and_then(|a| a.first()).and_then(literal_text);
                             f.calls.push((name.to_string(), x["location"].as_i64().unwrap_or(0), arg));
@@ -993,6 +1021,15 @@ fn visit(v: &Value, f: &mut Found, in_subquery: bool) {
                         x["typmod"].as_i64().unwrap_or(-1),
                         x["location"].as_i64().unwrap_or(0),
                     )),
+                    "AExpr" => {
+                        let parts = x["name"].as_array();
+                        if parts.is_some_and(|p| p.len() > 1) {
+                            f.foreign_call = true; // OPERATOR(schema.op)
+                        }
+                        if let Some(op) = parts.and_then(|p| p.last()).and_then(|n| n["node"]["String"]["sval"].as_str()) {
+                            f.operators.push(op.to_string());
+                        }
+                    }
                     "ParamRef" => f.max_param = f.max_param.max(x["number"].as_u64().unwrap_or(0) as usize),
                     "LockingClause" => {
                         f.locking = true;

@@ -4,6 +4,11 @@ use super::*;
 use crate::sql::catalog::{Column, Relation};
 
 fn catalog() -> Catalog {
+    catalog_with(&[])
+}
+
+/// The test catalog with more built-in functions in it.
+fn catalog_with(more: &[(&str, Volatility, bool)]) -> Catalog {
     let col = |attnum: i16, name: &str, ty: u32, default: Option<DefaultKind>| Column {
         attnum,
         name: name.into(),
@@ -34,10 +39,9 @@ fn catalog() -> Catalog {
         ..Relation::default()
     };
     let seq = Relation { oid: 201, schema: "public".into(), name: "events_id_seq".into(), kind: b'S', ..Relation::default() };
-    Catalog::for_tests(
-        vec![accounts, events, seq],
-        &[("now", Volatility::Stable, true), ("my_writer", Volatility::Volatile, false)],
-    )
+    let mut functions = vec![("now", Volatility::Stable, true), ("my_writer", Volatility::Volatile, false)];
+    functions.extend_from_slice(more);
+    Catalog::for_tests(vec![accounts, events, seq], &functions)
 }
 
 fn an(sql: &str) -> Analysis {
@@ -195,4 +199,76 @@ fn measure_analysis_cost() {
     }
     let cached = t.elapsed() / n;
     println!("analysis {full:?} per statement, of which parse {parse:?}; literal-normalised cache {cached:?}");
+}
+
+/// The fast path against the full analysis: over a corpus of statements, one that the lexical
+/// pass (with the catalog's guards) lets go to a single backend must be a read for the
+/// analysis too. A wrong "write" costs speed; a wrong "read" would cost G1.
+#[test]
+fn the_fast_path_never_calls_a_read_what_the_analysis_calls_a_write() {
+    let mut more: Vec<(&str, Volatility, bool)> =
+        ["generate_series", "array_agg", "max", "count", "coalesce", "upper", "json_build_object", "random"]
+            .iter()
+            .map(|&f| (f, Volatility::Immutable, true))
+            .collect();
+    // A user function overloads the built-in lower(text): the name is no longer all built-in.
+    more.push(("lower", Volatility::Volatile, false));
+    let mut cat = catalog_with(&more);
+    cat.guards.relations.insert("writing_view".into());
+    cat.guards.operators.push("#@#".into());
+    let corpus = [
+        "select 1",
+        "select * from accounts where id = 1",
+        "select lower(owner) from accounts",
+        "select upper(owner) from accounts",
+        "select s.lower(1)",
+        "select pg_catalog.lower('A')",
+        "select my_writer(1)",
+        "select * from writing_view",
+        "select x from public.writing_view w",
+        "select 1 #@# 2",
+        "select 1 OPERATOR(public.#@#) 2",
+        "select nextval('events_id_seq')",
+        "select * from accounts for update",
+        "select * from accounts for share skip locked",
+        "with d as (delete from accounts returning *) select * from d",
+        "select count(*) from accounts a join events e on e.id = a.id",
+        "select (select max(id) from events), now(), random()",
+        "select set_config('a.b', '1', false)",
+        "select pg_advisory_lock(1)",
+        "select lo_create(0)",
+        "select txid_current()",
+        "select pg_notify('c', 'x')",
+        "values (1), (2)",
+        "table accounts",
+        "select * from generate_series(1, 3) g",
+        "select array_agg(id order by id) from accounts",
+        "select coalesce(max(balance), 0) from accounts",
+        "show work_mem",
+        "explain select * from accounts",
+        "select \"lower\"('A')",
+        "select * into t2 from accounts",
+        "select pg_terminate_backend(pg_backend_pid())",
+        "select * from accounts where owner like 'a%' order by id limit 3",
+        "select json_build_object('a', 1)",
+        "select (lower(owner)) from accounts",
+    ];
+    let mut checked = 0;
+    for sql in corpus {
+        let lexical = crate::sql::classify(sql.as_bytes());
+        if !lexical.read_only || crate::sql::touches_guards(sql.as_bytes(), &cat.guards) {
+            continue;
+        }
+        checked += 1;
+        let a = analyze(sql.as_bytes(), Some(&cat));
+        assert!(!a.class.writes, "the fast path calls {sql:?} a read, the analysis a write: {a:?}");
+    }
+    assert!(checked >= 12, "only {checked} statements went through the fast path");
+    // And the other way: each read that writes is a write by the one path or the other.
+    for sql in ["select s.lower(1)", "select lower(2)", "select * from writing_view", "select 4 #@# 5", "select my_writer(1)"] {
+        let lexical = crate::sql::classify(sql.as_bytes());
+        let fast_read = lexical.read_only && !crate::sql::touches_guards(sql.as_bytes(), &cat.guards);
+        assert!(!fast_read, "{sql} must not take the fast path");
+        assert!(analyze(sql.as_bytes(), Some(&cat)).class.writes, "{sql} must be a write for the analysis");
+    }
 }
