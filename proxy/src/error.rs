@@ -27,7 +27,9 @@ pub enum SessionError {
     Replication,
     #[error("terminating connection: a backend joined the cluster and this session holds {0}, which Chorus cannot copy to it; reconnect")]
     Unmovable(&'static str),
-    #[error("terminating connection: this session's connection to backend {0} ended ({1}) while the server stays healthy; reconnect")]
+    #[error(
+        "terminating connection: this session's connection to backend {0} ended ({1}) while the server stays healthy; reconnect"
+    )]
     ConnectionLost(String, String),
     #[error("could not log in to backend {0} ({1}) while the server stays healthy; try again")]
     LoginFailed(String, String),

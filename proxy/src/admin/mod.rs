@@ -72,11 +72,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn auth(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(t) if same(t.as_bytes(), api.shared.cfg.admin_token.as_bytes()) => next.run(req).await,
         Some(_) => error(StatusCode::UNAUTHORIZED, "wrong admin token"),
@@ -147,7 +143,10 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
 async fn join_backend(State(api): State<Arc<Api>>, Json(req): Json<JoinRequest>) -> Response {
     // Checked before anything else: the name becomes a directory in data_dir.
     if !crate::config::valid_backend_name(&req.name) {
-        return error(StatusCode::BAD_REQUEST, &format!("backend name {:?} must be 1 to 63 letters, digits, '-' or '_'", req.name));
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("backend name {:?} must be 1 to 63 letters, digits, '-' or '_'", req.name),
+        );
     }
     match join::start(api.shared.clone(), req).await {
         Ok(p) => (StatusCode::ACCEPTED, Json(p)).into_response(),

@@ -211,8 +211,10 @@ static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 /// Serves one client connection from its first byte to its last.
 pub async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
     let _ = client.set_nodelay(true);
-    let login = tokio::time::timeout(shared.cfg.login_timeout, login(&mut client, &shared)).await;
-    let session = match login {
+    // login_timeout bounds what the client must do (startup and authentication); the backend
+    // logins that follow have bounds of their own.
+    let auth = tokio::time::timeout(shared.cfg.login_timeout, authenticate(&mut client, &shared)).await;
+    let st = match auth {
         Err(_) => {
             tracing::debug!("client sent no complete login within login_timeout");
             let mut buf = BytesMut::new();
@@ -220,9 +222,17 @@ pub async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), client.write_all(&buf)).await;
             return;
         }
-        Ok(Ok(Some((conns, guard, target, params, epoch)))) => Session::new(client, shared, conns, guard, target, params, epoch),
+        Ok(Ok(Some(st))) => st,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
+            tell_and_close(&mut client, &e).await;
+            return;
+        }
+    };
+    let session = match login(&mut client, &shared, st).await {
+        Ok(Some((conns, guard, target, params, epoch))) => Session::new(client, shared, conns, guard, target, params, epoch),
+        Ok(None) => return,
+        Err(e) => {
             tell_and_close(&mut client, &e).await;
             return;
         }
@@ -242,14 +252,20 @@ async fn tell_and_close(client: &mut TcpStream, e: &SessionError) {
 /// Startup, authentication and backend logins. None for a cancel request.
 type LoggedIn = (Vec<BackendConn>, cancel::CancelGuard, LoadTarget, Vec<(String, String)>, u64);
 
-async fn login(client: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<LoggedIn>, SessionError> {
+/// The client's part of the login: its startup packet and its password. None for a cancel
+/// request (served already) or a client that left.
+async fn authenticate(client: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<startup::Started>, SessionError> {
     let Some(params) = startup::read_startup(client, shared).await? else {
         return Ok(None);
     };
     if shared.stop.is_cancelled() {
         return Err(SessionError::ShuttingDown);
     }
-    let st = startup::authenticate(client, shared, params).await?;
+    startup::authenticate(client, shared, params).await.map(Some)
+}
+
+/// Logs the authenticated client in to every in-sync backend.
+async fn login(client: &mut TcpStream, shared: &Arc<Shared>, st: startup::Started) -> Result<Option<LoggedIn>, SessionError> {
     let password = shared.cfg.user(&st.user).map(|u| u.password.clone()).unwrap_or_default();
     // Read before the in-sync set: a backend joining in between is picked up at the first request.
     let epoch = shared.cluster.epoch();
@@ -258,8 +274,14 @@ async fn login(client: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<Lo
         return Err(SessionError::NoBackend("every backend is out of the in-sync set".into()));
     }
     let logins = {
-        // A storm of logins queues here instead of overrunning the servers' process limits.
-        let _permit = shared.logins.acquire().await.map_err(|_| SessionError::ShuttingDown)?;
+        // A storm of logins queues here instead of overrunning the servers' process limits; a
+        // client that waited login_timeout in the queue is refused as PostgreSQL refuses one
+        // over its limit.
+        let _permit = match tokio::time::timeout(shared.cfg.login_timeout, shared.logins.acquire()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return Err(SessionError::ShuttingDown),
+            Err(_) => return Err(SessionError::TooManyClients),
+        };
         futures::future::join_all(
             in_sync.iter().map(|b| fanout::connect(b.clone(), &st.params, &st.user, &password, shared.cfg.connect_timeout)),
         )
@@ -738,7 +760,8 @@ impl Session {
     /// took it out of the in-sync set, and ejected when it made no progress for
     /// `backend_timeout` while another backend kept taking its frames.
     fn on_stall_timer(&mut self, now: Instant) -> Result<(), End> {
-        let stalled: Vec<usize> = (0..self.conns.len()).filter(|&i| self.conns[i].alive && self.conns[i].stalled_since.is_some()).collect();
+        let stalled: Vec<usize> =
+            (0..self.conns.len()).filter(|&i| self.conns[i].alive && self.conns[i].stalled_since.is_some()).collect();
         if stalled.is_empty() {
             self.stall_check = None;
             return Ok(());

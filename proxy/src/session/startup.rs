@@ -14,7 +14,7 @@ use crate::protocol::{Frame, FrameCodec, ProtocolError};
 use crate::server::Shared;
 
 /// What a client asked for once it is authenticated.
-pub struct Startup {
+pub struct Started {
     pub user: String,
     /// Startup parameters to pass to the backends, `user` and `database` included.
     pub params: Vec<(String, String)>,
@@ -28,7 +28,12 @@ const MAX_AUTH_MESSAGE: usize = 65_536;
 pub async fn read_startup(client: &mut TcpStream, shared: &Shared) -> Result<Option<Vec<(String, String)>>, SessionError> {
     loop {
         let len = client.read_u32().await?;
-        let len = startup::check_length(len)?;
+        let Ok(len) = startup::check_length(len) else {
+            // As PostgreSQL does: a packet that is no startup packet at all (a client that sent
+            // Terminate before its startup, a stray probe) is closed on without a word.
+            tracing::debug!(length = len, "invalid length of startup packet");
+            return Ok(None);
+        };
         let mut body = vec![0u8; len - 4];
         client.read_exact(&mut body).await?;
         match startup::parse(&body)? {
@@ -57,7 +62,7 @@ pub async fn authenticate(
     client: &mut TcpStream,
     shared: &Shared,
     params: Vec<(String, String)>,
-) -> Result<Startup, SessionError> {
+) -> Result<Started, SessionError> {
     let user = params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.clone()).ok_or(SessionError::NoUser)?;
     if params.iter().any(|(k, v)| k == "replication" && v != "false" && v != "0" && v != "off") {
         return Err(SessionError::Replication);
@@ -103,7 +108,7 @@ pub async fn authenticate(
             client.write_all(&out).await?;
         }
     }
-    Ok(Startup { user, params })
+    Ok(Started { user, params })
 }
 
 async fn read_password_message(client: &mut TcpStream, rbuf: &mut BytesMut) -> Result<Frame, SessionError> {

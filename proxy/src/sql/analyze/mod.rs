@@ -1006,7 +1006,8 @@ fn visit(v: &Value, f: &mut Found, in_subquery: bool) {
                 match k.as_str() {
                     "FuncCall" => {
                         let parts = x["funcname"].as_array();
-                        let schema = parts.filter(|p| p.len() > 1).and_then(|p| p.first()).map(|n| n["node"]["String"]["sval"].as_str());
+                        let schema =
+                            parts.filter(|p| p.len() > 1).and_then(|p| p.first()).map(|n| n["node"]["String"]["sval"].as_str());
                         if schema.is_some_and(|s| s != Some("pg_catalog")) {
                             f.foreign_call = true;
                         }

@@ -1,0 +1,397 @@
+//! The fault model (contract, "What ejects a backend"): what a client sends, however hostile or
+//! careless, ends at most its own session; a backend leaves the in-sync set only for a failure
+//! of its own. Each test runs a load of transfers beside the fault, states what the clients saw
+//! (by SQLSTATE) and ends with `chorus verify` equal on every backend still in sync.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{ChorusOptions, PgOptions, PgServer, Setup, APP_USER};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::{Client, NoTls};
+
+/// A role without any privilege beyond logging in and using the test tables.
+const MALLORY: (&str, &str) = ("mallory", "not-a-superuser");
+
+fn opts(extra: &str) -> ChorusOptions {
+    ChorusOptions {
+        auth: "scram-sha-256",
+        extra: format!(
+            "{extra}\nhealth_check_user = \"{}\"\n[[users]]\nname = \"{}\"\npassword = \"{}\"\n",
+            APP_USER.0, MALLORY.0, MALLORY.1
+        ),
+    }
+}
+
+async fn setup(n: usize, extra: &str, pg: PgOptions) -> Setup {
+    let mut servers = Vec::new();
+    for _ in 0..n {
+        servers.push(PgServer::start(pg.clone()).await.expect("start postgres"));
+    }
+    let refs: Vec<&PgServer> = servers.iter().collect();
+    let chorus = common::ChorusProcess::start(common::chorus_bin(), &refs, opts(extra)).await.expect("start chorus");
+    let s = Setup { servers, chorus };
+    let c = s.client().await;
+    c.batch_execute(&format!(
+        "CREATE ROLE {} LOGIN PASSWORD '{}';
+         CREATE TABLE acct (id int PRIMARY KEY, bal bigint NOT NULL);
+         INSERT INTO acct SELECT g, 1000 FROM generate_series(1, 64) g;
+         CREATE TABLE moves (id bigserial PRIMARY KEY, src int, dst int, amount int);
+         GRANT SELECT, INSERT, UPDATE ON acct, moves TO {0}; GRANT USAGE ON SEQUENCE moves_id_seq TO {0};",
+        MALLORY.0, MALLORY.1
+    ))
+    .await
+    .unwrap();
+    s
+}
+
+/// What a load of transfers saw: transactions done and every error by SQLSTATE.
+struct LoadResult {
+    done: u64,
+    errors: Vec<String>,
+}
+
+/// `sessions` clients moving money between accounts until `stop`: explicit transactions and
+/// autocommit inserts. Every session is logged in when this returns.
+async fn transfers(s: &Setup, sessions: usize, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<LoadResult> {
+    let conn = s.chorus.conn_str(APP_USER, "postgres");
+    let mut clients = Vec::new();
+    for _ in 0..sessions {
+        let (c, connection) = tokio_postgres::connect(&conn, NoTls).await.expect("load session");
+        tokio::spawn(connection);
+        clients.push(c);
+    }
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for (w, c) in clients.into_iter().enumerate() {
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut done = 0u64;
+                let mut errors = Vec::new();
+                let mut i = w as i32;
+                while !stop.load(Ordering::Acquire) {
+                    i = i.wrapping_mul(31).wrapping_add(7);
+                    let (a, b) = (1 + i.rem_euclid(64), 1 + (i / 64).rem_euclid(64));
+                    let sql = if done % 4 == 3 {
+                        format!("INSERT INTO moves (src, dst, amount) VALUES ({a}, {b}, 0)")
+                    } else {
+                        format!(
+                            "BEGIN; UPDATE acct SET bal = bal - 1 WHERE id = {a}; UPDATE acct SET bal = bal + 1 WHERE id = {b}; \
+                             INSERT INTO moves (src, dst, amount) VALUES ({a}, {b}, 1); COMMIT"
+                        )
+                    };
+                    match c.batch_execute(&sql).await {
+                        Ok(()) => done += 1,
+                        Err(e) => {
+                            errors.push(code_of(&e));
+                            if c.is_closed() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                (done, errors)
+            }));
+        }
+        let mut r = LoadResult { done: 0, errors: Vec::new() };
+        for t in tasks {
+            let (d, e) = t.await.unwrap();
+            r.done += d;
+            r.errors.extend(e);
+        }
+        r
+    })
+}
+
+async fn stop_load(stop: &AtomicBool, load: tokio::task::JoinHandle<LoadResult>) -> LoadResult {
+    stop.store(true, Ordering::Release);
+    load.await.unwrap()
+}
+
+/// A connection whose end (and the error it ended with) the test can await.
+async fn connect(s: &Setup, user: (&str, &str), app: &str) -> (Client, tokio::task::JoinHandle<Option<String>>) {
+    let conn = format!("{} application_name={app}", s.chorus.conn_str(user, "postgres"));
+    let (c, connection) = tokio_postgres::connect(&conn, NoTls).await.expect("connect through chorus");
+    let ended = tokio::spawn(async move { connection.await.err().map(|e| code_of(&e)) });
+    (c, ended)
+}
+
+fn code_of(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| e.to_string())
+}
+
+async fn ended_with(ended: tokio::task::JoinHandle<Option<String>>) -> Option<String> {
+    tokio::time::timeout(Duration::from_secs(20), ended).await.expect("the session did not end").unwrap()
+}
+
+/// Every backend in sync, chorus verify equal, and the money all there.
+async fn assert_in_sync_and_equal(s: &Setup, n: usize) {
+    let states = s.chorus.states();
+    assert_eq!(states.values().filter(|v| *v == "in_sync").count(), n, "{states:?}\n{}", s.chorus.log());
+    let (ok, out) = s.chorus.verify();
+    assert!(ok, "{out}");
+    let total: i64 = s.client().await.query_one("SELECT sum(bal)::int8 FROM acct", &[]).await.unwrap().get(0);
+    assert_eq!(total, 64 * 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_band_fatals_from_an_unprivileged_client_end_only_its_session() {
+    let s = setup(3, "", PgOptions::default()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = transfers(&s, 16, stop.clone()).await;
+
+    // pg_terminate_backend of its own process: every backend ends that session alike.
+    let (c, ended) = connect(&s, MALLORY, "mallory").await;
+    let e = c.simple_query("SELECT pg_terminate_backend(pg_backend_pid())").await.expect_err("the session must end");
+    assert_eq!(e.code().map(|c| c.code()), Some("57P01"), "{e}");
+    let _ = ended_with(ended).await;
+
+    // A session timeout it set for itself.
+    let (c, ended) = connect(&s, MALLORY, "mallory").await;
+    c.batch_execute("SET idle_session_timeout = '1s'").await.unwrap();
+    assert_eq!(ended_with(ended).await.as_deref(), Some("57P05"));
+
+    // Idle in a transaction past its own limit.
+    let (c, ended) = connect(&s, MALLORY, "mallory").await;
+    c.batch_execute("SET idle_in_transaction_session_timeout = '1s'; BEGIN; SELECT 1").await.unwrap();
+    assert_eq!(ended_with(ended).await.as_deref(), Some("25P03"));
+    // Holding a write transaction open when the timeout strikes: rolled back everywhere.
+    let (c, ended) = connect(&s, MALLORY, "mallory").await;
+    c.batch_execute("SET idle_in_transaction_session_timeout = '1s'; BEGIN; UPDATE acct SET bal = bal + 500 WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(ended_with(ended).await.as_deref(), Some("25P03"));
+
+    // As a control, an error that is no FATAL changes nothing either.
+    let (c, _) = connect(&s, MALLORY, "mallory").await;
+    let e = c.simple_query("SELECT 1/0").await.expect_err("division by zero");
+    assert_eq!(e.code().map(|c| c.code()), Some("22012"));
+
+    let r = stop_load(&stop, load).await;
+    assert!(r.errors.is_empty(), "the load saw errors: {:?}", r.errors);
+    assert!(r.done > 50, "only {} transfers ran", r.done);
+    assert!(!s.chorus.log().contains("backend ejected"), "{}", s.chorus.log());
+    assert_in_sync_and_equal(&s, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_server_facts_are_never_compared() {
+    let s = setup(2, "", PgOptions::default()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = transfers(&s, 8, stop.clone()).await;
+    let app = s.client().await;
+    // Each server has its own process ids, activity and port.
+    app.batch_execute("BEGIN; SELECT pg_backend_pid(); SELECT inet_server_port(); SELECT count(*) FROM pg_stat_activity; COMMIT")
+        .await
+        .unwrap();
+    app.batch_execute("BEGIN; UPDATE acct SET bal = bal WHERE id = 2; SELECT pid, backend_start FROM pg_stat_activity; COMMIT")
+        .await
+        .unwrap();
+    // node-postgres's own tests end their victims by application name: a different pid on
+    // each server, a different count of rows.
+    let mut victims = Vec::new();
+    for _ in 0..3 {
+        victims.push(connect(&s, MALLORY, "victim").await);
+    }
+    let rows = app
+        .simple_query(
+            "SELECT pid, (SELECT pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'victim' AND pid <> pg_backend_pid()",
+        )
+        .await
+        .unwrap();
+    assert!(rows.iter().filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))).count() >= 3);
+    for (_, ended) in victims {
+        assert_eq!(ended_with(ended).await.as_deref(), Some("57P01"));
+    }
+    let r = stop_load(&stop, load).await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_in_sync_and_equal(&s, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_storm_is_the_clients_outcome() {
+    let pg = PgOptions { max_connections: 100, ..PgOptions::default() };
+    let s = setup(3, "max_client_connections = 1500", pg).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = transfers(&s, 4, stop.clone()).await;
+    let conn = s.chorus.conn_str(MALLORY, "postgres");
+    let release = Arc::new(tokio::sync::Notify::new());
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let all_answered = Arc::new(tokio::sync::Notify::new());
+    let mut storm = Vec::new();
+    for _ in 0..1200 {
+        let (conn, release, answered, all_answered) = (conn.clone(), release.clone(), answered.clone(), all_answered.clone());
+        storm.push(tokio::spawn(async move {
+            // Registered now, so the release cannot pass it by.
+            let waiting = release.notified();
+            let res = tokio_postgres::connect(&conn, NoTls).await;
+            if answered.fetch_add(1, Ordering::AcqRel) + 1 == 1200 {
+                all_answered.notify_one();
+            }
+            match res {
+                Ok((c, connection)) => {
+                    let driver = tokio::spawn(connection);
+                    // Hold the connection until every login of the storm has been answered.
+                    waiting.await;
+                    drop(c);
+                    let _ = driver.await;
+                    Ok(())
+                }
+                Err(e) => Err(code_of(&e)),
+            }
+        }));
+    }
+    tokio::time::timeout(Duration::from_secs(180), all_answered.notified()).await.expect("every login is answered");
+    release.notify_waiters();
+    let (mut ok, mut codes) = (0, std::collections::BTreeMap::<String, usize>::new());
+    for t in storm {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(code) => *codes.entry(code).or_default() += 1,
+        }
+    }
+    eprintln!("login storm: {ok} of 1200 logged in; refused: {codes:?}");
+    assert!(ok > 0 && ok < 1200, "{ok} logins got in");
+    let refused = codes.get("53300").copied().unwrap_or(0);
+    assert!(refused > 0, "no login was refused with 53300: {codes:?}");
+    assert!(codes.keys().all(|c| c == "53300"), "other refusals: {codes:?}");
+    let r = stop_load(&stop, load).await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(!s.chorus.log().contains("backend ejected"), "{}", s.chorus.log());
+    assert_in_sync_and_equal(&s, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_that_write_run_on_every_backend() {
+    let s = setup(2, "", PgOptions::default()).await;
+    let c = s.client().await;
+    c.batch_execute(
+        "CREATE SCHEMA s;
+         CREATE TABLE t (v int);
+         CREATE FUNCTION s.lower(x int) RETURNS int LANGUAGE sql VOLATILE AS 'INSERT INTO t VALUES (x) RETURNING x';
+         CREATE FUNCTION public.lower(x int) RETURNS int LANGUAGE sql VOLATILE AS 'INSERT INTO t VALUES (x + 100) RETURNING x';
+         CREATE VIEW v AS SELECT s.lower(3) AS x;
+         CREATE VIEW vv AS SELECT x FROM v;
+         CREATE FUNCTION op_writes(a int, b int) RETURNS int LANGUAGE sql VOLATILE AS 'INSERT INTO t VALUES (a * 10 + b) RETURNING b';
+         CREATE OPERATOR #@# (LEFTARG = int, RIGHTARG = int, FUNCTION = op_writes);",
+    )
+    .await
+    .unwrap();
+    // Outside a transaction, by the simple and the extended protocol, and inside one.
+    c.simple_query("SELECT s.lower(1)").await.unwrap();
+    c.query("SELECT lower(2)", &[]).await.unwrap();
+    c.simple_query("SELECT * FROM v").await.unwrap();
+    c.query("SELECT x FROM vv", &[]).await.unwrap();
+    c.simple_query("SELECT 4 #@# 5").await.unwrap();
+    c.batch_execute("BEGIN; SELECT s.lower(6); SELECT 7 #@# 8; COMMIT").await.unwrap();
+    let mut seen = Vec::new();
+    for srv in &s.servers {
+        let d = srv.local_client("postgres").await.unwrap();
+        let rows: Vec<i32> = d.query("SELECT v FROM t ORDER BY v", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+        seen.push(rows);
+    }
+    assert_eq!(seen[0], vec![1, 3, 3, 6, 45, 78, 102], "every write reached the first backend");
+    assert_eq!(seen[0], seen[1], "and the second");
+    let states = s.chorus.states();
+    assert!(states.values().all(|v| v == "in_sync"), "{states:?}");
+    let (ok, out) = s.chorus.verify();
+    assert!(ok, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_backend_does_not_hold_a_copy_longer_than_backend_timeout() {
+    let s = setup(3, "backend_timeout = \"3s\"", PgOptions::default()).await;
+    let c = s.client().await;
+    c.batch_execute("CREATE TABLE blob (id int, body text)").await.unwrap();
+    // 50 MB of rows.
+    let row = "x".repeat(200);
+    let data: bytes::Bytes = (0..250_000).map(|i| format!("{i}\t{row}\n")).collect::<String>().into();
+    assert!(data.len() > 50_000_000);
+    async fn copy(c: &Client, data: &bytes::Bytes) -> Duration {
+        use futures::SinkExt;
+        let t = Instant::now();
+        let sink = c.copy_in("COPY blob FROM STDIN").await.unwrap();
+        futures::pin_mut!(sink);
+        for chunk in data.chunks(1 << 16) {
+            sink.send(bytes::Bytes::copy_from_slice(chunk)).await.unwrap();
+        }
+        assert_eq!(sink.as_mut().finish().await.unwrap(), 250_000);
+        t.elapsed()
+    }
+    let normal = copy(&c, &data).await;
+    s.servers[2].pause();
+    let stalled = copy(&c, &data).await;
+    s.servers[2].resume();
+    assert!(
+        stalled < normal + Duration::from_secs(3 + 7),
+        "COPY took {stalled:?} with a stopped backend, {normal:?} without (backend_timeout 3 s)"
+    );
+    s.wait_state("pg3", "down").await;
+    assert_eq!(s.chorus.states().values().filter(|v| *v == "in_sync").count(), 2);
+    let (ok, out) = s.chorus.verify();
+    assert!(ok, "{out}");
+    let n: i64 = c.query_one("SELECT count(*) FROM blob", &[]).await.unwrap().get(0);
+    assert_eq!(n, 500_000);
+}
+
+/// One admin API request; returns (status code, body).
+async fn admin(s: &Setup, method: &str, path: &str, token: &str, body: &str) -> (u16, String) {
+    let url = s.chorus.admin_url();
+    let addr = url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    let code = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_refuses_bad_names_and_servers_it_has() {
+    let s = setup(2, "", PgOptions::default()).await;
+    let token = chorus_testkit::ADMIN_TOKEN;
+    let data = s.chorus.data_dir();
+    let canary = data.parent().unwrap().join("canary");
+    std::fs::create_dir_all(&canary).unwrap();
+    std::fs::write(canary.join("keep"), "x").unwrap();
+    let spare = PgServer::start(PgOptions::default()).await.unwrap();
+    for name in ["x/../../canary", "a\\\"b c", "", "pg 3", "x.y", &"n".repeat(64)] {
+        let body = serde_json::json!({ "name": name, "host": "127.0.0.1", "port": spare.port() }).to_string();
+        let (code, out) = admin(&s, "POST", "/backends", token, &body).await;
+        assert_eq!(code, 400, "{name:?}: {out}");
+    }
+    assert!(canary.join("keep").exists(), "the join touched a directory outside data_dir");
+    // The same server under a second name, or the donor as a forced newcomer.
+    for (name, port, force) in [("again", s.servers[0].port(), false), ("pg9", s.servers[1].port(), true)] {
+        let body = serde_json::json!({ "name": name, "host": "localhost", "port": port, "force": force }).to_string();
+        let (code, out) = admin(&s, "POST", "/backends", token, &body).await;
+        assert_eq!(code, 409, "{out}");
+        assert!(out.contains("already in the cluster as backend"), "{out}");
+    }
+    // HTTP trims the ends of a header value; inside it, a space is part of the token.
+    for wrong in [format!(" {token}"), format!("{token}x"), token[1..].to_string()] {
+        let (code, _) = admin(&s, "GET", "/backends", &wrong, "").await;
+        assert_eq!(code, 401, "{wrong:?} is another token");
+    }
+    let states = s.chorus.states();
+    assert_eq!(states.keys().cloned().collect::<Vec<_>>(), vec!["pg1".to_string(), "pg2".to_string()]);
+    assert!(states.values().all(|v| v == "in_sync"));
+    // What Chorus writes is its user's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "data_dir mode {mode:o}");
+    let mode = std::fs::metadata(data.join("backends.json")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "backends.json mode {mode:o}");
+    // A proper join of the spare still works.
+    let (ok, out) = s.chorus.chorusctl(&["join", "pg3", "--host", "127.0.0.1", "--port", &spare.port().to_string()]);
+    assert!(ok, "{out}");
+    s.wait_state("pg3", "in_sync").await;
+}
