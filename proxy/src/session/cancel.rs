@@ -1,8 +1,9 @@
-//! Cancel keys: Chorus hands each session its own BackendKeyData; a CancelRequest carrying it
+//! Cancel keys: Chorus hands each session a BackendKeyData of the lead backend's real process
+//! id (what `pg_backend_pid()` returns through the session, what drivers compare
+//! notifications' pids with) and a secret key of Chorus's own; a CancelRequest carrying both
 //! is sent on to every backend connection of that session.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::AsyncWriteExt;
@@ -20,7 +21,6 @@ pub struct CancelTarget {
 
 #[derive(Default)]
 pub struct CancelRegistry {
-    next_pid: AtomicI32,
     map: Mutex<HashMap<(i32, i32), Vec<CancelTarget>>>,
 }
 
@@ -39,13 +39,16 @@ impl Drop for CancelGuard {
 }
 
 impl CancelRegistry {
-    /// Registers a session's backend keys; returns the key the client gets and its guard.
-    pub fn register(self: &Arc<Self>, targets: Vec<CancelTarget>) -> ((i32, i32), CancelGuard) {
-        let pid = self.next_pid.fetch_add(1, Ordering::Relaxed).wrapping_add(1) & 0x7fff_ffff;
-        let secret: i32 = rand::random();
-        if let Ok(mut m) = self.map.lock() {
-            m.insert((pid, secret), targets);
+    /// Registers a session's backend keys under `pid` (the lead's process id; two servers may
+    /// hand out the same one) and a fresh secret that no other session holds with it; returns
+    /// the key the client gets and its guard.
+    pub fn register(self: &Arc<Self>, pid: i32, targets: Vec<CancelTarget>) -> ((i32, i32), CancelGuard) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut secret: i32 = rand::random();
+        while m.contains_key(&(pid, secret)) {
+            secret = rand::random();
         }
+        m.insert((pid, secret), targets);
         ((pid, secret), CancelGuard { registry: self.clone(), key: (pid, secret) })
     }
 

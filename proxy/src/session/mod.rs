@@ -84,6 +84,8 @@ struct Request {
     /// It reads facts of each server (pg_stat_*, process ids): only success, error and the
     /// transaction status are compared.
     per_server: bool,
+    /// The lead answers the client (see `may_lead`).
+    lead_answers: bool,
     /// Chorus's own request: its replies are compared and never reach the client.
     internal: bool,
     /// Parameter types the client may see per Describe of a statement (Chorus adds its own).
@@ -339,7 +341,8 @@ async fn login(client: &mut TcpStream, shared: &Arc<Shared>, st: startup::Starte
         );
     }
     let targets = conns.iter().map(|c| CancelTarget { addr: c.backend.addr.clone(), pid: c.key.0, secret: c.key.1 }).collect();
-    let ((pid, secret), guard) = shared.cancels.register(targets);
+    let lead_pid = conns[0].key.0;
+    let ((pid, secret), guard) = shared.cancels.register(lead_pid, targets);
     let mut out = BytesMut::with_capacity(512);
     message::auth_request(&mut out, message::AUTH_OK, &[]);
     for p in params.unwrap_or_default() {
@@ -830,6 +833,7 @@ impl Session {
                 }
                 Dispatch::Terminate => return Err(End::Quiet),
                 Dispatch::Reply(bytes) => self.forward_static(bytes),
+                Dispatch::Ignored => {}
                 Dispatch::Send { bytes, targets, request } => {
                     if targets == 0 {
                         return Err(
@@ -857,6 +861,7 @@ impl Session {
                             writes: r.writes,
                             hash_rows: r.hash_rows,
                             per_server: r.per_server,
+                            lead_answers: r.lead_answers,
                             internal: r.internal,
                             trims: r.trims.into(),
                             sql: r.sql,
@@ -1405,12 +1410,14 @@ impl Drop for Session {
     }
 }
 
-/// Whether connection `i` may become the primary of `req`. Writes are answered by the lead
-/// among their live targets: with two backends the lead wins every tie, so the reply the client
-/// sees is the winner's. Reads are answered by whoever is first.
+/// Whether connection `i` may become the primary of `req`. Writes and session statements are
+/// answered by the lead among their live targets: with two backends the lead wins every tie,
+/// so the reply the client sees is the winner's, and once the client has its answer the lead
+/// has done it (a LISTEN is in place on the server whose notifications the client gets).
+/// Reads are answered by whoever is first.
 fn may_lead(req: &Request, conns: &[BackendConn], i: usize) -> bool {
     let serves = |j: usize| conns[j].alive && conns[j].backend.serves_reads();
-    serves(i) && (!req.writes || bits(req.targets).find(|&j| serves(j)) == Some(i))
+    serves(i) && (!(req.writes || req.lead_answers) || bits(req.targets).find(|&j| serves(j)) == Some(i))
 }
 
 /// The set bits of a mask, lowest first.

@@ -129,6 +129,9 @@ pub struct NewRequest {
     pub logged: bool,
     /// It reads facts of each server: only success or error is compared, not its rows.
     pub per_server: bool,
+    /// The lead's reply goes to the client (anything but a pure read): what the client then
+    /// does relies on the lead having done it (LISTEN before a NOTIFY the lead delivers).
+    pub lead_answers: bool,
 }
 
 pub enum Dispatch {
@@ -139,6 +142,8 @@ pub enum Dispatch {
     Terminate,
     /// Answer the client directly; nothing goes to the backends (yet).
     Reply(Bytes),
+    /// A message consumed with no effect (as PostgreSQL ignores it).
+    Ignored,
     Send {
         bytes: Bytes,
         targets: u64,
@@ -167,7 +172,6 @@ pub struct Router {
     locks: Vec<(Res, Mode)>,
     batch: Option<OpenBatch>,
     copy: Option<CopyIn>,
-    last_targets: u64,
 }
 
 /// Forward an incomplete extended batch once this much of it has arrived.
@@ -204,6 +208,7 @@ impl Router {
                 internal: true,
                 logged: true,
                 per_server: false,
+                lead_answers: true,
             };
             return Ok(Some(Dispatch::Send { bytes: begin, targets: alive, request: Some(request) }));
         }
@@ -241,9 +246,11 @@ impl Router {
             }
         }
         match tag {
-            // Outside copy mode PostgreSQL ignores these (a COPY that failed to start).
+            // Outside copy mode PostgreSQL accepts and ignores these (the client of a COPY that
+            // failed may still be sending): so does Chorus, without troubling the backends.
             COPY_DATA | COPY_DONE | COPY_FAIL => {
-                Ok(Some(Dispatch::Send { bytes: cbuf.split_to(len).freeze(), targets: self.last_targets & alive, request: None }))
+                cbuf.advance(len);
+                Ok(Some(Dispatch::Ignored))
             }
             QUERY => {
                 let sql = message::query_sql(&cbuf[5..len])?;
@@ -441,10 +448,17 @@ impl Router {
         ctx: &RouteCtx<'_>,
         next_seq: &mut u64,
     ) -> Dispatch {
-        self.batch = None;
+        // After a Flush the extended batch awaits its Sync, and this message ends it instead:
+        // the server answers it with the one ReadyForQuery that closes both, so it joins the
+        // batch's request on the batch's backends.
+        let open = self.batch.take();
         let read = class.read_only || class.empty;
-        let targets = if read && !self.tx_open && ctx.policy == ReadPolicy::One { least_busy(ctx.alive, ctx) } else { ctx.alive };
-        let seq = take_seq(next_seq);
+        let targets = match open {
+            Some(b) => b.targets & ctx.alive,
+            None if read && !self.tx_open && ctx.policy == ReadPolicy::One => least_busy(ctx.alive, ctx),
+            None => ctx.alive,
+        };
+        let seq = open.map_or_else(|| take_seq(next_seq), |b| b.seq);
         let tx_was_open = self.tx_open;
         self.apply_tx(class);
         if barrier {
@@ -453,7 +467,9 @@ impl Router {
         if class.copy_in {
             self.copy = Some(CopyIn { seq, targets, extended: false, ended: false, filler: filler.take() });
         }
-        self.last_targets = targets;
+        if open.is_some() {
+            return Dispatch::Send { bytes, targets, request: None };
+        }
         let retry = (targets.count_ones() == 1 && read && !self.tx_open).then(|| bytes.clone());
         Dispatch::Send {
             bytes: bytes.clone(),
@@ -470,6 +486,7 @@ impl Router {
                 internal: false,
                 logged: !read || tx_was_open,
                 per_server: class.per_server,
+                lead_answers: !read,
             }),
         }
     }
@@ -708,8 +725,21 @@ impl Router {
                 let logged = !(synced && read && !self.tx_open);
                 let writes = class.writes;
                 let per_server = class.per_server;
-                let request =
-                    NewRequest { seq, targets, writes, sql, retry, hash_rows, ddl, trims, internal: false, logged, per_server };
+                let lead_answers = !read;
+                let request = NewRequest {
+                    seq,
+                    targets,
+                    writes,
+                    sql,
+                    retry,
+                    hash_rows,
+                    ddl,
+                    trims,
+                    internal: false,
+                    logged,
+                    per_server,
+                    lead_answers,
+                };
                 (seq, Some(request))
             }
         };
@@ -724,7 +754,6 @@ impl Router {
         if class.copy_in {
             self.copy = Some(CopyIn { seq, targets, extended: true, ended: false, filler: copy_filler });
         }
-        self.last_targets = targets;
         Ok(Some(Dispatch::Send { bytes, targets, request }))
     }
 
