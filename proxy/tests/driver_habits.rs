@@ -238,6 +238,46 @@ async fn protocol_corners_answer_as_postgres_does() {
     .await;
     assert_eq!(through, direct);
     assert_eq!(direct, ["1", "2", "C", "Z"]);
+    // Without the Sync, the server has run the INSERT already (its implicit transaction holds
+    // the table's lock) on every backend, as it has directly.
+    let (mut r, _) = Raw::connect(s.chorus.port(), "nosync").await;
+    let (mut q, _) = Raw::connect(d.port(), "nosync").await;
+    for raw in [&mut r, &mut q] {
+        raw.send(&[parse("", "INSERT INTO t VALUES (8)"), bind("", ""), execute()].concat()).await;
+    }
+    for srv in [&s.servers[0], &s.servers[1], &d] {
+        let c = srv.local_client("postgres").await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let n: i64 = c
+                .query_one("SELECT count(*) FROM pg_locks WHERE relation = 't'::regclass AND mode = 'RowExclusiveLock'", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if n > 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the INSERT sent without Sync never ran on port {}", srv.port());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for raw in [&mut r, &mut q] {
+        raw.send(SYNC).await;
+        assert_eq!(shape(&raw.until_ready().await), ["1", "2", "C", "Z"]);
+    }
+    // A statement Chorus must refuse in a later part of a batch sent without Sync: the batch
+    // fails from there as a failing statement would fail it, the session goes on, and the
+    // error carries no PL/pgSQL context line.
+    r.send(&[parse("", "INSERT INTO t VALUES (9)"), bind("", ""), execute()].concat()).await;
+    r.send(&[parse("", "UPDATE t SET v = random() * 10"), bind("", ""), execute(), SYNC.to_vec()].concat()).await;
+    let msgs = r.until_ready().await;
+    assert_eq!(shape(&msgs), ["1", "2", "C", "E0A000", "Z"]);
+    let err = msgs.iter().find(|(t, _)| *t == b'E').unwrap();
+    assert!(!err.1.split(|&b| b == 0).any(|f| f.starts_with(b"W")), "{:?}", String::from_utf8_lossy(&err.1));
+    r.send(&query("SELECT count(*) FROM t WHERE v = 9")).await;
+    let msgs = r.until_ready().await;
+    assert_eq!(shape(&msgs), ["T", "D", "C", "Z"]);
+    assert!(msgs[1].1.ends_with(b"0"), "the batch's INSERT was rolled back");
     assert_in_sync(&s);
     s.assert_identical().await;
 }

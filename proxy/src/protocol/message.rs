@@ -33,6 +33,8 @@ pub const BACKEND_KEY_DATA: u8 = b'K';
 pub const READY_FOR_QUERY: u8 = b'Z';
 pub const COMMAND_COMPLETE: u8 = b'C';
 pub const ERROR_RESPONSE: u8 = b'E';
+pub const PARSE_COMPLETE: u8 = b'1';
+pub const BIND_COMPLETE: u8 = b'2';
 pub const NOTICE_RESPONSE: u8 = b'N';
 pub const NOTIFICATION_RESPONSE: u8 = b'A';
 pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
@@ -294,6 +296,67 @@ pub fn trim_parameter_description(buf: &mut BytesMut, body: &[u8], keep: usize) 
     put_frame(buf, b't', |buf| {
         buf.put_i16(keep as i16);
         buf.put_slice(&body[2..2 + keep * 4]);
+    });
+}
+
+/// The extended-protocol form of a statement Chorus runs in place of part of a client's
+/// batch: Parse and Bind of the unnamed statement and portal, Execute, and Sync if asked.
+pub fn extended_statement(buf: &mut BytesMut, sql: &str, sync: bool) {
+    put_frame(buf, PARSE, |b| {
+        put_cstr(b, b"");
+        put_cstr(b, sql.as_bytes());
+        b.put_i16(0);
+    });
+    put_frame(buf, BIND, |b| {
+        put_cstr(b, b"");
+        put_cstr(b, b"");
+        b.put_i16(0);
+        b.put_i16(0);
+        b.put_i16(0);
+    });
+    put_frame(buf, EXECUTE, |b| {
+        put_cstr(b, b"");
+        b.put_i32(0);
+    });
+    if sync {
+        put_frame(buf, SYNC, |_| {});
+    }
+}
+
+/// Whether an ErrorResponse was raised by a DO block (its CONTEXT names the inline code
+/// block): in a request where Chorus put its error statement, that is Chorus's error.
+pub fn raised_in_do_block(body: &[u8]) -> bool {
+    let mut b = body;
+    while let Some((&field, rest)) = b.split_first() {
+        if field == 0 {
+            break;
+        }
+        b = rest;
+        let Ok(value) = take_cstr(&mut b) else { break };
+        if field == b'W' {
+            return value.starts_with(b"PL/pgSQL function inline_code_block");
+        }
+    }
+    false
+}
+
+/// An ErrorResponse without its CONTEXT (`W`) field: the errors Chorus raises itself come
+/// from a PL/pgSQL block whose context line PostgreSQL would never send for them.
+pub fn error_without_context(buf: &mut BytesMut, body: &[u8]) {
+    put_frame(buf, ERROR_RESPONSE, |out| {
+        let mut b = body;
+        while let Some((&field, rest)) = b.split_first() {
+            if field == 0 {
+                break;
+            }
+            b = rest;
+            let Ok(value) = take_cstr(&mut b) else { break };
+            if field != b'W' {
+                out.put_u8(field);
+                put_cstr(out, value);
+            }
+        }
+        out.put_u8(0);
     });
 }
 

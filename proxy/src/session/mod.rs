@@ -86,6 +86,12 @@ struct Request {
     per_server: bool,
     /// The lead answers the client (see `may_lead`).
     lead_answers: bool,
+    /// It is Chorus's own error statement: its ErrorResponse loses the PL/pgSQL context line.
+    own_error: bool,
+    /// Chorus put its error statement into this batch (`Dispatch::Inject`): the ParseComplete
+    /// and BindComplete before its error are held back (`held`) and dropped.
+    inject: bool,
+    held: Vec<BytesMut>,
     /// Chorus's own request: its replies are compared and never reach the client.
     internal: bool,
     /// Parameter types the client may see per Describe of a statement (Chorus adds its own).
@@ -834,54 +840,67 @@ impl Session {
                 Dispatch::Terminate => return Err(End::Quiet),
                 Dispatch::Reply(bytes) => self.forward_static(bytes),
                 Dispatch::Ignored => {}
-                Dispatch::Send { bytes, targets, request } => {
-                    if targets == 0 {
-                        return Err(
-                            SessionError::NoBackend("every backend of this session has left the in-sync set".into()).into()
-                        );
-                    }
-                    if let Some(r) = request {
-                        if r.ddl && !self.ddl_open {
-                            self.ddl_open = true;
-                            self.catalog.ddl_started();
-                        }
-                        for i in bits(r.targets) {
-                            self.conns[i].queue.push_back(r.seq);
-                            self.conns[i].backend.inflight.fetch_add(1, Ordering::Relaxed);
-                        }
-                        if r.targets.count_ones() > 1 { &self.requests_all } else { &self.requests_one }.increment(1);
-                        self.pending.push_back(Request {
-                            seq: r.seq,
-                            targets: r.targets,
-                            remaining: r.targets,
-                            primary: None,
-                            primary_done: r.internal,
-                            forwarded: 0,
-                            rfq_sent: r.internal,
-                            writes: r.writes,
-                            hash_rows: r.hash_rows,
-                            per_server: r.per_server,
-                            lead_answers: r.lead_answers,
-                            internal: r.internal,
-                            trims: r.trims.into(),
-                            sql: r.sql,
-                            retry: r.retry,
-                            first_done_at: None,
-                            sent_at: Instant::now(),
-                        });
-                        if r.logged {
-                            self.settings.observe(&bytes);
-                        }
-                        self.unit.request(r.seq, r.hash_rows, r.logged, &bytes, self.shared.difflog.active());
-                    } else {
-                        self.unit.more(&bytes, self.shared.difflog.active());
-                    }
-                    for i in bits(targets) {
-                        self.conns[i].out.push(bytes.clone());
+                Dispatch::Inject { bytes, targets, request } => {
+                    self.dispatch(bytes, targets, request)?;
+                    if let Some(r) = self.pending.back_mut() {
+                        r.inject = true;
+                        r.own_error = true;
                     }
                 }
+                Dispatch::Send { bytes, targets, request } => self.dispatch(bytes, targets, request)?,
             }
         }
+    }
+
+    /// Queues `bytes` for the `targets` backends; `request`, if any, is remembered until its
+    /// reply is complete.
+    fn dispatch(&mut self, bytes: Bytes, targets: u64, request: Option<route::NewRequest>) -> Result<(), End> {
+        if targets == 0 {
+            return Err(SessionError::NoBackend("every backend of this session has left the in-sync set".into()).into());
+        }
+        if let Some(r) = request {
+            if r.ddl && !self.ddl_open {
+                self.ddl_open = true;
+                self.catalog.ddl_started();
+            }
+            for i in bits(r.targets) {
+                self.conns[i].queue.push_back(r.seq);
+                self.conns[i].backend.inflight.fetch_add(1, Ordering::Relaxed);
+            }
+            if r.targets.count_ones() > 1 { &self.requests_all } else { &self.requests_one }.increment(1);
+            self.pending.push_back(Request {
+                seq: r.seq,
+                targets: r.targets,
+                remaining: r.targets,
+                primary: None,
+                primary_done: r.internal,
+                forwarded: 0,
+                rfq_sent: r.internal,
+                writes: r.writes,
+                hash_rows: r.hash_rows,
+                per_server: r.per_server,
+                lead_answers: r.lead_answers,
+                own_error: is_own_error(&r.sql),
+                inject: false,
+                held: Vec::new(),
+                internal: r.internal,
+                trims: r.trims.into(),
+                sql: r.sql,
+                retry: r.retry,
+                first_done_at: None,
+                sent_at: Instant::now(),
+            });
+            if r.logged {
+                self.settings.observe(&bytes);
+            }
+            self.unit.request(r.seq, r.hash_rows, r.logged, &bytes, self.shared.difflog.active());
+        } else {
+            self.unit.more(&bytes, self.shared.difflog.active());
+        }
+        for i in bits(targets) {
+            self.conns[i].out.push(bytes.clone());
+        }
+        Ok(())
     }
 
     /// Backends joined the in-sync set. Returns whether routing may go on now: a session in
@@ -1006,6 +1025,29 @@ impl Session {
                 self.conns[i].outcome.record(tag, &frame[5..]);
                 if req.hash_rows && tag == message::DATA_ROW {
                     self.conns[i].outcome.hash_row(&frame[5..]);
+                }
+                if req.inject && (tag == message::PARSE_COMPLETE || tag == message::BIND_COMPLETE) {
+                    req.held.push(frame);
+                    self.conns[i].pos += 1;
+                    progress = true;
+                    continue;
+                }
+                if !req.held.is_empty() {
+                    // Chorus's error follows its own ParseComplete and BindComplete: those go.
+                    let ours = tag == message::ERROR_RESPONSE && message::raised_in_do_block(&frame[5..]);
+                    let held = std::mem::take(&mut req.held);
+                    req.forwarded += held.len() as u32;
+                    if !ours {
+                        for f in held {
+                            self.forward(f);
+                        }
+                    }
+                }
+                let Some(req) = self.pending.front_mut() else { break };
+                if tag == message::ERROR_RESPONSE && req.own_error {
+                    let mut f = BytesMut::new();
+                    message::error_without_context(&mut f, &frame[5..]);
+                    frame = f;
                 }
                 if tag == message::PARAMETER_DESCRIPTION && !req.trims.is_empty() {
                     if let Some(Some(keep)) = req.trims.pop_front() {
@@ -1430,6 +1472,17 @@ fn bits(mut m: u64) -> impl Iterator<Item = usize> {
         m &= m - 1;
         Some(i)
     })
+}
+
+/// Whether a request's first frame is Chorus's own error statement (`rewrite::error_statement`).
+fn is_own_error(frame: &Bytes) -> bool {
+    let body = frame.get(5..).unwrap_or_default();
+    let sql = match frame.first() {
+        Some(&message::QUERY) => message::query_sql(body).ok(),
+        Some(&message::PARSE) => message::parse_fields(body).ok().map(|(_, s)| s),
+        _ => None,
+    };
+    sql.is_some_and(|s| s.starts_with(crate::sql::rewrite::ERROR_STATEMENT_PREFIX.as_bytes()))
 }
 
 /// A login refused for lack of resources (SQLSTATE class 53) or because the server is starting

@@ -144,6 +144,14 @@ pub enum Dispatch {
     Reply(Bytes),
     /// A message consumed with no effect (as PostgreSQL ignores it).
     Ignored,
+    /// Chorus's error statement in extended form (Parse, Bind, Execute) in place of part of a
+    /// batch: sent like `Send`, and the ParseComplete and BindComplete it earns are not the
+    /// client's.
+    Inject {
+        bytes: Bytes,
+        targets: u64,
+        request: Option<NewRequest>,
+    },
     Send {
         bytes: Bytes,
         targets: u64,
@@ -641,8 +649,13 @@ impl Router {
             return Ok(None);
         }
         let foreign_next = !synced && !flushed && codec.peek(&cbuf[off..])?.is_some();
-        if !synced && !flushed && !foreign_next && off < BATCH_EARLY && self.batch.is_none() {
-            return Ok(None); // wait for the rest of the batch
+        // The rest of the batch is on its way while part of a message is: wait for it (the
+        // whole batch decides where it goes). Whole messages and nothing more is all the client
+        // has sent for now: PostgreSQL runs them as they arrive, and so they go on, as a batch
+        // that a later Sync ends.
+        let partial = off < cbuf.len();
+        if !synced && !flushed && !foreign_next && partial && off < BATCH_EARLY && self.batch.is_none() {
+            return Ok(None);
         }
         let mut failure = refusal;
         let barrier = synced && self.batch.is_none() && self.wants_barrier(class);
@@ -660,8 +673,14 @@ impl Router {
         }
         if let Some(sql) = failure {
             if !synced || self.batch.is_some() {
-                // Half a batch is already on its way: the session cannot fail just this part.
-                return Err(ProtocolError::Malformed("a statement Chorus must refuse arrived in a batch without Sync"));
+                // Part of a batch is on its way already, or the rest may follow: this part
+                // becomes Chorus's error statement in extended form. Every backend fails it
+                // alike and, as PostgreSQL does after an error, skips the client's messages
+                // up to the Sync, which answers the whole batch.
+                cbuf.advance(off);
+                let mut buf = BytesMut::new();
+                message::extended_statement(&mut buf, &sql, synced);
+                return Ok(Some(self.fail_batch(buf.freeze(), synced, ctx, next_seq)));
             }
             // The whole batch fails at its first message, on every backend alike.
             cbuf.advance(off);
@@ -755,6 +774,33 @@ impl Router {
             self.copy = Some(CopyIn { seq, targets, extended: true, ended: false, filler: copy_filler });
         }
         Ok(Some(Dispatch::Send { bytes, targets, request }))
+    }
+
+    /// Sends Chorus's error statement (extended form, `bytes`) in place of part of a batch.
+    fn fail_batch(&mut self, bytes: Bytes, synced: bool, ctx: &RouteCtx<'_>, next_seq: &mut u64) -> Dispatch {
+        let (seq, targets, request) = match self.batch {
+            Some(b) => (b.seq, b.targets & ctx.alive, None),
+            None => {
+                let seq = take_seq(next_seq);
+                let request = NewRequest {
+                    seq,
+                    targets: ctx.alive,
+                    writes: false,
+                    sql: bytes.clone(),
+                    retry: None,
+                    hash_rows: false,
+                    ddl: false,
+                    trims: Vec::new(),
+                    internal: false,
+                    logged: true,
+                    per_server: false,
+                    lead_answers: true,
+                };
+                (seq, ctx.alive, Some(request))
+            }
+        };
+        self.batch = if synced { None } else { Some(OpenBatch { seq, targets }) };
+        Dispatch::Inject { bytes, targets, request }
     }
 
     /// Keeps the Parse frames (as sent) of named statements, and forgets those the client

@@ -197,9 +197,12 @@ impl CopyFiller {
 
 /// A statement every backend runs to fail the same way with Chorus's own error, so the
 /// transaction is aborted everywhere exactly as if the statement itself had failed.
+/// How every statement of `error_statement` begins.
+pub const ERROR_STATEMENT_PREFIX: &str = "DO $chorus$BEGIN RAISE EXCEPTION";
+
 pub fn error_statement(code: &str, message: &str) -> String {
     format!(
-        "DO $chorus$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{}'; END$chorus$",
+        "{ERROR_STATEMENT_PREFIX} USING ERRCODE = '{code}', MESSAGE = '{}'; END$chorus$",
         message.replace('\'', "''").replace("$chorus$", "")
     )
 }
