@@ -395,3 +395,85 @@ async fn admin_refuses_bad_names_and_servers_it_has() {
     assert!(ok, "{out}");
     s.wait_state("pg3", "in_sync").await;
 }
+
+/// Waits until a session on `srv` waits for a lock with a statement that started after `after`
+/// (None: any); returns that statement's start.
+async fn lock_waiter_since(srv: &PgServer, after: Option<String>) -> String {
+    let c = srv.local_client("postgres").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let row = c
+            .query_opt(
+                "SELECT query_start::text FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE k%' \
+                 AND ($1::text IS NULL OR query_start > $1::timestamptz) ORDER BY query_start DESC LIMIT 1",
+                &[&after],
+            )
+            .await
+            .unwrap();
+        if let Some(r) = row {
+            return r.get(0);
+        }
+        assert!(Instant::now() < deadline, "no statement waited for the lock on port {}", srv.port());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A transaction on one server alone that holds row 1 of k.
+async fn hold_row(srv: &PgServer) -> Client {
+    let c = srv.local_client("postgres").await.unwrap();
+    c.batch_execute("BEGIN; SELECT * FROM k WHERE id = 1 FOR UPDATE").await.unwrap();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_timeout_on_one_backend_only_ejects_nothing() {
+    let s = setup(2, "", PgOptions::default()).await;
+    let c = s.client().await;
+    c.batch_execute("CREATE TABLE k (id int PRIMARY KEY, v int); INSERT INTO k VALUES (1, 0); SET statement_timeout = '1s'")
+        .await
+        .unwrap();
+    // Outside a transaction, the lock held on the second backend, then on the first (the
+    // lead, which answers writes): the first run times out there, the second run (under the
+    // same locks) finds the lock free, and the client sees one UPDATE.
+    for (n, locked) in [1, 0].into_iter().enumerate() {
+        let holder = hold_row(&s.servers[locked]).await;
+        let update = c.execute("UPDATE k SET v = v + 1 WHERE id = 1", &[]);
+        let release = async {
+            let first = lock_waiter_since(&s.servers[locked], None).await;
+            lock_waiter_since(&s.servers[locked], Some(first)).await;
+            holder.batch_execute("COMMIT").await.unwrap();
+        };
+        let (updated, ()) = tokio::join!(update, release);
+        assert_eq!(updated.unwrap(), 1, "the client sees the UPDATE succeed");
+        for srv in &s.servers {
+            let v: i32 = srv.local_client("postgres").await.unwrap().query_one("SELECT v FROM k", &[]).await.unwrap().get(0);
+            assert_eq!(v, n as i32 + 1, "port {}", srv.port());
+        }
+    }
+    // Inside a transaction: aborted on every backend, whichever timed out.
+    for locked in [1, 0] {
+        let holder = hold_row(&s.servers[locked]).await;
+        c.batch_execute("BEGIN").await.unwrap();
+        let r = c.execute("UPDATE k SET v = v + 100 WHERE id = 1", &[]).await;
+        match (locked, &r) {
+            (0, Err(e)) => assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}"),
+            (1, Ok(1)) => {}
+            _ => panic!("lock on backend {locked}: {r:?}"),
+        }
+        // COMMIT waits for every backend to finish the UPDATE, then meets an aborted
+        // transaction everywhere: ROLLBACK, as PostgreSQL answers it.
+        let msgs = c.simple_query("COMMIT").await.unwrap();
+        assert!(msgs.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(_))));
+        let in_tx: i64 = c.query_one("SELECT count(*) FROM k WHERE v > 50", &[]).await.unwrap().get(0);
+        assert_eq!(in_tx, 0, "the UPDATE was rolled back");
+        holder.batch_execute("COMMIT").await.unwrap();
+    }
+    for srv in &s.servers {
+        let v: i32 = srv.local_client("postgres").await.unwrap().query_one("SELECT v FROM k", &[]).await.unwrap().get(0);
+        assert_eq!(v, 2, "the aborted transactions left nothing, port {}", srv.port());
+    }
+    let states = s.chorus.states();
+    assert!(states.values().all(|v| v == "in_sync"), "{states:?}\n{}", s.chorus.log());
+    let (ok, out) = s.chorus.verify();
+    assert!(ok, "{out}");
+}

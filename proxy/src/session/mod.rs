@@ -92,6 +92,15 @@ struct Request {
     /// and BindComplete before its error are held back (`held`) and dropped.
     inject: bool,
     held: Vec<BytesMut>,
+    /// The request as sent, kept while it runs outside a transaction on several backends: a
+    /// backend that fails it for timing alone (a timeout, a lock wait, a serialization
+    /// failure) runs it again under the same locks.
+    again: Option<Bytes>,
+    /// A request Chorus runs again: the outcome every target must now give.
+    expect: Option<Outcome>,
+    /// Targets that gave up answering the client: their reply was a timing-dependent error
+    /// while another target could still succeed.
+    gave_up: u64,
     /// Chorus's own request: its replies are compared and never reach the client.
     internal: bool,
     /// Parameter types the client may see per Describe of a statement (Chorus adds its own).
@@ -212,6 +221,11 @@ pub struct Session {
     checks: Vec<(usize, Wakeup, Arc<std::sync::atomic::AtomicBool>)>,
     /// While a backend holds the session back: when to look again whether it left the set.
     stall_check: Option<Instant>,
+    /// Connections whose transaction Chorus is aborting (`timing_split`) and the request that
+    /// does it: what they answer to requests before it is not compared.
+    aborting: (u64, u64),
+    /// A transaction's end waits for every request before it to finish on every backend.
+    idle_wait: bool,
 }
 
 static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -422,6 +436,8 @@ impl Session {
             stale_epoch: 0,
             checks: Vec::new(),
             stall_check: None,
+            aborting: (0, 0),
+            idle_wait: false,
             shared,
         }
     }
@@ -564,7 +580,7 @@ impl Session {
         }
         if ev.backend_data {
             self.on_backend_data()?;
-            if self.membership_wait && self.pending.is_empty() {
+            if (self.membership_wait || self.idle_wait) && self.pending.is_empty() {
                 self.on_client_data()?;
             }
         }
@@ -658,6 +674,7 @@ impl Session {
         if self.lock_wait.is_none()
             && self.catalog_wait.is_none()
             && !self.membership_wait
+            && !self.idle_wait
             && self.checks.is_empty()
             && backends_drained
             && client_ok
@@ -798,6 +815,12 @@ impl Session {
             if self.lock_wait.is_some() || self.catalog_wait.is_some() || self.upgrade_due || !self.checks.is_empty() {
                 return Ok(());
             }
+            if self.idle_wait {
+                if !self.pending.is_empty() {
+                    return Ok(());
+                }
+                self.idle_wait = false;
+            }
             if self.shared.cluster.epoch() != self.epoch && !self.membership_changed() {
                 return Ok(());
             }
@@ -823,6 +846,10 @@ impl Session {
             match d {
                 Dispatch::NeedsLocks => {
                     self.lock_wait = Some(Instant::now());
+                    return Ok(());
+                }
+                Dispatch::NeedsIdle => {
+                    self.idle_wait = true;
                     return Ok(());
                 }
                 Dispatch::NeedsCatalog => {
@@ -887,6 +914,10 @@ impl Session {
                 trims: r.trims.into(),
                 sql: r.sql,
                 retry: r.retry,
+                again: (r.targets.count_ones() > 1 && !r.internal && !self.router.tx_open && !self.router.copy_in_progress())
+                    .then(|| bytes.clone()),
+                expect: None,
+                gave_up: 0,
                 first_done_at: None,
                 sent_at: Instant::now(),
             });
@@ -1007,6 +1038,7 @@ impl Session {
                 self.fail_conn(i, &format!("unexpected message '{}' outside any request", tag as char), true)?;
                 return Ok(true);
             }
+            let alive = if tag == message::ERROR_RESPONSE { self.alive_mask() } else { 0 };
             let Some(req) = self.pending.front_mut() else {
                 break;
             };
@@ -1020,6 +1052,22 @@ impl Session {
                     self.conns[i].outcome.hash_row(&frame[5..]);
                 }
             } else if req.primary == Some(i) || (req.primary.is_none() && may_lead(req, &self.conns, i)) {
+                if tag == message::ERROR_RESPONSE && req.again.is_some() && pos == req.forwarded {
+                    // A timing-dependent error while another backend may still succeed: that
+                    // one answers the client, and this one runs the statement again after.
+                    let code = message::error_code(&self.conns[i].rbuf[5..len]);
+                    let others = req.remaining & !(1u64 << i) & !req.gave_up & alive;
+                    if others != 0 && TIMING_SQLSTATES.contains(&&code) {
+                        req.gave_up |= 1u64 << i;
+                        req.primary = None;
+                        let frame = self.conns[i].rbuf.split_to(len);
+                        self.conns[i].outcome.record(tag, &frame[5..]);
+                        self.conns[i].pos += 1;
+                        progress = true;
+                        continue;
+                    }
+                }
+                let Some(req) = self.pending.front_mut() else { break };
                 req.primary = Some(i);
                 let mut frame = self.conns[i].rbuf.split_to(len);
                 self.conns[i].outcome.record(tag, &frame[5..]);
@@ -1131,6 +1179,13 @@ impl Session {
             let keep = self.locks.holds_data_locks().then_some(crate::order::Mode::IntentExclusive);
             self.locks.downgrade(crate::order::Res::Global, keep);
         }
+        // Requests sent before Chorus's abort of a transaction (`timing_split`) are not
+        // compared on the connections it aborts; nothing after it is spared.
+        let (aborting, abort_seq) = self.aborting;
+        if abort_seq != 0 && req.seq >= abort_seq {
+            self.aborting = (0, 0);
+        }
+        let skip = if req.seq < abort_seq && req.targets & !aborting != 0 { aborting } else { 0 };
         // The common case, one target, needs no vote and no allocation.
         if req.targets.count_ones() == 1 {
             let i = req.targets.trailing_zeros() as usize;
@@ -1146,14 +1201,27 @@ impl Session {
         for i in bits(req.targets) {
             let c = &mut self.conns[i];
             let o = std::mem::replace(&mut c.outcome, Outcome::new());
-            if c.alive {
+            if c.alive && skip & (1u64 << i) == 0 {
                 finished.push((i, if req.per_server { o.success_only() } else { o }));
             }
         }
         if finished.is_empty() {
             return Err(SessionError::NoBackend("every backend serving the request failed".into()).into());
         }
+        if let Some(w) = req.expect {
+            // A second run: a backend that fails it again leaves.
+            self.finish_request(&req, w);
+            for (i, o) in finished.iter().filter(|(_, o)| *o != w) {
+                let why = format!("failed a statement twice that the others completed ({o}; the others: {w})");
+                self.shared.cluster.eject(self.conns[*i].backend.idx, BackendState::Down, &why);
+                self.fail_conn(*i, &why, false)?;
+            }
+            return Ok(());
+        }
         let v = vote(&finished);
+        if !v.losers.is_empty() && self.timing_split(&req, &finished)? {
+            return Ok(());
+        }
         self.finish_request(&req, v.winner);
         for &loser in &v.losers {
             let theirs = finished.iter().find(|(j, _)| *j == loser).map(|(_, o)| *o).unwrap_or_default();
@@ -1167,6 +1235,87 @@ impl Session {
             self.fail_conn(loser, &why, false)?;
         }
         Ok(())
+    }
+
+    /// Backends disagree only because some gave a timing-dependent error (57014, 55P03, 40001,
+    /// 40P01) where the others succeeded: no backend failed. Outside a transaction the
+    /// statement runs again on those backends, under the same locks, and the client's
+    /// ReadyForQuery waits for it; inside one, the transaction is aborted on the backends where
+    /// it went on, so that every backend holds the same aborted transaction. Returns whether
+    /// it handled the request (false: an ordinary disagreement).
+    fn timing_split(&mut self, req: &Request, finished: &[(usize, Outcome)]) -> Result<bool, End> {
+        type Group<'a> = Vec<&'a (usize, Outcome)>;
+        let (failed, rest): (Group, Group) =
+            finished.iter().partition(|(_, o)| o.error.is_some_and(|c| TIMING_SQLSTATES.contains(&&c)));
+        let Some(&&(_, ok)) = rest.first() else { return Ok(false) };
+        // Outside a transaction, requests pipelined behind it would run before the second run:
+        // no reordering. Inside one, what follows meets an aborted transaction everywhere once
+        // the abort below is in; a client that pipelines further data statements into it
+        // may see the backends differ on them.
+        let pipelined = !self.pending.is_empty() && ok.status == b'I';
+        if failed.is_empty() || rest.iter().any(|(_, o)| *o != ok) || pipelined {
+            return Ok(false);
+        }
+        let failed_mask = failed.iter().fold(0u64, |m, (i, _)| m | 1 << i);
+        let code = failed[0].1.error.unwrap_or(*b"57014");
+        let sql = statement_text(&req.sql);
+        let again = req.again.clone().filter(|_| ok.status == b'I');
+        let (targets, bytes, expect, winner) = match again {
+            Some(bytes) => (failed_mask, bytes, Some(ok), ok),
+            None if ok.status != b'I' => {
+                let ok_mask = rest.iter().fold(0u64, |m, (i, _)| m | 1 << i);
+                let stmt = crate::sql::rewrite::error_statement(
+                    std::str::from_utf8(&code).unwrap_or("57014"),
+                    "the transaction failed on another backend of the cluster",
+                );
+                let mut q = BytesMut::new();
+                message::query_msg(&mut q, &stmt);
+                (ok_mask, q.freeze(), None, failed[0].1)
+            }
+            None => return Ok(false),
+        };
+        tracing::info!(statement = %sql, sqlstate = %String::from_utf8_lossy(&code), second_run = expect.is_some(), "a timing-dependent error on some backends only");
+        metrics::counter!("chorus_timing_splits_total").increment(1);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        for i in bits(targets) {
+            self.conns[i].queue.push_back(seq);
+            self.conns[i].backend.inflight.fetch_add(1, Ordering::Relaxed);
+            self.conns[i].out.push(bytes.clone());
+        }
+        let client_rfq_waits = expect.is_some() && !req.rfq_sent;
+        if expect.is_none() {
+            self.aborting = (targets, seq);
+        }
+        self.pending.push_back(Request {
+            seq,
+            targets,
+            remaining: targets,
+            primary: None,
+            primary_done: true,
+            forwarded: 0,
+            // The second run's ReadyForQuery is the client's.
+            rfq_sent: !client_rfq_waits,
+            writes: req.writes,
+            hash_rows: req.hash_rows,
+            per_server: req.per_server,
+            lead_answers: false,
+            own_error: false,
+            inject: false,
+            held: Vec::new(),
+            internal: true,
+            trims: VecDeque::new(),
+            sql: req.sql.clone(),
+            retry: None,
+            again: None,
+            expect,
+            gave_up: 0,
+            first_done_at: None,
+            sent_at: Instant::now(),
+        });
+        let quiet = Request { rfq_sent: true, ..req.shallow() };
+        self.finish_request(if client_rfq_waits { &quiet } else { req }, winner);
+        Ok(true)
     }
 
     /// Releases a completed request's ReadyForQuery with the winning status, and the write
@@ -1442,6 +1591,37 @@ impl Session {
     }
 }
 
+impl Request {
+    /// The fields `finish_request` reads, without the buffers.
+    fn shallow(&self) -> Request {
+        Request {
+            seq: self.seq,
+            targets: self.targets,
+            remaining: self.remaining,
+            primary: self.primary,
+            primary_done: self.primary_done,
+            forwarded: self.forwarded,
+            rfq_sent: self.rfq_sent,
+            writes: self.writes,
+            hash_rows: self.hash_rows,
+            per_server: self.per_server,
+            lead_answers: self.lead_answers,
+            own_error: self.own_error,
+            inject: self.inject,
+            held: Vec::new(),
+            again: None,
+            expect: self.expect,
+            gave_up: self.gave_up,
+            internal: self.internal,
+            trims: VecDeque::new(),
+            sql: self.sql.clone(),
+            retry: None,
+            first_done_at: self.first_done_at,
+            sent_at: self.sent_at,
+        }
+    }
+}
+
 impl Drop for Session {
     fn drop(&mut self) {
         for c in &self.conns {
@@ -1458,7 +1638,7 @@ impl Drop for Session {
 /// has done it (a LISTEN is in place on the server whose notifications the client gets).
 /// Reads are answered by whoever is first.
 fn may_lead(req: &Request, conns: &[BackendConn], i: usize) -> bool {
-    let serves = |j: usize| conns[j].alive && conns[j].backend.serves_reads();
+    let serves = |j: usize| conns[j].alive && conns[j].backend.serves_reads() && req.gave_up & (1u64 << j) == 0;
     serves(i) && (!(req.writes || req.lead_answers) || bits(req.targets).find(|&j| serves(j)) == Some(i))
 }
 
@@ -1473,6 +1653,11 @@ fn bits(mut m: u64) -> impl Iterator<Item = usize> {
         Some(i)
     })
 }
+
+/// Errors that depend on timing on one server (a statement timeout, a lock wait that timed
+/// out, a serialization failure, a deadlock): where some backends give one and others succeed,
+/// no backend has failed.
+const TIMING_SQLSTATES: [&[u8; 5]; 4] = [b"57014", b"55P03", b"40001", b"40P01"];
 
 /// Whether a request's first frame is Chorus's own error statement (`rewrite::error_statement`).
 fn is_own_error(frame: &Bytes) -> bool {

@@ -139,6 +139,9 @@ pub enum Dispatch {
     NeedsLocks,
     /// The next unit writes and its analysis needs the catalog, which is being (re)loaded.
     NeedsCatalog,
+    /// The next unit ends a transaction: it waits until every backend has finished what came
+    /// before it, so no backend commits a transaction that another is still failing.
+    NeedsIdle,
     Terminate,
     /// Answer the client directly; nothing goes to the backends (yet).
     Reply(Bytes),
@@ -269,6 +272,9 @@ impl Router {
                     self.deferred_begin = Some(cbuf.split_to(len).freeze());
                     self.apply_tx(class);
                     return Ok(Some(Dispatch::Reply(Bytes::from_static(BEGIN_REPLY))));
+                }
+                if class.tx == TxEffect::End && self.tx_open && !ctx.idle {
+                    return Ok(Some(Dispatch::NeedsIdle));
                 }
                 // Reads and session statements need no analysis: the fast path.
                 if class.writes && self.fail_next.is_none() && ctx.must_wait_for_catalog() {
@@ -657,6 +663,9 @@ impl Router {
         if !synced && !flushed && !foreign_next && partial && off < BATCH_EARLY && self.batch.is_none() {
             return Ok(None);
         }
+        if synced && class.tx == TxEffect::End && self.tx_open && !ctx.idle && self.batch.is_none() {
+            return Ok(Some(Dispatch::NeedsIdle));
+        }
         let mut failure = refusal;
         let barrier = synced && self.batch.is_none() && self.wants_barrier(class);
         if failure.is_none() && (!writes.is_empty() || barrier) {
@@ -842,6 +851,11 @@ impl Router {
     /// The Parse frames of the session's named statements as of its last idle point.
     pub fn statement_frames(&self) -> impl Iterator<Item = &Bytes> {
         self.parse_frames.values()
+    }
+
+    /// COPY FROM STDIN data is streaming: what was sent cannot be sent again.
+    pub fn copy_in_progress(&self) -> bool {
+        self.copy.is_some()
     }
 
     /// A transaction is open on the backends (not just a BEGIN Chorus holds back).
