@@ -187,6 +187,12 @@ async fn per_server_facts_are_never_compared() {
     app.batch_execute("BEGIN; SELECT pg_backend_pid(); SELECT inet_server_port(); SELECT count(*) FROM pg_stat_activity; COMMIT")
         .await
         .unwrap();
+    app.batch_execute(
+        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = 'nobody'; \
+         BEGIN; SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE state = 'idle' AND application_name = 'victim'; COMMIT",
+    )
+    .await
+    .unwrap();
     app.batch_execute("BEGIN; UPDATE acct SET bal = bal WHERE id = 2; SELECT pid, backend_start FROM pg_stat_activity; COMMIT")
         .await
         .unwrap();
@@ -304,6 +310,8 @@ async fn reads_that_write_run_on_every_backend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_backend_does_not_hold_a_copy_longer_than_backend_timeout() {
     let s = setup(3, "backend_timeout = \"3s\"", PgOptions::default()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = transfers(&s, 16, stop.clone()).await;
     let c = s.client().await;
     c.batch_execute("CREATE TABLE blob (id int, body text)").await.unwrap();
     // 50 MB of rows.
@@ -330,9 +338,9 @@ async fn a_stopped_backend_does_not_hold_a_copy_longer_than_backend_timeout() {
         "COPY took {stalled:?} with a stopped backend, {normal:?} without (backend_timeout 3 s)"
     );
     s.wait_state("pg3", "down").await;
-    assert_eq!(s.chorus.states().values().filter(|v| *v == "in_sync").count(), 2);
-    let (ok, out) = s.chorus.verify();
-    assert!(ok, "{out}");
+    let r = stop_load(&stop, load).await;
+    assert!(r.errors.is_empty(), "the load saw errors: {:?}", r.errors);
+    assert_in_sync_and_equal(&s, 2).await;
     let n: i64 = c.query_one("SELECT count(*) FROM blob", &[]).await.unwrap().get(0);
     assert_eq!(n, 500_000);
 }
@@ -428,6 +436,8 @@ async fn hold_row(srv: &PgServer) -> Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_timeout_on_one_backend_only_ejects_nothing() {
     let s = setup(2, "", PgOptions::default()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = transfers(&s, 16, stop.clone()).await;
     let c = s.client().await;
     c.batch_execute("CREATE TABLE k (id int PRIMARY KEY, v int); INSERT INTO k VALUES (1, 0); SET statement_timeout = '1s'")
         .await
@@ -472,8 +482,62 @@ async fn a_statement_timeout_on_one_backend_only_ejects_nothing() {
         let v: i32 = srv.local_client("postgres").await.unwrap().query_one("SELECT v FROM k", &[]).await.unwrap().get(0);
         assert_eq!(v, 2, "the aborted transactions left nothing, port {}", srv.port());
     }
-    let states = s.chorus.states();
-    assert!(states.values().all(|v| v == "in_sync"), "{states:?}\n{}", s.chorus.log());
-    let (ok, out) = s.chorus.verify();
-    assert!(ok, "{out}");
+    let r = stop_load(&stop, load).await;
+    assert!(r.errors.is_empty(), "the load saw errors: {:?}", r.errors);
+    assert_in_sync_and_equal(&s, 2).await;
+}
+
+/// The process id of the connection named `app` on `srv`, other than `not`.
+async fn pid_of(srv: &PgServer, app: &str, not: Option<i32>) -> i32 {
+    let c = srv.local_client("postgres").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let row = c
+            .query_opt("SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND pid <> $2", &[&app, &not.unwrap_or(0)])
+            .await
+            .unwrap();
+        if let Some(r) = row {
+            return r.get(0);
+        }
+        assert!(Instant::now() < deadline, "no connection named {app} on port {}", srv.port());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_killed_on_one_healthy_server_is_made_again() {
+    let s = setup(3, "", PgOptions::default()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = transfers(&s, 16, stop.clone()).await;
+    let (c, ended) = connect(&s, MALLORY, "lone").await;
+    c.batch_execute("SET search_path = pg_catalog, public; PREPARE p AS SELECT 40 + 2").await.unwrap();
+    // An administrator ends this session's connection on the second server alone.
+    let killed = pid_of(&s.servers[1], "lone", None).await;
+    let admin = s.servers[1].local_client("postgres").await.unwrap();
+    admin.query_one("SELECT pg_terminate_backend($1)", &[&killed]).await.unwrap();
+    // The server is healthy: the session connects again and rebuilds its state there.
+    let again = pid_of(&s.servers[1], "lone", Some(killed)).await;
+    assert_ne!(again, killed);
+    let rows = c.simple_query("BEGIN; EXECUTE p; SHOW search_path; COMMIT").await.unwrap();
+    let values: Vec<String> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(values, ["42", "pg_catalog, public"]);
+    c.batch_execute("INSERT INTO moves (src, dst, amount) VALUES (1, 2, 0)").await.unwrap();
+    // A session holding what cannot be rebuilt ends instead, saying why.
+    let (t, t_ended) = connect(&s, MALLORY, "holder").await;
+    t.batch_execute("CREATE TEMP TABLE scratch (a int)").await.unwrap();
+    let holder = pid_of(&s.servers[1], "holder", None).await;
+    admin.query_one("SELECT pg_terminate_backend($1)", &[&holder]).await.unwrap();
+    assert_eq!(ended_with(t_ended).await.as_deref(), Some("57P01"));
+    let r = stop_load(&stop, load).await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(!s.chorus.log().contains("backend ejected"), "{}", s.chorus.log());
+    assert_in_sync_and_equal(&s, 3).await;
+    drop(c);
+    let _ = ended.await;
 }

@@ -546,8 +546,13 @@ impl Session {
             match res {
                 Ok(conn) => {
                     tracing::debug!(backend = %b.name, "session joined a backend that entered the in-sync set");
-                    // Appended, never put in a dead connection's place: an index is a priority
-                    // and the backends a session started with keep theirs.
+                    // The backend's own old place when it had one (a reconnection keeps its
+                    // priority); otherwise appended, never put in another backend's place: an
+                    // index is a priority and the backends a session started with keep theirs.
+                    if let Some(old) = self.conns.iter().position(|c| !c.alive && c.backend.idx == b.idx) {
+                        self.conns[old] = conn;
+                        continue;
+                    }
                     if self.conns.len() >= 64 {
                         return Err(SessionError::NoBackend("too many backend connections in one session".into()).into());
                     }
@@ -1445,6 +1450,15 @@ impl Session {
             return Ok(());
         }
         let code = fatal.as_ref().map(|f| message::error_code(&f[5..]));
+        // The session's own idle limits (idle_session_timeout, idle_in_transaction_session_
+        // timeout) end it as they would on PostgreSQL, whatever the other backends do.
+        if let (Some(frame), Some(b"57P05" | b"25P03")) = (&fatal, code.as_ref()) {
+            if self.conns[i].queue.is_empty() {
+                let frame = frame.clone();
+                self.close_conn(i);
+                return Err(End::Fatal(frame));
+            }
+        }
         let at_risk = self.conns[i].queue.front().copied().filter(|_| self.locks.holds_any());
         tracing::debug!(backend = %self.conns[i].backend.name, reason = %why, "a backend connection of the session ended");
         self.conns[i].ended = Some(fanout::Ended { code, frame: fatal, at_risk, why: why.clone() });
@@ -1502,10 +1516,24 @@ impl Session {
             return Ok(());
         };
         if healthy {
-            tracing::info!(backend = %self.conns[i].backend.name, reason = %ended.why, "a connection of this session ended while its server is healthy: the session ends");
+            let idle = self.pending.is_empty() && self.last_status == b'I' && !self.router.tx_open;
+            if idle && self.settings.unmovable.is_none() && self.checks.is_empty() {
+                // Nothing was under way there: connect again and rebuild the session's
+                // settings and prepared statements, as for a backend that joins.
+                tracing::info!(backend = %self.conns[i].backend.name, reason = %ended.why, "a connection of this session ended while its server is healthy: reconnecting");
+                self.membership_wait = true;
+                self.upgrade_due = true;
+                return Ok(());
+            }
+            let why = match self.settings.unmovable {
+                Some(what) if idle => format!("{}; the session holds {what}, which cannot be rebuilt there", ended.why),
+                _ if idle => ended.why,
+                _ => format!("{} inside a transaction", ended.why),
+            };
+            tracing::info!(backend = %self.conns[i].backend.name, reason = %why, "a connection of this session ended while its server is healthy: the session ends");
             return Err(match ended.frame {
                 Some(f) => End::Fatal(f),
-                None => SessionError::ConnectionLost(self.conns[i].backend.name.clone(), ended.why).into(),
+                None => SessionError::ConnectionLost(self.conns[i].backend.name.clone(), why).into(),
             });
         }
         let why = format!("{}; its health check failed", ended.why);

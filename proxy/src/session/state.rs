@@ -90,6 +90,10 @@ fn effect(sql: &[u8]) -> Effect {
             }
         }
         Some("declare") if lower.contains(" with hold") => Effect::Unmovable("a cursor WITH HOLD"),
+        // A session-level advisory lock lives with the connection that took it.
+        _ if lower.contains("pg_advisory_lock") || lower.contains("pg_try_advisory_lock") => {
+            Effect::Unmovable("session advisory locks")
+        }
         _ => Effect::None,
     }
 }
