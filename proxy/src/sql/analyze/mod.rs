@@ -725,8 +725,15 @@ impl Stmt<'_> {
     }
 
     /// Whether a SELECT orders its rows totally: ORDER BY covering a unique key of its only table.
+    /// Whether the rows of an INSERT's SELECT reach the sequence in the same order on every
+    /// backend, or in an order that cannot matter: sorted by a unique key of its one table;
+    /// sorted by keys that determine every inserted column (rows that tie are identical); or
+    /// straight from a set-returning function of constants (generate_series(1, 1000)).
     fn total_order(&self, select: Option<&N>) -> bool {
         let Some(N::SelectStmt(s)) = select else { return false };
+        if sorted_by_every_column(s) || constant_series(s) {
+            return true;
+        }
         if s.sort_clause.is_empty() || s.from_clause.len() != 1 {
             return false;
         }
@@ -1110,6 +1117,120 @@ fn column_name(n: &Node) -> Option<String> {
         },
         _ => None,
     }
+}
+
+/// Every target of the SELECT is a sort key (by position or as written) or is made of
+/// constants and columns that are sort keys: rows that tie in the order are equal in every
+/// inserted column, so which of them gets which sequence value changes nothing.
+fn sorted_by_every_column(s: &protobuf::SelectStmt) -> bool {
+    if s.sort_clause.is_empty() || !s.values_lists.is_empty() || s.op != protobuf::SetOperation::SetopNone as i32 {
+        return false;
+    }
+    let mut positions = Vec::new();
+    let mut columns = Vec::new();
+    for n in &s.sort_clause {
+        let Some(N::SortBy(b)) = &n.node else { return false };
+        match b.node.as_deref().and_then(|x| x.node.as_ref()) {
+            Some(N::AConst(c)) => match &c.val {
+                Some(protobuf::a_const::Val::Ival(i)) => positions.push(i.ival as usize),
+                _ => return false,
+            },
+            Some(N::ColumnRef(_)) => columns.extend(b.node.as_deref().and_then(column_name)),
+            _ => {}
+        }
+    }
+    s.target_list.iter().enumerate().all(|(i, t)| {
+        let Some(N::ResTarget(r)) = &t.node else { return false };
+        positions.contains(&(i + 1)) || r.val.as_deref().is_some_and(|v| only_columns_in(v, &columns))
+    })
+}
+
+/// Whether an expression holds no column but those named, no subquery and no call of a
+/// function that may differ between two evaluations (the nondeterminism checks refuse those).
+fn only_columns_in(n: &Node, columns: &[String]) -> bool {
+    let Ok(v) = serde_json::to_value(n) else { return false };
+    fn walk(v: &Value, columns: &[String]) -> bool {
+        match v {
+            Value::Array(a) => a.iter().all(|x| walk(x, columns)),
+            Value::Object(o) => o.iter().all(|(k, x)| match k.as_str() {
+                "ColumnRef" => {
+                    let last = x["fields"].as_array().and_then(|a| a.last()).and_then(|n| n["node"]["String"]["sval"].as_str());
+                    last.is_some_and(|c| columns.iter().any(|s| s == c))
+                }
+                "SubLink" | "FuncCall" => false,
+                _ => walk(x, columns),
+            }),
+            _ => true,
+        }
+    }
+    walk(&v, columns)
+}
+
+/// A SELECT straight from one set-returning function of constants (`generate_series`,
+/// `generate_subscripts`, `unnest` of a literal array), with nothing that could reorder its
+/// rows (no join, grouping, DISTINCT, window or set operation): its rows come in the same
+/// order on every server.
+fn constant_series(s: &protobuf::SelectStmt) -> bool {
+    let plain = s.group_clause.is_empty()
+        && s.distinct_clause.is_empty()
+        && s.window_clause.is_empty()
+        && s.having_clause.is_none()
+        && s.sort_clause.is_empty()
+        && s.op == protobuf::SetOperation::SetopNone as i32;
+    let [from] = s.from_clause.as_slice() else { return false };
+    let Some(N::RangeFunction(rf)) = &from.node else { return false };
+    if !plain || rf.lateral || rf.functions.len() != 1 {
+        return false;
+    }
+    let Some(N::List(pair)) = &rf.functions[0].node else { return false };
+    let Some(N::FuncCall(f)) = pair.items.first().and_then(|n| n.node.as_ref()) else { return false };
+    let name = f.funcname.last().and_then(|n| match &n.node {
+        Some(N::String(s)) => Some(s.sval.as_str()),
+        _ => None,
+    });
+    matches!(name, Some("generate_series" | "generate_subscripts" | "unnest"))
+        && f.args.iter().all(is_constant)
+        && s.target_list.iter().all(|t| match &t.node {
+            Some(N::ResTarget(r)) => r.val.as_deref().is_some_and(|v| only_columns_in(v, &all_columns(v))),
+            _ => false,
+        })
+}
+
+/// A literal, possibly cast, signed or in an array of literals.
+fn is_constant(n: &Node) -> bool {
+    match &n.node {
+        Some(N::AConst(_)) => true,
+        Some(N::TypeCast(c)) => c.arg.as_deref().is_some_and(is_constant),
+        Some(N::AArrayExpr(a)) => a.elements.iter().all(is_constant),
+        Some(N::AExpr(e)) => e.lexpr.as_deref().is_none_or(is_constant) && e.rexpr.as_deref().is_some_and(is_constant),
+        _ => false,
+    }
+}
+
+/// Every column an expression names (for `only_columns_in`: the series' own columns).
+fn all_columns(n: &Node) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            Value::Object(o) => {
+                for (k, x) in o {
+                    if k == "ColumnRef" {
+                        let last =
+                            x["fields"].as_array().and_then(|a| a.last()).and_then(|n| n["node"]["String"]["sval"].as_str());
+                        out.extend(last.map(str::to_string));
+                    } else {
+                        walk(x, out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Ok(v) = serde_json::to_value(n) {
+        walk(&v, &mut out);
+    }
+    out
 }
 
 /// `col = value` terms of a WHERE made only of ANDs (others are ignored: they only narrow).
