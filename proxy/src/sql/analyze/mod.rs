@@ -355,7 +355,90 @@ struct Found {
     foreign_call: bool,
     /// Operator names used (A_Expr), to check against the catalog's own operators.
     operators: Vec<String>,
+    /// A node kind the analysis does not know (`KNOWN_NODES`): the statement is a write.
+    unknown_node: Option<String>,
 }
+
+/// The node kinds of a raw parse tree whose meaning the analysis accounts for: syntax that
+/// changes nothing by itself (function calls, relations, locking clauses and data-changing
+/// statements are looked at one by one). Any other kind in a statement (a new one in a later
+/// PostgreSQL, XML functions, anything the walk was not written for) makes it a write under the
+/// cluster-wide lock, never a read.
+const KNOWN_NODES: &[&str] = &[
+    "AArrayExpr",
+    "AConst",
+    "AExpr",
+    "AIndices",
+    "AIndirection",
+    "AStar",
+    "Alias",
+    "BitString",
+    "BoolExpr",
+    "Boolean",
+    "BooleanTest",
+    "CaseExpr",
+    "CaseWhen",
+    "CoalesceExpr",
+    "CollateClause",
+    "ColumnDef",
+    "ColumnRef",
+    "CommonTableExpr",
+    "CtecycleClause",
+    "CtesearchClause",
+    "CurrentOfExpr",
+    "DefElem",
+    "DeleteStmt",
+    "Float",
+    "FuncCall",
+    "GroupingFunc",
+    "GroupingSet",
+    "IndexElem",
+    "InferClause",
+    "InsertStmt",
+    "Integer",
+    "JoinExpr",
+    "JsonAggConstructor",
+    "JsonArrayAgg",
+    "JsonArrayConstructor",
+    "JsonArrayQueryConstructor",
+    "JsonFormat",
+    "JsonIsPredicate",
+    "JsonKeyValue",
+    "JsonObjectAgg",
+    "JsonObjectConstructor",
+    "JsonOutput",
+    "JsonReturning",
+    "JsonValueExpr",
+    "List",
+    "LockingClause",
+    "MergeStmt",
+    "MergeWhenClause",
+    "MinMaxExpr",
+    "MultiAssignRef",
+    "NamedArgExpr",
+    "NullTest",
+    "OnConflictClause",
+    "ParamRef",
+    "RangeFunction",
+    "RangeSubselect",
+    "RangeTableSample",
+    "RangeVar",
+    "ResTarget",
+    "ReturningClause",
+    "ReturningOption",
+    "RowExpr",
+    "SelectStmt",
+    "SetToDefault",
+    "SortBy",
+    "SqlvalueFunction",
+    "String",
+    "SubLink",
+    "TypeCast",
+    "TypeName",
+    "UpdateStmt",
+    "WindowDef",
+    "WithClause",
+];
 
 impl Stmt<'_> {
     fn refuse(&mut self, construct: &str) {
@@ -482,7 +565,7 @@ impl Stmt<'_> {
         let guards = self.cat.map(|c| &c.guards);
         let relation = guards.is_some_and(|g| found.relations.iter().any(|(_, n, _)| g.relations.contains(n)));
         let operator = guards.is_some_and(|g| found.operators.iter().any(|o| g.operators.contains(o)));
-        let risky = found.foreign_call || relation || operator;
+        let risky = found.foreign_call || relation || operator || found.unknown_node.is_some();
         if risky {
             self.out.global = true;
         }
@@ -1010,6 +1093,16 @@ fn visit(v: &Value, f: &mut Found, in_subquery: bool) {
         Value::Array(a) => a.iter().for_each(|x| visit(x, f, in_subquery)),
         Value::Object(o) => {
             for (k, x) in o {
+                if k == "node" {
+                    // {"node": {"Kind": {...}}}: the one key is the node's kind.
+                    // (A field that is itself named "node" holds such a wrapper: lower case.)
+                    for kind in x.as_object().into_iter().flat_map(|n| n.keys()) {
+                        let is_kind = kind.starts_with(|c: char| c.is_ascii_uppercase());
+                        if is_kind && f.unknown_node.is_none() && !KNOWN_NODES.contains(&kind.as_str()) {
+                            f.unknown_node = Some(kind.clone());
+                        }
+                    }
+                }
                 match k.as_str() {
                     "FuncCall" => {
                         let parts = x["funcname"].as_array();
