@@ -528,6 +528,24 @@ async fn a_connection_killed_on_one_healthy_server_is_made_again() {
         .collect();
     assert_eq!(values, ["42", "pg_catalog, public"]);
     c.batch_execute("INSERT INTO moves (src, dst, amount) VALUES (1, 2, 0)").await.unwrap();
+    // Inside a transaction: the transaction fails with 40001 (retry it), the session goes on,
+    // and the connection is made again once the transaction has ended.
+    c.batch_execute("BEGIN; INSERT INTO moves (src, dst, amount) VALUES (7, 7, 7)").await.unwrap();
+    admin.query_one("SELECT pg_terminate_backend($1)", &[&again]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while admin.query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&again]).await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "the connection was not ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let e = c.batch_execute("INSERT INTO moves (src, dst, amount) VALUES (8, 8, 8)").await.expect_err("the transaction failed");
+    assert_eq!(e.code().map(|c| c.code()), Some("40001"), "{e}");
+    let e = c.batch_execute("SELECT 1").await.expect_err("still aborted");
+    assert_eq!(e.code().map(|c| c.code()), Some("25P02"), "{e}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    c.batch_execute("INSERT INTO moves (src, dst, amount) VALUES (9, 9, 9)").await.unwrap();
+    pid_of(&s.servers[1], "lone", Some(again)).await;
+    let n: i64 = c.query_one("SELECT count(*) FROM moves WHERE amount IN (7, 8)", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0, "the failed transaction left nothing");
     // A session holding what cannot be rebuilt ends instead, saying why.
     let (t, t_ended) = connect(&s, MALLORY, "holder").await;
     t.batch_execute("CREATE TEMP TABLE scratch (a int)").await.unwrap();

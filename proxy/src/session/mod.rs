@@ -226,6 +226,9 @@ pub struct Session {
     aborting: (u64, u64),
     /// A transaction's end waits for every request before it to finish on every backend.
     idle_wait: bool,
+    /// A connection to a healthy backend was lost inside a transaction: it is made again at
+    /// the next idle point.
+    reconnect_due: bool,
 }
 
 static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -438,6 +441,7 @@ impl Session {
             stall_check: None,
             aborting: (0, 0),
             idle_wait: false,
+            reconnect_due: false,
             shared,
         }
     }
@@ -585,7 +589,7 @@ impl Session {
         }
         if ev.backend_data {
             self.on_backend_data()?;
-            if (self.membership_wait || self.idle_wait) && self.pending.is_empty() {
+            if (self.membership_wait || self.idle_wait || self.reconnect_due) && self.pending.is_empty() {
                 self.on_client_data()?;
             }
         }
@@ -825,6 +829,15 @@ impl Session {
                     return Ok(());
                 }
                 self.idle_wait = false;
+            }
+            if self.reconnect_due && !self.router.tx_open && self.last_status == b'I' {
+                // Outside a transaction nothing is routed without every in-sync backend.
+                if self.pending.is_empty() {
+                    self.reconnect_due = false;
+                    self.membership_wait = true;
+                    self.upgrade_due = true;
+                }
+                return Ok(());
             }
             if self.shared.cluster.epoch() != self.epoch && !self.membership_changed() {
                 return Ok(());
@@ -1293,30 +1306,13 @@ impl Session {
             self.aborting = (targets, seq);
         }
         self.pending.push_back(Request {
-            seq,
-            targets,
-            remaining: targets,
-            primary: None,
-            primary_done: true,
-            forwarded: 0,
             // The second run's ReadyForQuery is the client's.
             rfq_sent: !client_rfq_waits,
             writes: req.writes,
             hash_rows: req.hash_rows,
             per_server: req.per_server,
-            lead_answers: false,
-            own_error: false,
-            inject: false,
-            held: Vec::new(),
-            internal: true,
-            trims: VecDeque::new(),
-            sql: req.sql.clone(),
-            retry: None,
-            again: None,
             expect,
-            gave_up: 0,
-            first_done_at: None,
-            sent_at: Instant::now(),
+            ..Request::internal(seq, targets, req.sql.clone())
         });
         let quiet = Request { rfq_sent: true, ..req.shallow() };
         self.finish_request(if client_rfq_waits { &quiet } else { req }, winner);
@@ -1516,13 +1512,29 @@ impl Session {
             return Ok(());
         };
         if healthy {
-            let idle = self.pending.is_empty() && self.last_status == b'I' && !self.router.tx_open;
-            if idle && self.settings.unmovable.is_none() && self.checks.is_empty() {
-                // Nothing was under way there: connect again and rebuild the session's
-                // settings and prepared statements, as for a backend that joins.
+            let in_tx = self.router.tx_open || self.last_status != b'I';
+            let idle = self.pending.is_empty() && !in_tx;
+            let movable = self.settings.unmovable.is_none() && ended.at_risk.is_none() && self.checks.is_empty();
+            if movable && !in_tx {
+                // Nothing of a transaction was under way there: connect again (at the next
+                // idle point) and rebuild the session's settings and prepared statements, as
+                // for a backend that joins. Nothing new is routed until then.
                 tracing::info!(backend = %self.conns[i].backend.name, reason = %ended.why, "a connection of this session ended while its server is healthy: reconnecting");
-                self.membership_wait = true;
-                self.upgrade_due = true;
+                self.reconnect_due = true;
+                return self.on_client_data();
+            }
+            if movable {
+                // Inside a transaction: it is aborted where it goes on, the client hears 40001
+                // at its next statement, and the connection is made again once it has ended.
+                let name = self.conns[i].backend.name.clone();
+                tracing::info!(backend = %name, reason = %ended.why, "a connection of this session ended inside a transaction while its server is healthy: the transaction is aborted");
+                self.abort_transaction(&format!("this session's connection to backend {name} ended"));
+                self.router.fail_transaction(format!(
+                    "could not serialize access: this session's connection to backend {name} ended ({}); the transaction was rolled back, retry it",
+                    ended.why
+                ));
+                self.reconnect_due = true;
+                self.on_client_data()?;
                 return Ok(());
             }
             let why = match self.settings.unmovable {
@@ -1543,6 +1555,24 @@ impl Session {
             self.on_client_data()?;
         }
         Ok(())
+    }
+
+    /// Aborts the open transaction on every live connection with Chorus's own request (its
+    /// replies are compared, never forwarded).
+    fn abort_transaction(&mut self, why: &str) {
+        let targets = self.alive_mask();
+        let stmt = crate::sql::rewrite::error_statement("40001", why);
+        let mut q = BytesMut::new();
+        message::query_msg(&mut q, &stmt);
+        let bytes = q.freeze();
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        for i in bits(targets) {
+            self.conns[i].queue.push_back(seq);
+            self.conns[i].backend.inflight.fetch_add(1, Ordering::Relaxed);
+            self.conns[i].out.push(bytes.clone());
+        }
+        self.pending.push_back(Request::internal(seq, targets, bytes));
     }
 
     /// Request `req` is complete on the connections still alive: those that ended in the
@@ -1620,6 +1650,35 @@ impl Session {
 }
 
 impl Request {
+    /// Chorus's own request to `targets`: compared, never forwarded to the client.
+    fn internal(seq: u64, targets: u64, sql: Bytes) -> Request {
+        Request {
+            seq,
+            targets,
+            remaining: targets,
+            primary: None,
+            primary_done: true,
+            forwarded: 0,
+            rfq_sent: true,
+            writes: false,
+            hash_rows: false,
+            per_server: false,
+            lead_answers: false,
+            own_error: false,
+            inject: false,
+            held: Vec::new(),
+            again: None,
+            expect: None,
+            gave_up: 0,
+            internal: true,
+            trims: VecDeque::new(),
+            sql,
+            retry: None,
+            first_done_at: None,
+            sent_at: Instant::now(),
+        }
+    }
+
     /// The fields `finish_request` reads, without the buffers.
     fn shallow(&self) -> Request {
         Request {

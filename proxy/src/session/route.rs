@@ -180,6 +180,10 @@ pub struct Router {
     barrier: Barrier,
     /// An error the next write gets instead of running (deadlock victim, lock timeout).
     fail_next: Option<(&'static str, String)>,
+    /// The open transaction was aborted by Chorus (a connection of the session was lost in
+    /// it): the client's next statement gets this 40001 from Chorus, unless it ends the
+    /// transaction.
+    tx_failed: Option<String>,
     locks: Vec<(Res, Mode)>,
     batch: Option<OpenBatch>,
     copy: Option<CopyIn>,
@@ -266,6 +270,12 @@ impl Router {
             QUERY => {
                 let sql = message::query_sql(&cbuf[5..len])?;
                 let class = guard_read(classify(sql), sql, ctx);
+                if let Some(d) = self.tx_failed_reply(class, ctx) {
+                    if matches!(d, Dispatch::Reply(_)) {
+                        cbuf.advance(len);
+                    }
+                    return Ok(Some(d));
+                }
                 if class.tx == TxEffect::Begin && ctx.idle && !self.tx_open && self.batch.is_none() && is_plain_begin(sql) {
                     // Nothing happens on a server between BEGIN and the next statement: answer it
                     // now and send it along with that statement, saving a round trip.
@@ -309,6 +319,30 @@ impl Router {
 
     pub fn clear_fail_next(&mut self) {
         self.fail_next = None;
+    }
+
+    /// The open transaction is aborted on every backend: the client learns it with 40001 at
+    /// its next statement.
+    pub fn fail_transaction(&mut self, message: String) {
+        self.tx_failed = Some(message);
+    }
+
+    /// The answer for a statement of a transaction Chorus aborted: 40001, and the transaction
+    /// stays failed (the backends answer what follows with 25P02, COMMIT with ROLLBACK).
+    fn tx_failed_reply(&mut self, class: Class, ctx: &RouteCtx<'_>) -> Option<Dispatch> {
+        self.tx_failed.as_ref()?;
+        if class.tx == TxEffect::End {
+            self.tx_failed = None;
+            return None;
+        }
+        if !ctx.idle {
+            return Some(Dispatch::NeedsIdle);
+        }
+        let msg = self.tx_failed.take().unwrap_or_default();
+        let mut buf = BytesMut::new();
+        message::error_response(&mut buf, message::Severity::Error, "40001", &msg);
+        message::ready_for_query(&mut buf, b'E');
+        Some(Dispatch::Reply(buf.freeze()))
     }
 
     /// The session's wait for locks closed a cycle: its unit fails with 40P01.
@@ -665,6 +699,14 @@ impl Router {
         }
         if synced && class.tx == TxEffect::End && self.tx_open && !ctx.idle && self.batch.is_none() {
             return Ok(Some(Dispatch::NeedsIdle));
+        }
+        if synced && self.batch.is_none() {
+            if let Some(d) = self.tx_failed_reply(class, ctx) {
+                if matches!(d, Dispatch::Reply(_)) {
+                    cbuf.advance(off);
+                }
+                return Ok(Some(d));
+            }
         }
         let mut failure = refusal;
         let barrier = synced && self.batch.is_none() && self.wants_barrier(class);
