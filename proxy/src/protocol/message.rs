@@ -100,15 +100,23 @@ pub struct ErrorFields {
     pub message: String,
 }
 
-pub fn error_fields(body: &[u8]) -> ErrorFields {
-    let mut out = ErrorFields::default();
+/// The fields of an ErrorResponse or NoticeResponse body: (field type, value), in order, up
+/// to the terminator or the first malformed field.
+pub fn error_field_iter(body: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
     let mut b = body;
-    while let Some((&field, rest)) = b.split_first() {
+    std::iter::from_fn(move || {
+        let (&field, rest) = b.split_first()?;
         if field == 0 {
-            break;
+            return None;
         }
         b = rest;
-        let Ok(value) = take_cstr(&mut b) else { break };
+        take_cstr(&mut b).ok().map(|value| (field, value))
+    })
+}
+
+pub fn error_fields(body: &[u8]) -> ErrorFields {
+    let mut out = ErrorFields::default();
+    for (field, value) in error_field_iter(body) {
         let value = String::from_utf8_lossy(value).into_owned();
         match field {
             b'V' => out.severity = value,
@@ -123,20 +131,10 @@ pub fn error_fields(body: &[u8]) -> ErrorFields {
 
 /// The SQLSTATE of an ErrorResponse, without allocating.
 pub fn error_code(body: &[u8]) -> [u8; 5] {
-    let mut b = body;
-    while let Some((&field, rest)) = b.split_first() {
-        if field == 0 {
-            break;
-        }
-        b = rest;
-        let Ok(value) = take_cstr(&mut b) else { break };
-        if field == b'C' && value.len() == 5 {
-            let mut code = [0u8; 5];
-            code.copy_from_slice(value);
-            return code;
-        }
-    }
-    *b"XX000"
+    error_field_iter(body)
+        .find(|(field, value)| *field == b'C' && value.len() == 5)
+        .and_then(|(_, value)| value.try_into().ok())
+        .unwrap_or(*b"XX000")
 }
 
 /// Name and value of a ParameterStatus message.
@@ -326,35 +324,16 @@ pub fn extended_statement(buf: &mut BytesMut, sql: &str, sync: bool) {
 /// Whether an ErrorResponse was raised by a DO block (its CONTEXT names the inline code
 /// block): in a request where Chorus put its error statement, that is Chorus's error.
 pub fn raised_in_do_block(body: &[u8]) -> bool {
-    let mut b = body;
-    while let Some((&field, rest)) = b.split_first() {
-        if field == 0 {
-            break;
-        }
-        b = rest;
-        let Ok(value) = take_cstr(&mut b) else { break };
-        if field == b'W' {
-            return value.starts_with(b"PL/pgSQL function inline_code_block");
-        }
-    }
-    false
+    error_field_iter(body).any(|(field, value)| field == b'W' && value.starts_with(b"PL/pgSQL function inline_code_block"))
 }
 
 /// An ErrorResponse without its CONTEXT (`W`) field: the errors Chorus raises itself come
 /// from a PL/pgSQL block whose context line PostgreSQL would never send for them.
 pub fn error_without_context(buf: &mut BytesMut, body: &[u8]) {
     put_frame(buf, ERROR_RESPONSE, |out| {
-        let mut b = body;
-        while let Some((&field, rest)) = b.split_first() {
-            if field == 0 {
-                break;
-            }
-            b = rest;
-            let Ok(value) = take_cstr(&mut b) else { break };
-            if field != b'W' {
-                out.put_u8(field);
-                put_cstr(out, value);
-            }
+        for (field, value) in error_field_iter(body).filter(|(field, _)| *field != b'W') {
+            out.put_u8(field);
+            put_cstr(out, value);
         }
         out.put_u8(0);
     });

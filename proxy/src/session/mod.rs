@@ -1188,7 +1188,7 @@ impl Session {
 
     /// Every target has answered the oldest request: compare, eject losers, release the reply.
     fn complete_head(&mut self) -> Result<(), End> {
-        let Some(req) = self.pending.pop_front() else {
+        let Some(mut req) = self.pending.pop_front() else {
             return Ok(());
         };
         self.settle_at_risk(&req)?;
@@ -1237,7 +1237,7 @@ impl Session {
             return Ok(());
         }
         let v = vote(&finished);
-        if !v.losers.is_empty() && self.timing_split(&req, &finished)? {
+        if !v.losers.is_empty() && self.timing_split(&mut req, &finished)? {
             return Ok(());
         }
         self.finish_request(&req, v.winner);
@@ -1261,7 +1261,7 @@ impl Session {
     /// ReadyForQuery waits for it; inside one, the transaction is aborted on the backends where
     /// it went on, so that every backend holds the same aborted transaction. Returns whether
     /// it handled the request (false: an ordinary disagreement).
-    fn timing_split(&mut self, req: &Request, finished: &[(usize, Outcome)]) -> Result<bool, End> {
+    fn timing_split(&mut self, req: &mut Request, finished: &[(usize, Outcome)]) -> Result<bool, End> {
         type Group<'a> = Vec<&'a (usize, Outcome)>;
         let (failed, rest): (Group, Group) =
             finished.iter().partition(|(_, o)| o.error.is_some_and(|c| TIMING_SQLSTATES.contains(&&c)));
@@ -1294,13 +1294,7 @@ impl Session {
         };
         tracing::info!(statement = %sql, sqlstate = %String::from_utf8_lossy(&code), second_run = expect.is_some(), "a timing-dependent error on some backends only");
         metrics::counter!("chorus_timing_splits_total").increment(1);
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        for i in bits(targets) {
-            self.conns[i].queue.push_back(seq);
-            self.conns[i].backend.inflight.fetch_add(1, Ordering::Relaxed);
-            self.conns[i].out.push(bytes.clone());
-        }
+        let seq = self.send_own(targets, &bytes);
         let client_rfq_waits = expect.is_some() && !req.rfq_sent;
         if expect.is_none() {
             self.aborting = (targets, seq);
@@ -1314,8 +1308,10 @@ impl Session {
             expect,
             ..Request::internal(seq, targets, req.sql.clone())
         });
-        let quiet = Request { rfq_sent: true, ..req.shallow() };
-        self.finish_request(if client_rfq_waits { &quiet } else { req }, winner);
+        if client_rfq_waits {
+            req.rfq_sent = true;
+        }
+        self.finish_request(req, winner);
         Ok(true)
     }
 
@@ -1565,6 +1561,13 @@ impl Session {
         let mut q = BytesMut::new();
         message::query_msg(&mut q, &stmt);
         let bytes = q.freeze();
+        let seq = self.send_own(targets, &bytes);
+        self.pending.push_back(Request::internal(seq, targets, bytes));
+    }
+
+    /// Queues Chorus's own request to `targets`; returns its sequence number (the caller
+    /// remembers the request in `pending`).
+    fn send_own(&mut self, targets: u64, bytes: &Bytes) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         for i in bits(targets) {
@@ -1572,7 +1575,7 @@ impl Session {
             self.conns[i].backend.inflight.fetch_add(1, Ordering::Relaxed);
             self.conns[i].out.push(bytes.clone());
         }
-        self.pending.push_back(Request::internal(seq, targets, bytes));
+        seq
     }
 
     /// Request `req` is complete on the connections still alive: those that ended in the
@@ -1679,34 +1682,6 @@ impl Request {
         }
     }
 
-    /// The fields `finish_request` reads, without the buffers.
-    fn shallow(&self) -> Request {
-        Request {
-            seq: self.seq,
-            targets: self.targets,
-            remaining: self.remaining,
-            primary: self.primary,
-            primary_done: self.primary_done,
-            forwarded: self.forwarded,
-            rfq_sent: self.rfq_sent,
-            writes: self.writes,
-            hash_rows: self.hash_rows,
-            per_server: self.per_server,
-            lead_answers: self.lead_answers,
-            own_error: self.own_error,
-            inject: self.inject,
-            held: Vec::new(),
-            again: None,
-            expect: self.expect,
-            gave_up: self.gave_up,
-            internal: self.internal,
-            trims: VecDeque::new(),
-            sql: self.sql.clone(),
-            retry: None,
-            first_done_at: self.first_done_at,
-            sent_at: self.sent_at,
-        }
-    }
 }
 
 impl Drop for Session {
