@@ -1681,7 +1681,6 @@ impl Request {
             sent_at: Instant::now(),
         }
     }
-
 }
 
 impl Drop for Session {
