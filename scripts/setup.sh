@@ -2,7 +2,8 @@
 # Installs what building and testing Chorus needs when it is missing: a Rust toolchain is
 # assumed (rustup); PostgreSQL server and client binaries (initdb, postgres, psql, pgbench),
 # a C toolchain and libclang (the pg_query crate compiles libpg_query and generates its
-# bindings with bindgen) come from the distribution's packages.
+# bindings with bindgen), and a JDK with pgjdbc (the JDBC suite) come from the
+# distribution's packages.
 set -euo pipefail
 
 need=()
@@ -15,6 +16,9 @@ command -v pg_config >/dev/null || need+=(libpq-dev)
 command -v cc >/dev/null || need+=(build-essential)
 # bindgen loads libclang.so itself (libclang-dev); libclang-cpp, often present alone, is not it.
 compgen -G "/usr/lib/llvm-*/lib/libclang.so" >/dev/null || need+=(libclang-dev)
+# The JDBC suite (proxy/tests/jdbc.rs): a JDK and Debian's pgjdbc.
+command -v javac >/dev/null || need+=(default-jdk-headless)
+[[ -f /usr/share/java/postgresql.jar ]] || need+=(libpostgresql-jdbc-java)
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}" >&2
   SUDO=""; [[ $(id -u) == 0 ]] || SUDO="sudo"
