@@ -559,3 +559,52 @@ async fn a_connection_killed_on_one_healthy_server_is_made_again() {
     drop(c);
     let _ = ended.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_backend_fails_at_once_the_last_stays_in_sync_and_serves_again() {
+    let mut s = setup(2, "", PgOptions::default()).await;
+    let c = s.client().await;
+    c.batch_execute("INSERT INTO moves (src, dst, amount) VALUES (1, 1, 1)").await.unwrap();
+    // The test servers run with fsync off: what a crash would lose is written out first.
+    for srv in &s.servers {
+        srv.local_client("postgres").await.unwrap().batch_execute("CHECKPOINT").await.unwrap();
+    }
+    for srv in &mut s.servers {
+        srv.kill();
+    }
+    // The clients see 08006 while nothing answers.
+    let e = c.batch_execute("INSERT INTO moves (src, dst, amount) VALUES (2, 2, 2)").await.expect_err("nothing answers");
+    assert!(e.code().is_none_or(|c| c.code() == "08006"), "{e}");
+    // One backend left first (down); the other, the last, stays in sync whatever fails next.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let last = loop {
+        let states = s.chorus.states();
+        let down: Vec<&String> = states.iter().filter(|(_, v)| *v == "down").map(|(k, _)| k).collect();
+        if down.len() == 1 {
+            let last = states.iter().find(|(_, v)| *v == "in_sync").map(|(k, _)| k.clone());
+            break last.expect("the other backend is in sync");
+        }
+        assert!(down.len() < 2, "both backends left: {states:?}");
+        assert!(Instant::now() < deadline, "no backend left: {states:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let gone = if last == "pg1" { "pg2" } else { "pg1" };
+    // Health checks keep failing on the last one; it stays.
+    let logged = Instant::now() + Duration::from_secs(30);
+    while !s.chorus.log().contains("the last in-sync backend failed") {
+        assert!(Instant::now() < logged, "{}", s.chorus.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.chorus.states().get(&last).map(String::as_str), Some("in_sync"));
+    for srv in &mut s.servers {
+        srv.restart().await.unwrap();
+    }
+    // Back without an operator: the last in-sync backend serves again.
+    let c = s.client().await;
+    c.batch_execute("INSERT INTO moves (src, dst, amount) VALUES (3, 3, 3)").await.unwrap();
+    let n: i64 = c.query_one("SELECT count(*) FROM moves WHERE amount IN (1, 3)", &[]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+    assert_eq!(s.chorus.states().get(gone).map(String::as_str), Some("down"));
+    let (ok, out) = s.chorus.verify();
+    assert!(ok, "{out}");
+}
