@@ -220,6 +220,21 @@ async fn protocol_corners_answer_as_postgres_does() {
     .await;
     assert_eq!(through, direct);
     assert_eq!(direct, ["E26000", "Z"]);
+    // The same with a parameter in binary format and a result format, inside a transaction.
+    let (through, direct) = both(&s, &d, |mut r: Raw| async move {
+        let mut b = cstr(&["", "nosuch"]);
+        b.extend_from_slice(&[0, 1, 0, 1, 0, 1, 0, 0, 0, 4, 0, 0, 0, 5, 0, 1, 0, 1]);
+        r.send(&query("BEGIN")).await;
+        let mut out = r.until_ready().await;
+        r.send(&[msg(b'B', &b), execute(), SYNC.to_vec()].concat()).await;
+        out.extend(r.until_ready().await);
+        r.send(&query("ROLLBACK")).await;
+        out.extend(r.until_ready().await);
+        out
+    })
+    .await;
+    assert_eq!(through, direct);
+    assert_eq!(direct, ["C", "Z", "E26000", "Z", "C", "Z"]);
     // COPY messages outside COPY are ignored.
     let (through, direct) = both(&s, &d, |mut r: Raw| async move {
         r.send(&[msg(b'd', b"1\n"), msg(b'c', b""), msg(b'f', b"oops\0"), query("SELECT 1")].concat()).await;

@@ -366,24 +366,18 @@ impl Router {
 
     /// Takes the locks `plan` needs with these bind parameters. Err carries the replacement
     /// error statement when the session must not run it (deadlock victim, lock timeout).
-    fn lock(
-        &mut self,
-        plans: &[(&Analysis, Option<&[u8]>)],
-        barrier: bool,
-        ctx: &mut RouteCtx<'_>,
-    ) -> Result<Acquire, ProtocolError> {
+    /// A Bind Chorus cannot read (the backends will say what is wrong with it) locks as one
+    /// whose parameters are unknown: its tables, not its keys.
+    fn lock(&mut self, plans: &[(&Analysis, Option<&[u8]>)], barrier: bool, ctx: &mut RouteCtx<'_>) -> Acquire {
         self.locks.clear();
         if barrier {
             self.locks.push((Res::Global, Mode::Shared));
         }
         for (a, bind) in plans {
-            let view = match bind {
-                Some(b) => Some(message::bind_view(b)?),
-                None => None,
-            };
+            let view = bind.and_then(|b| message::bind_view(b).ok());
             order::lock_set(a, ctx.db, view.as_ref(), &mut self.locks);
         }
-        Ok(ctx.locks.acquire(&self.locks, ctx.waker))
+        ctx.locks.acquire(&self.locks, ctx.waker)
     }
 
     /// Request `seq` is complete: a COPY it started is over whatever the client sends next.
@@ -434,9 +428,9 @@ impl Router {
                 None => {
                     let plans: Vec<(&Analysis, Option<&[u8]>)> = write.map(|a| (a, None)).into_iter().collect();
                     match self.lock(&plans, barrier, ctx) {
-                        Ok(Acquire::Granted) => None,
-                        Ok(Acquire::Wait) => return Dispatch::NeedsLocks,
-                        Ok(Acquire::Deadlock) | Err(_) => Some(deadlock_statement()),
+                        Acquire::Granted => None,
+                        Acquire::Wait => return Dispatch::NeedsLocks,
+                        Acquire::Deadlock => Some(deadlock_statement()),
                     }
                 }
             };
@@ -716,9 +710,9 @@ impl Router {
             } else {
                 let plans: Vec<(&Analysis, Option<&[u8]>)> = writes.iter().map(|(a, s, e)| (&**a, Some(&cbuf[*s..*e]))).collect();
                 match self.lock(&plans, barrier, ctx) {
-                    Ok(Acquire::Granted) => {}
-                    Ok(Acquire::Wait) => return Ok(Some(Dispatch::NeedsLocks)),
-                    Ok(Acquire::Deadlock) | Err(_) => failure = Some(deadlock_statement()),
+                    Acquire::Granted => {}
+                    Acquire::Wait => return Ok(Some(Dispatch::NeedsLocks)),
+                    Acquire::Deadlock => failure = Some(deadlock_statement()),
                 }
             }
         }
