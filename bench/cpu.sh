@@ -13,17 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 builtin=${1:-select-only} secs=${2:-10} clients=${3:-8} rounds=${4:-5}
-PEERS=${PEERS:-../shared/peers}
-export PG_A=${PG_A:-55501} PG_B=${PG_B:-55502}
-cargo build --release --locked --bin chorus >/dev/null
-up() { psql -h 127.0.0.1 -p "$1" -U postgres -d bench -qAtc 'select 1' >/dev/null 2>&1; }
-if ! { up "$PG_A" && up "$PG_B"; }; then
-  bash "$PEERS/cluster.sh" down >/dev/null 2>&1 || true
-  bash "$PEERS/cluster.sh" up
-fi
-if ! psql -h 127.0.0.1 -p "$PG_A" -U postgres -d bench -qAtc "select 1 from pgbench_branches limit 1" >/dev/null 2>&1; then
-  pgbench -i -s 10 -q -h 127.0.0.1 -p "${PGPOOL:-55520}" -U postgres bench
-fi
+. bench/peers.sh
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }

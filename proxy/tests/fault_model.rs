@@ -404,26 +404,29 @@ async fn admin_refuses_bad_names_and_servers_it_has() {
     s.wait_state("pg3", "in_sync").await;
 }
 
-/// Waits until a session on `srv` waits for a lock with a statement that started after `after`
-/// (None: any); returns that statement's start.
-async fn lock_waiter_since(srv: &PgServer, after: Option<String>) -> String {
+/// Runs `sql` on `srv` until it returns a row (every 10 ms, for at most 20 s) and returns that
+/// row's first column: the condition a test awaits, read from the server itself.
+async fn await_row<T>(srv: &PgServer, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)], what: &str) -> T
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
     let c = srv.local_client("postgres").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let row = c
-            .query_opt(
-                "SELECT query_start::text FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE k%' \
-                 AND ($1::text IS NULL OR query_start > $1::timestamptz) ORDER BY query_start DESC LIMIT 1",
-                &[&after],
-            )
-            .await
-            .unwrap();
-        if let Some(r) = row {
+        if let Some(r) = c.query_opt(sql, params).await.unwrap() {
             return r.get(0);
         }
-        assert!(Instant::now() < deadline, "no statement waited for the lock on port {}", srv.port());
+        assert!(Instant::now() < deadline, "{what} on port {}", srv.port());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Waits until a session on `srv` waits for a lock with a statement that started after `after`
+/// (None: any); returns that statement's start.
+async fn lock_waiter_since(srv: &PgServer, after: Option<String>) -> String {
+    let sql = "SELECT query_start::text FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE k%' \
+               AND ($1::text IS NULL OR query_start > $1::timestamptz) ORDER BY query_start DESC LIMIT 1";
+    await_row(srv, sql, &[&after], "no statement waited for the lock").await
 }
 
 /// A transaction on one server alone that holds row 1 of k.
@@ -489,19 +492,8 @@ async fn a_statement_timeout_on_one_backend_only_ejects_nothing() {
 
 /// The process id of the connection named `app` on `srv`, other than `not`.
 async fn pid_of(srv: &PgServer, app: &str, not: Option<i32>) -> i32 {
-    let c = srv.local_client("postgres").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let row = c
-            .query_opt("SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND pid <> $2", &[&app, &not.unwrap_or(0)])
-            .await
-            .unwrap();
-        if let Some(r) = row {
-            return r.get(0);
-        }
-        assert!(Instant::now() < deadline, "no connection named {app} on port {}", srv.port());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let sql = "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND pid <> $2";
+    await_row(srv, sql, &[&app, &not.unwrap_or(0)], &format!("no connection named {app}")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -532,11 +524,8 @@ async fn a_connection_killed_on_one_healthy_server_is_made_again() {
     // and the connection is made again once the transaction has ended.
     c.batch_execute("BEGIN; INSERT INTO moves (src, dst, amount) VALUES (7, 7, 7)").await.unwrap();
     admin.query_one("SELECT pg_terminate_backend($1)", &[&again]).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while admin.query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&again]).await.unwrap().is_some() {
-        assert!(Instant::now() < deadline, "the connection was not ended");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let gone = "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)";
+    let _: i32 = await_row(&s.servers[1], gone, &[&again], "the connection was not ended").await;
     let e = c.batch_execute("INSERT INTO moves (src, dst, amount) VALUES (8, 8, 8)").await.expect_err("the transaction failed");
     assert_eq!(e.code().map(|c| c.code()), Some("40001"), "{e}");
     let e = c.batch_execute("SELECT 1").await.expect_err("still aborted");
