@@ -11,6 +11,7 @@ use common::{ChorusOptions, PgOptions, PgServer, Setup, APP_USER};
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_postgres::error::SqlState;
 
 /// Two trusting servers and Chorus in front (trust: the raw client below does no SCRAM), and
 /// a third server alone, for the direct answers.
@@ -323,8 +324,10 @@ async fn backend_key_data_carries_the_lead_process_id() {
 async fn a_session_that_ends_inside_ddl_blocks_no_later_write() {
     let (s, _d) = setup().await;
     let writer = s.client().await;
-    // Quits (Terminate), drops its socket, or is terminated on every server.
-    for how in ["quit", "drop", "terminated"] {
+    // Quits (Terminate), drops its socket, terminates itself (the same FATAL from every
+    // server: the session ends), or loses its connection to one server (the transaction is
+    // rolled back with 40001 and the session goes on).
+    for how in ["quit", "drop", "terminated", "lost_one"] {
         let table = format!("ddl_{how}");
         match how {
             "quit" => {
@@ -338,17 +341,31 @@ async fn a_session_that_ends_inside_ddl_blocks_no_later_write() {
                 r.until_ready().await;
                 drop(r);
             }
+            "terminated" => {
+                let c = s.client().await;
+                c.batch_execute(&format!("BEGIN; CREATE TABLE {table} (a int)")).await.unwrap();
+                let e = c.batch_execute("SELECT pg_terminate_backend(pg_backend_pid())").await.expect_err("ended");
+                assert_eq!(e.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{e:?}");
+                assert!(c.is_closed() || c.batch_execute("SELECT 1").await.is_err(), "the session ended");
+            }
             _ => {
                 let c = s.client().await;
                 c.batch_execute(&format!("SET application_name = 'doomed'; BEGIN; CREATE TABLE {table} (a int)")).await.unwrap();
-                for srv in &s.servers {
-                    let d = srv.local_client("postgres").await.unwrap();
-                    d.batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'doomed'")
-                        .await
-                        .unwrap();
-                }
-                let e = c.batch_execute("SELECT 1").await.expect_err("the session was ended");
-                assert!(e.code().is_none_or(|c| c.code() == "57P01"), "{e}");
+                let d = s.servers[1].local_client("postgres").await.unwrap();
+                let pid: i32 = d
+                    .query_one("SELECT pid FROM pg_stat_activity WHERE application_name = 'doomed'", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                let done: bool = d.query_one("SELECT pg_terminate_backend($1, 10000)", &[&pid]).await.unwrap().get(0);
+                assert!(done, "the session's connection on that server ended");
+                // The next write reaches the lost connection: the transaction is rolled back
+                // everywhere and the client is told to retry it, as after a serialization failure.
+                let e = c.batch_execute("INSERT INTO t VALUES (2)").await.expect_err("the transaction was rolled back");
+                assert_eq!(e.code(), Some(&SqlState::T_R_SERIALIZATION_FAILURE), "{e:?}");
+                c.batch_execute("ROLLBACK").await.unwrap();
+                let one: i32 = c.query_one("SELECT 1", &[]).await.expect("the session goes on").get(0);
+                assert_eq!(one, 1);
             }
         }
         let write = writer.execute("INSERT INTO t VALUES (1)", &[]);

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{ChorusOptions, PgOptions, PgServer, Setup, APP_USER};
+use common::{await_row, ChorusOptions, PgOptions, PgServer, Setup, APP_USER};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::{Client, NoTls};
 
@@ -402,23 +402,6 @@ async fn admin_refuses_bad_names_and_servers_it_has() {
     let (ok, out) = s.chorus.chorusctl(&["join", "pg3", "--host", "127.0.0.1", "--port", &spare.port().to_string()]);
     assert!(ok, "{out}");
     s.wait_state("pg3", "in_sync").await;
-}
-
-/// Runs `sql` on `srv` until it returns a row (every 10 ms, for at most 20 s) and returns that
-/// row's first column: the condition a test awaits, read from the server itself.
-async fn await_row<T>(srv: &PgServer, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)], what: &str) -> T
-where
-    T: for<'a> tokio_postgres::types::FromSql<'a>,
-{
-    let c = srv.local_client("postgres").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(r) = c.query_opt(sql, params).await.unwrap() {
-            return r.get(0);
-        }
-        assert!(Instant::now() < deadline, "{what} on port {}", srv.port());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// Waits until a session on `srv` waits for a lock with a statement that started after `after`

@@ -137,6 +137,28 @@ pub fn error_code(body: &[u8]) -> [u8; 5] {
         .unwrap_or(*b"XX000")
 }
 
+/// The first FATAL or PANIC ErrorResponse among the whole frames of `buf` (a backend's
+/// unread bytes), as (offset, length): a connection can close before its last frames were
+/// read, and the FATAL it sent says why.
+pub fn find_fatal(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut at = 0;
+    while buf.len() >= at + 5 {
+        let len = u32::from_be_bytes([buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]]) as usize + 1;
+        if len < 5 || buf.len() < at + len {
+            return None;
+        }
+        if buf[at] == ERROR_RESPONSE {
+            let body = &buf[at + 5..at + len];
+            let field = |tag| error_field_iter(body).find(|(f, _)| *f == tag).map(|(_, v)| v);
+            if matches!(field(b'V').or_else(|| field(b'S')), Some(b"FATAL" | b"PANIC")) {
+                return Some((at, len));
+            }
+        }
+        at += len;
+    }
+    None
+}
+
 /// Name and value of a ParameterStatus message.
 pub fn parameter_status(body: &[u8]) -> Result<(&[u8], &[u8]), ProtocolError> {
     let mut b = body;
@@ -450,6 +472,21 @@ mod tests {
     use super::*;
     use crate::protocol::codec::FrameCodec;
     use tokio_util::codec::Decoder;
+
+    #[test]
+    fn a_fatal_behind_other_frames_is_found() {
+        let mut buf = BytesMut::new();
+        error_response(&mut buf, Severity::Error, "22012", "division by zero");
+        let skip = buf.len();
+        ready_for_query(&mut buf, b'I');
+        let at = buf.len();
+        error_response(&mut buf, Severity::Fatal, "57P01", "terminating connection");
+        let len = buf.len() - at;
+        assert_eq!(find_fatal(&buf), Some((at, len)));
+        assert_eq!(find_fatal(&buf[..skip]), None);
+        // A frame cut short is not read.
+        assert_eq!(find_fatal(&buf[..buf.len() - 1]), None);
+    }
 
     #[test]
     fn error_response_round_trips() {

@@ -1441,6 +1441,15 @@ impl Session {
         if !self.conns[i].alive {
             return Ok(());
         }
+        // A closed socket whose FATAL was read but not yet reached (its frames wait behind an
+        // earlier request) ended with that FATAL.
+        let fatal = fatal.or_else(|| {
+            let rbuf = &mut self.conns[i].rbuf;
+            message::find_fatal(rbuf).map(|(at, len)| {
+                let _ = rbuf.split_to(at);
+                rbuf.split_to(len)
+            })
+        });
         let code = fatal.as_ref().map(|f| message::error_code(&f[5..]));
         // The session's own idle limits (idle_session_timeout, idle_in_transaction_session_
         // timeout) end it as they would on PostgreSQL, whatever the other backends do.

@@ -55,3 +55,20 @@ pub fn sh(cmd: &mut std::process::Command) -> (bool, String) {
     s.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), s)
 }
+
+/// Runs `sql` on `srv` until it returns a row (every 10 ms, for at most 20 s) and returns that
+/// row's first column: the condition a test awaits, read from the server itself.
+pub async fn await_row<T>(srv: &PgServer, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)], what: &str) -> T
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    let c = srv.local_client("postgres").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(r) = c.query_opt(sql, params).await.unwrap() {
+            return r.get(0);
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} on port {}", srv.port());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
