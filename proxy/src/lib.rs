@@ -14,6 +14,7 @@ pub mod difflog;
 pub mod error;
 pub mod fanout;
 pub mod join;
+pub mod local;
 pub mod order;
 pub mod protocol;
 pub mod server;

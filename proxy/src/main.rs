@@ -35,6 +35,17 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Start the compose cluster's topology with local processes: a PostgreSQL server for each
+    /// backend of the config (--config, normally deploy/chorus.toml), a spare server of a newer
+    /// major left out of the cluster, and Chorus in front (see scripts/cluster.sh).
+    Cluster {
+        /// Where the servers and Chorus's state live; `cluster.env` there says where to connect.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The spare server, NAME:MAJOR.
+        #[arg(long, default_value = "pg18:18")]
+        spare: String,
+    },
     /// Compare per-table checksums of every in-sync backend at one quiesced point (G1).
     /// Exits non-zero when any table differs.
     Verify {
@@ -97,6 +108,11 @@ fn run(cli: Cli) -> Result<(), String> {
             })
         }
         Command::Demo { backends, listen, dir } => runtime(2)?.block_on(chorus::demo::run(backends, listen, dir)),
+        Command::Cluster { dir, spare } => {
+            let path = cli.config.ok_or("no configuration file given (use --config deploy/chorus.toml)")?;
+            let spare = chorus::local::Spare::parse(&spare)?;
+            runtime(2)?.block_on(chorus::local::run(&path, dir, Some(spare)))
+        }
         Command::Verify { database } => {
             let cfg = load(cli.config)?;
             let report = runtime(2)?.block_on(chorus::verify::run(&cfg, &database)).map_err(|e| e.to_string())?;
