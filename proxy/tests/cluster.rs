@@ -149,3 +149,24 @@ fn cluster_sh_up_pgbench_join_remove_verify_down() {
     assert!(down.contains("load: no client error") && down.contains("cluster.sh: down"), "{down}");
     assert!(!Path::new(&dir.path().join("cluster.env")).exists());
 }
+
+/// Every metric the Grafana dashboard queries is one docs/operations.md documents, and every
+/// documented metric has a panel.
+#[test]
+fn the_grafana_dashboard_uses_the_documented_metrics() {
+    let names = |text: &str| -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for (i, _) in text.match_indices("chorus_") {
+            let name: String = text[i..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+            let base = ["_bucket", "_sum", "_count"].iter().fold(name.clone(), |n, s| n.strip_suffix(s).map_or(n.clone(), String::from));
+            out.insert(base);
+        }
+        out
+    };
+    let dashboard: Value = serde_json::from_str(&read("docs/grafana-dashboard.json")).unwrap();
+    let queried = names(&dashboard["panels"].to_string());
+    let ops = read("docs/operations.md");
+    let table = &ops[ops.find("## Metrics").unwrap()..];
+    let documented = names(&table[..table[3..].find("\n## ").unwrap()]);
+    assert_eq!(queried, documented);
+}
