@@ -49,7 +49,8 @@ pub async fn run(file: &Path, dir: PathBuf, spare: Option<Spare>) -> Result<(), 
     }
     let spare = match spare {
         Some(sp) => {
-            let bin = bin_dir_for(sp.major).ok_or_else(|| format!("no PostgreSQL {} binaries (run scripts/setup.sh)", sp.major))?;
+            let bin =
+                bin_dir_for(sp.major).ok_or_else(|| format!("no PostgreSQL {} binaries (run scripts/setup.sh)", sp.major))?;
             // A join into it needs its major's pg_dump and pg_restore (the image has them in
             // /usr/lib/postgresql/18/bin, which Chorus searches by default).
             cfg.pg_tools.push(bin.clone());

@@ -158,7 +158,8 @@ fn the_grafana_dashboard_uses_the_documented_metrics() {
         let mut out = BTreeSet::new();
         for (i, _) in text.match_indices("chorus_") {
             let name: String = text[i..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
-            let base = ["_bucket", "_sum", "_count"].iter().fold(name.clone(), |n, s| n.strip_suffix(s).map_or(n.clone(), String::from));
+            let base =
+                ["_bucket", "_sum", "_count"].iter().fold(name.clone(), |n, s| n.strip_suffix(s).map_or(n.clone(), String::from));
             out.insert(base);
         }
         out

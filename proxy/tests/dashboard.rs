@@ -91,7 +91,13 @@ async fn the_dashboard_shows_the_cluster_and_drives_it() {
     // the URL.
     b.fill("#token", ADMIN_TOKEN).await.unwrap();
     b.click("#login-form button").await.unwrap();
-    let rows = b.wait("document.querySelectorAll('tr[data-backend]').length === 3 && document.querySelectorAll('tr[data-backend]').length", Duration::from_secs(10)).await.unwrap();
+    let rows = b
+        .wait(
+            "document.querySelectorAll('tr[data-backend]').length === 3 && document.querySelectorAll('tr[data-backend]').length",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
     assert_eq!(rows, serde_json::json!(3));
     for name in ["pg1", "pg2", "pg3"] {
         assert_eq!(b.eval(&state_of(name)).await.unwrap(), serde_json::json!("in_sync"), "{name}");
@@ -140,12 +146,11 @@ async fn the_dashboard_shows_the_cluster_and_drives_it() {
             common::sh(&mut cmd)
         })
     };
-    let running = b
-        .wait("document.querySelector('#join:not([hidden]) li.current')?.dataset.phase", Duration::from_secs(30))
-        .await
-        .unwrap();
+    let running =
+        b.wait("document.querySelector('#join:not([hidden]) li.current')?.dataset.phase", Duration::from_secs(30)).await.unwrap();
     assert!(
-        ["starting", "detaching", "dumping", "restoring", "replaying", "attaching", "verifying"].contains(&running.as_str().unwrap()),
+        ["starting", "detaching", "dumping", "restoring", "replaying", "attaching", "verifying"]
+            .contains(&running.as_str().unwrap()),
         "{running}"
     );
     shot(&mut b, "05-join-running").await;
@@ -161,7 +166,10 @@ async fn the_dashboard_shows_the_cluster_and_drives_it() {
     load.abort();
     b.click("#verify").await.unwrap();
     let verdict = b
-        .wait("(t => t.startsWith('Verifying') ? null : t)(document.getElementById('verify-result').textContent)", Duration::from_secs(60))
+        .wait(
+            "(t => t.startsWith('Verifying') ? null : t)(document.getElementById('verify-result').textContent)",
+            Duration::from_secs(60),
+        )
         .await
         .unwrap();
     assert!(verdict.as_str().unwrap().starts_with("Every table is equal on every in-sync backend"), "{verdict}");

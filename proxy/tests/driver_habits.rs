@@ -352,11 +352,8 @@ async fn a_session_that_ends_inside_ddl_blocks_no_later_write() {
                 let c = s.client().await;
                 c.batch_execute(&format!("SET application_name = 'doomed'; BEGIN; CREATE TABLE {table} (a int)")).await.unwrap();
                 let d = s.servers[1].local_client("postgres").await.unwrap();
-                let pid: i32 = d
-                    .query_one("SELECT pid FROM pg_stat_activity WHERE application_name = 'doomed'", &[])
-                    .await
-                    .unwrap()
-                    .get(0);
+                let pid: i32 =
+                    d.query_one("SELECT pid FROM pg_stat_activity WHERE application_name = 'doomed'", &[]).await.unwrap().get(0);
                 let done: bool = d.query_one("SELECT pg_terminate_backend($1, 10000)", &[&pid]).await.unwrap().get(0);
                 assert!(done, "the session's connection on that server ended");
                 // The next write reaches the lost connection: the transaction is rolled back
