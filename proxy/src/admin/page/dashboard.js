@@ -101,7 +101,7 @@ function renderJoin(j) {
   $("join-bar").style.width = pct + "%";
   $("join-bar").style.background = failed ? "var(--bad)" : "";
   const facts = [
-    ["phase", p.phase], ["elapsed", p.elapsed_seconds.toFixed(1) + " s"],
+    ["phase", p.phase], ["elapsed", (j.running ? Math.max(p.elapsed_seconds, Date.now() / 1000 - p.started_unix) : p.elapsed_seconds).toFixed(1) + " s"],
     ["dumped", bytes(p.bytes_dumped)], ["restored", bytes(p.bytes_restored)],
     ["units logged", String(p.log_units)], ["units replayed", String(p.replayed_units)],
     ["replay lag", bytes(p.replay_lag_bytes)],
