@@ -124,6 +124,9 @@ pub struct Config {
     pub login_concurrency: usize,
     #[serde(default = "defaults::login_timeout", deserialize_with = "duration")]
     pub login_timeout: Duration,
+    /// A failed client login is answered after this long, one at a time per client address.
+    #[serde(default = "defaults::auth_failure_delay", deserialize_with = "duration")]
+    pub auth_failure_delay: Duration,
     #[serde(default = "defaults::idle_in_transaction_timeout", deserialize_with = "duration")]
     pub idle_in_transaction_timeout: Duration,
     #[serde(default = "defaults::backend_timeout", deserialize_with = "duration")]
@@ -204,6 +207,9 @@ mod defaults {
     }
     pub fn max_message_size() -> usize {
         64 * 1024 * 1024
+    }
+    pub fn auth_failure_delay() -> Duration {
+        Duration::from_millis(500)
     }
     pub fn login_timeout() -> Duration {
         Duration::from_secs(10)

@@ -33,6 +33,8 @@ pub struct Shared {
     pub stop: CancellationToken,
     /// Backend logins under way at once (`login_concurrency`): a storm of clients queues.
     pub logins: tokio::sync::Semaphore,
+    /// Failed client logins, answered one at a time per address (`auth_failure_delay`).
+    pub auth_failures: crate::session::auth_delay::FailureGates,
     verifiers: HashMap<String, Verifier>,
     clients: AtomicUsize,
 }
@@ -115,6 +117,7 @@ impl Server {
             joins: Default::default(),
             stop: CancellationToken::new(),
             logins: tokio::sync::Semaphore::new(login_concurrency),
+            auth_failures: Default::default(),
             verifiers,
             clients: AtomicUsize::new(0),
         });

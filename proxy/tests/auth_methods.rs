@@ -22,6 +22,11 @@ async fn md5_client_with_md5_and_cleartext_backends() {
     let bad = format!("host=127.0.0.1 port={} user=app password=nope dbname=postgres", chorus.port());
     let err = tokio_postgres::connect(&bad, tokio_postgres::NoTls).await.err().unwrap();
     assert_eq!(err.code().map(|c| c.code()), Some("28P01"));
+    // An unknown name is asked for its password and refused as a wrong password is.
+    let unknown = format!("host=127.0.0.1 port={} user=nobody password=nope dbname=postgres", chorus.port());
+    let err = tokio_postgres::connect(&unknown, tokio_postgres::NoTls).await.err().unwrap();
+    assert_eq!(err.code().map(|c| c.code()), Some("28P01"));
+    assert_eq!(err.as_db_error().unwrap().message(), "password authentication failed for user \"nobody\"");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,4 +36,7 @@ async fn trust_client_with_scram_and_trust_backends() {
     let chorus =
         ChorusProcess::start(chorus_bin(), &[&a, &b], ChorusOptions { auth: "trust", ..Default::default() }).await.unwrap();
     write_through(&chorus, &[&a, &b]).await;
+    let unknown = format!("host=127.0.0.1 port={} user=nobody dbname=postgres", chorus.port());
+    let err = tokio_postgres::connect(&unknown, tokio_postgres::NoTls).await.err().unwrap();
+    assert_eq!(err.code().map(|c| c.code()), Some("28000"));
 }

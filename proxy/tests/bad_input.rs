@@ -115,10 +115,48 @@ async fn wrong_password_and_unknown_user() {
     let bad = format!("host=127.0.0.1 port={} user={} password=wrong dbname=postgres", s.chorus.port(), APP_USER.0);
     let err = tokio_postgres::connect(&bad, tokio_postgres::NoTls).await.err().expect("wrong password accepted");
     assert_eq!(err.code().map(|c| c.code()), Some("28P01"), "{err}");
+    let wrong = err.as_db_error().unwrap().message().to_string();
+    // An unknown name fails exactly as a wrong password does (SQLSTATE and words), after the
+    // same SCRAM exchange: names cannot be probed.
     let unknown = format!("host=127.0.0.1 port={} user=nobody password=x dbname=postgres", s.chorus.port());
     let err = tokio_postgres::connect(&unknown, tokio_postgres::NoTls).await.err().expect("unknown user accepted");
-    assert_eq!(err.code().map(|c| c.code()), Some("28000"), "{err}");
+    assert_eq!(err.code().map(|c| c.code()), Some("28P01"), "{err}");
+    assert_eq!(err.as_db_error().unwrap().message(), wrong.replace(APP_USER.0, "nobody"));
+    // The salt offered for a name is the same at every try, known or not, with the same
+    // iteration count.
+    for user in [APP_USER.0, "nobody"] {
+        let first = scram_salt(s.chorus.port(), user).await;
+        assert_eq!(first, scram_salt(s.chorus.port(), user).await, "{user}");
+        assert!(first.ends_with(",i=4096"), "{first}");
+    }
     still_healthy(&s, &healthy).await;
+}
+
+/// One message from the server: (tag, body).
+async fn read_msg(c: &mut TcpStream) -> (u8, Vec<u8>) {
+    let tag = c.read_u8().await.unwrap();
+    let len = c.read_u32().await.unwrap() as usize;
+    let mut body = vec![0; len - 4];
+    c.read_exact(&mut body).await.unwrap();
+    (tag, body)
+}
+
+/// The salt and iteration count of the server-first SCRAM message offered to `user`.
+async fn scram_salt(port: u16, user: &str) -> String {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    c.write_all(&startup(user)).await.unwrap();
+    let (tag, body) = read_msg(&mut c).await;
+    assert_eq!((tag, &body[..4]), (b'R', &10i32.to_be_bytes()[..]), "AuthenticationSASL");
+    let first = b"n,,n=,r=0123456789abcdef";
+    let mut msg = vec![b'p'];
+    let payload = [&b"SCRAM-SHA-256\0"[..], &(first.len() as i32).to_be_bytes(), first].concat();
+    msg.extend_from_slice(&((payload.len() + 4) as i32).to_be_bytes());
+    msg.extend_from_slice(&payload);
+    c.write_all(&msg).await.unwrap();
+    let (tag, body) = read_msg(&mut c).await;
+    assert_eq!((tag, &body[..4]), (b'R', &11i32.to_be_bytes()[..]), "AuthenticationSASLContinue");
+    let server_first = String::from_utf8(body[4..].to_vec()).unwrap();
+    server_first.split_once(",s=").unwrap().1.to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,4 +293,36 @@ async fn function_call_is_forwarded() {
     }
     assert_eq!(&got[..11], b"V\0\0\0\x0a\0\0\0\x0242", "{}", String::from_utf8_lossy(&got));
     still_healthy(&s, &healthy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_from_one_address_are_answered_one_per_delay() {
+    let delay = Duration::from_millis(300);
+    let opts = ChorusOptions { auth: "scram-sha-256", extra: "auth_failure_delay = \"300ms\"\n".into() };
+    let s = Setup::with(1, opts).await;
+    let bad = format!("host=127.0.0.1 port={} user={} password=wrong dbname=postgres", s.chorus.port(), APP_USER.0);
+    let start = std::time::Instant::now();
+    let tries: Vec<_> = (0..4)
+        .map(|_| {
+            let bad = bad.clone();
+            tokio::spawn(async move {
+                let e = tokio_postgres::connect(&bad, tokio_postgres::NoTls).await.err().expect("a wrong password was accepted");
+                (e.code().map(|c| c.code().to_string()), start.elapsed())
+            })
+        })
+        .collect();
+    // The right password from the same address meanwhile is not refused.
+    let good = s.client().await;
+    assert_eq!(good.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    let mut answered = Vec::new();
+    for t in tries {
+        let (code, at) = t.await.unwrap();
+        assert_eq!(code.as_deref(), Some("28P01"));
+        answered.push(at);
+    }
+    answered.sort();
+    // Four guesses from one address take at least four delays: one guess per delay.
+    for (k, at) in answered.iter().enumerate() {
+        assert!(*at >= delay * (k as u32 + 1), "guess {k} answered after {at:?}");
+    }
 }

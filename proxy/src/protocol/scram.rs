@@ -34,6 +34,24 @@ impl Verifier {
         Self::parse(&secret).expect("postgres_protocol makes well-formed SCRAM secrets")
     }
 
+    /// A verifier for a user Chorus does not know: a salt that stays the same for that name
+    /// while Chorus runs (a salt that changed at every try would tell the name is unknown) and
+    /// keys no password matches. The exchange runs to its end and fails like a wrong password.
+    pub fn mock(user: &str) -> Verifier {
+        static NONCE: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+        let nonce = NONCE.get_or_init(rand::random);
+        let derive = |what: &[u8]| -> [u8; 32] {
+            Sha256::new().chain_update(nonce).chain_update(what).chain_update(user).finalize().into()
+        };
+        let salt = derive(b"salt");
+        Verifier {
+            iterations: 4096,
+            salt_b64: B64.encode(&salt[..16]),
+            stored_key: derive(b"stored"),
+            server_key: derive(b"server"),
+        }
+    }
+
     pub fn parse(secret: &str) -> Option<Verifier> {
         let rest = secret.strip_prefix("SCRAM-SHA-256$")?;
         let (iter_salt, keys) = rest.split_once('$')?;

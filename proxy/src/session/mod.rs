@@ -12,6 +12,7 @@
 //! together, so a slow client or backend cannot deadlock the session, and no lock is held
 //! across an await.
 
+pub mod auth_delay;
 mod cancel;
 mod route;
 mod startup;
@@ -250,6 +251,11 @@ pub async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
         Ok(Ok(Some(st))) => st,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
+            if matches!(e, SessionError::AuthFailed(_) | SessionError::NoSuchUser(_)) {
+                if let Ok(peer) = client.peer_addr() {
+                    shared.auth_failures.after_failure(peer.ip(), shared.cfg.auth_failure_delay).await;
+                }
+            }
             tell_and_close(&mut client, &e).await;
             return;
         }

@@ -67,9 +67,12 @@ pub async fn authenticate(
     if params.iter().any(|(k, v)| k == "replication" && v != "false" && v != "0" && v != "off") {
         return Err(SessionError::Replication);
     }
-    let Some(cfg_user) = shared.cfg.user(&user) else {
+    // An unknown name with a password method goes through the same exchange and fails the
+    // same way (28P01) as a wrong password, as PostgreSQL does: names cannot be probed.
+    let cfg_user = shared.cfg.user(&user);
+    if cfg_user.is_none() && shared.cfg.auth.method == AuthMethod::Trust {
         return Err(SessionError::NoSuchUser(user));
-    };
+    }
     let mut rbuf = BytesMut::with_capacity(1024);
     let mut out = BytesMut::new();
     match shared.cfg.auth.method {
@@ -79,14 +82,25 @@ pub async fn authenticate(
             message::auth_request(&mut out, AUTH_MD5, &salt);
             client.write_all(&out).await?;
             let frame = read_password_message(client, &mut rbuf).await?;
-            let expected = postgres_protocol::authentication::md5_hash(user.as_bytes(), cfg_user.password.as_bytes(), salt);
             let got = frame.body().strip_suffix(&[0]).unwrap_or(frame.body());
-            if got != expected.as_bytes() {
+            let known =
+                cfg_user.map(|u| postgres_protocol::authentication::md5_hash(user.as_bytes(), u.password.as_bytes(), salt));
+            // The hash is computed for an unknown name too, so both take the same time.
+            let expected =
+                known.clone().unwrap_or_else(|| postgres_protocol::authentication::md5_hash(user.as_bytes(), b"", salt));
+            if !crate::protocol::constant_time_eq(got, expected.as_bytes()) || known.is_none() {
                 return Err(SessionError::AuthFailed(user));
             }
         }
         AuthMethod::ScramSha256 => {
-            let verifier = shared.verifier(&user).ok_or_else(|| SessionError::AuthFailed(user.clone()))?;
+            let mock;
+            let verifier = match shared.verifier(&user) {
+                Some(v) => v,
+                None => {
+                    mock = crate::protocol::scram::Verifier::mock(&user);
+                    &mock
+                }
+            };
             let mut mechanisms = MECHANISM.as_bytes().to_vec();
             mechanisms.extend_from_slice(&[0, 0]);
             message::auth_request(&mut out, AUTH_SASL, &mechanisms);
