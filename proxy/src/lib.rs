@@ -19,6 +19,7 @@ pub mod order;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod shared;
 pub mod sql;
 pub mod verify;
 pub mod wire;

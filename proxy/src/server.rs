@@ -1,6 +1,5 @@
 //! The listener: startup checks, accepting clients, the connection limit, clean shutdown.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -13,42 +12,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::cluster::{self, BackendState, Cluster, ClusterError};
 use crate::config::Config;
-use crate::order::WriteOrder;
 use crate::protocol::message::{self, Severity};
-use crate::protocol::scram::Verifier;
-use crate::session::{self, CancelRegistry};
-use crate::sql::catalog::Catalogs;
-
-/// What every session shares.
-pub struct Shared {
-    pub cfg: Arc<Config>,
-    pub cluster: Arc<Cluster>,
-    pub order: WriteOrder,
-    pub catalogs: Arc<Catalogs>,
-    pub cancels: Arc<CancelRegistry>,
-    /// The diff log of the join under way, which sessions append their units to.
-    pub difflog: crate::difflog::Slot,
-    pub joins: crate::join::Joins,
-    /// Cancelled when Chorus starts shutting down.
-    pub stop: CancellationToken,
-    /// Backend logins under way at once (`login_concurrency`): a storm of clients queues.
-    pub logins: tokio::sync::Semaphore,
-    /// Failed client logins, answered one at a time per address (`auth_failure_delay`).
-    pub auth_failures: crate::session::auth_delay::FailureGates,
-    verifiers: HashMap<String, Verifier>,
-    clients: AtomicUsize,
-}
-
-impl Shared {
-    /// Client connections open now.
-    pub fn clients(&self) -> usize {
-        self.clients.load(Ordering::Relaxed)
-    }
-
-    pub fn verifier(&self, user: &str) -> Option<&Verifier> {
-        self.verifiers.get(user)
-    }
-}
+use crate::session;
+use crate::shared::Shared;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -105,22 +71,7 @@ impl Server {
                     .map_err(|source| StartError::Listen { addr: cfg.admin_listen.clone(), source })?,
             )
         };
-        let login_concurrency = cfg.login_concurrency;
-        let verifiers = cfg.users.iter().map(|u| (u.name.clone(), Verifier::from_password(&u.password))).collect();
-        let shared = Arc::new(Shared {
-            cfg,
-            cluster,
-            order: WriteOrder::default(),
-            catalogs: Arc::new(Catalogs::default()),
-            cancels: Arc::new(CancelRegistry::default()),
-            difflog: Default::default(),
-            joins: Default::default(),
-            stop: CancellationToken::new(),
-            logins: tokio::sync::Semaphore::new(login_concurrency),
-            auth_failures: Default::default(),
-            verifiers,
-            clients: AtomicUsize::new(0),
-        });
+        let shared = Arc::new(Shared::new(cfg, cluster));
         Ok(Server { shared, listener, admin })
     }
 

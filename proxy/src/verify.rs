@@ -147,7 +147,7 @@ pub async fn run(cfg: &Config, databases: &[String]) -> Result<Report, VerifyErr
 }
 
 /// Runs verify inside the proxy (the admin API): the pause is the write order's own.
-pub async fn run_live(shared: &crate::server::Shared, databases: &[String]) -> Result<Report, VerifyError> {
+pub async fn run_live(shared: &crate::shared::Shared, databases: &[String]) -> Result<Report, VerifyError> {
     let backends = shared.cluster.in_sync();
     let snaps = prepare(&shared.cfg, &backends, databases).await?;
     let Some(pause) = shared.order.pause(shared.cfg.lock_timeout).await else {

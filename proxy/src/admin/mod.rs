@@ -26,7 +26,7 @@ use serde_json::json;
 
 use crate::cluster::BackendState;
 use crate::join::{self, JoinError, JoinRequest};
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Installs the process-wide metrics recorder once; later calls get the same handle.
 pub fn metrics_handle() -> PrometheusHandle {

@@ -18,7 +18,7 @@ use tokio_postgres::Client;
 
 use super::{connect, db_err, quote_ident, JoinError};
 use crate::cluster::Backend;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Tables smaller than this go through pg_dump: for them two round trips cost more than
 /// the copy saves.

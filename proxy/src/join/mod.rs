@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{self, Backend, BackendState, Login};
 use crate::difflog::DiffLog;
-use crate::server::Shared;
+use crate::shared::Shared;
 use replay::Position;
 
 /// Replay is close enough to the head to attach when this few log bytes remain (a few dozen

@@ -43,7 +43,7 @@ use crate::fanout::{self, vote, BackendConn, LoginError, Outcome};
 use crate::order::{Acquire, LockOwner};
 use crate::protocol::message::{self, Severity};
 use crate::protocol::{FrameCodec, ProtocolError};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::sql::catalog::{CatalogSlot, LoadTarget};
 use crate::wire::{shutdown_now, OutQueue};
 

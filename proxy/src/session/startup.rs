@@ -11,7 +11,7 @@ use crate::protocol::message::{self, AUTH_MD5, AUTH_SASL, AUTH_SASL_CONTINUE, AU
 use crate::protocol::scram::{ServerExchange, MECHANISM};
 use crate::protocol::startup::{self, StartupPacket};
 use crate::protocol::{Frame, FrameCodec, ProtocolError};
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// What a client asked for once it is authenticated.
 pub struct Started {

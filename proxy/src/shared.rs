@@ -1,0 +1,68 @@
+//! What the whole proxy shares: the configuration, the cluster and its states, the write
+//! order, the catalogs, the cancel keys, the join's diff log, the login gates.
+//!
+//! Why its own floor: sessions, joins, verify and the admin API all work on it, and none of
+//! them should import the listener (`server`) to reach it; the listener builds it once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::order::WriteOrder;
+use crate::protocol::scram::Verifier;
+use crate::session::CancelRegistry;
+use crate::sql::catalog::Catalogs;
+
+/// What every session shares.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub cluster: Arc<Cluster>,
+    pub order: WriteOrder,
+    pub catalogs: Arc<Catalogs>,
+    pub cancels: Arc<CancelRegistry>,
+    /// The diff log of the join under way, which sessions append their units to.
+    pub difflog: crate::difflog::Slot,
+    pub joins: crate::join::Joins,
+    /// Cancelled when Chorus starts shutting down.
+    pub stop: CancellationToken,
+    /// Backend logins under way at once (`login_concurrency`): a storm of clients queues.
+    pub logins: tokio::sync::Semaphore,
+    /// Failed client logins, answered one at a time per address (`auth_failure_delay`).
+    pub auth_failures: crate::session::auth_delay::FailureGates,
+    verifiers: HashMap<String, Verifier>,
+    /// Client connections open now (the listener counts them).
+    pub(crate) clients: AtomicUsize,
+}
+
+impl Shared {
+    pub fn new(cfg: Arc<Config>, cluster: Arc<Cluster>) -> Shared {
+        let verifiers = cfg.users.iter().map(|u| (u.name.clone(), Verifier::from_password(&u.password))).collect();
+        Shared {
+            logins: tokio::sync::Semaphore::new(cfg.login_concurrency),
+            cfg,
+            cluster,
+            order: WriteOrder::default(),
+            catalogs: Arc::new(Catalogs::default()),
+            cancels: Arc::new(CancelRegistry::default()),
+            difflog: Default::default(),
+            joins: Default::default(),
+            stop: CancellationToken::new(),
+            auth_failures: Default::default(),
+            verifiers,
+            clients: AtomicUsize::new(0),
+        }
+    }
+
+    /// Client connections open now.
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    pub fn verifier(&self, user: &str) -> Option<&Verifier> {
+        self.verifiers.get(user)
+    }
+}
