@@ -277,6 +277,9 @@ impl Config {
             ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.into(), message },
             other => other,
         })?;
+        if let Some(warning) = exposed_secrets(path, &cfg) {
+            tracing::warn!("{warning}");
+        }
         cfg.apply_env(|k| std::env::var(k).ok());
         cfg.validate()?;
         Ok(cfg)
@@ -378,6 +381,21 @@ impl Config {
     }
 }
 
+/// A warning when the file at `path` holds secrets (the admin token, a user's password) and
+/// others than its owner may read it.
+pub fn exposed_secrets(path: &Path, file: &Config) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let secrets = !file.admin_token.is_empty() || file.users.iter().any(|u| !u.password.is_empty());
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (secrets && mode & 0o077 != 0).then(|| {
+        format!(
+            "{} holds secrets and others may read it (mode {mode:03o}): chmod 600 it, or move the secrets to \
+             CHORUS_ADMIN_TOKEN and CHORUS_PASSWORD_<USER>",
+            path.display()
+        )
+    })
+}
+
 /// A backend name: 1 to 63 letters, digits, '-' or '_'. Names become file names in the data
 /// directory, metric labels and log fields, so nothing else is let in at any entrance.
 pub fn valid_backend_name(name: &str) -> bool {
@@ -459,5 +477,25 @@ port = 5432
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
         assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn secrets_in_a_file_others_may_read_are_pointed_out() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chorus.toml");
+        std::fs::write(&path, SAMPLE).unwrap();
+        let with_secret = Config::parse(SAMPLE).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let w = exposed_secrets(&path, &with_secret).expect("a warning");
+        assert!(w.contains("mode 644") && w.contains("chmod 600"), "{w}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(exposed_secrets(&path, &with_secret), None);
+        // No secret in the file (all from the environment): nothing to say.
+        let mut without = with_secret.clone();
+        without.admin_token.clear();
+        without.users.iter_mut().for_each(|u| u.password.clear());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(exposed_secrets(&path, &without), None);
     }
 }
