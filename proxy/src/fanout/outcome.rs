@@ -85,7 +85,7 @@ impl Outcome {
                 self.last_tag_len = n as u8;
             }
             ERROR_RESPONSE if self.error.is_none() => self.error = Some(error_code(body)),
-            READY_FOR_QUERY => self.status = body.first().copied().unwrap_or(b'I'),
+            READY_FOR_QUERY => self.status = crate::protocol::message::ready_status(body),
             _ => {}
         }
     }

@@ -159,6 +159,12 @@ pub fn find_fatal(buf: &[u8]) -> Option<(usize, usize)> {
     None
 }
 
+/// The transaction status of a ReadyForQuery body: b'I', b'T' or b'E' (a body cut short
+/// reads as idle, as the outcome comparison then sees every backend alike).
+pub fn ready_status(body: &[u8]) -> u8 {
+    body.first().copied().unwrap_or(b'I')
+}
+
 /// Name and value of a ParameterStatus message.
 pub fn parameter_status(body: &[u8]) -> Result<(&[u8], &[u8]), ProtocolError> {
     let mut b = body;

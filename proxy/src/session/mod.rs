@@ -1076,79 +1076,13 @@ impl Session {
                     self.conns[i].outcome.hash_row(&frame[5..]);
                 }
             } else if req.primary == Some(i) || (req.primary.is_none() && may_lead(req, &self.conns, i)) {
-                if tag == message::ERROR_RESPONSE && req.again.is_some() && pos == req.forwarded {
-                    // A timing-dependent error while another backend may still succeed: that
-                    // one answers the client, and this one runs the statement again after.
-                    let code = message::error_code(&self.conns[i].rbuf[5..len]);
-                    let others = req.remaining & !(1u64 << i) & !req.gave_up & alive;
-                    if others != 0 && TIMING_SQLSTATES.contains(&&code) {
-                        req.gave_up |= 1u64 << i;
-                        req.primary = None;
-                        let frame = self.conns[i].rbuf.split_to(len);
-                        self.conns[i].outcome.record(tag, &frame[5..]);
-                        self.conns[i].pos += 1;
+                match self.take_primary_frame(i, tag, len, alive) {
+                    Flow::Next => {
                         progress = true;
                         continue;
                     }
-                }
-                let Some(req) = self.pending.front_mut() else { break };
-                req.primary = Some(i);
-                let mut frame = self.conns[i].rbuf.split_to(len);
-                self.conns[i].outcome.record(tag, &frame[5..]);
-                if req.hash_rows && tag == message::DATA_ROW {
-                    self.conns[i].outcome.hash_row(&frame[5..]);
-                }
-                if req.inject && (tag == message::PARSE_COMPLETE || tag == message::BIND_COMPLETE) {
-                    req.held.push(frame);
-                    self.conns[i].pos += 1;
-                    progress = true;
-                    continue;
-                }
-                if !req.held.is_empty() {
-                    // Chorus's error follows its own ParseComplete and BindComplete: those go.
-                    let ours = tag == message::ERROR_RESPONSE && message::raised_in_do_block(&frame[5..]);
-                    let held = std::mem::take(&mut req.held);
-                    req.forwarded += held.len() as u32;
-                    if !ours {
-                        for f in held {
-                            self.forward(f);
-                        }
-                    }
-                }
-                let Some(req) = self.pending.front_mut() else { break };
-                if tag == message::ERROR_RESPONSE && req.own_error {
-                    let mut f = BytesMut::new();
-                    message::error_without_context(&mut f, &frame[5..]);
-                    frame = f;
-                }
-                if tag == message::PARAMETER_DESCRIPTION && !req.trims.is_empty() {
-                    if let Some(Some(keep)) = req.trims.pop_front() {
-                        let mut f = BytesMut::new();
-                        message::trim_parameter_description(&mut f, &frame[5..], keep as usize);
-                        frame = f;
-                    }
-                }
-                if tag == message::READY_FOR_QUERY {
-                    req.primary_done = true;
-                    if req.targets.count_ones() > 1 {
-                        req.first_done_at.get_or_insert_with(Instant::now);
-                    }
-                    // Commit points wait for every backend unless commit_ack = "first".
-                    let hold = self.shared.cfg.commit_ack == CommitAck::All
-                        && req.targets.count_ones() > 1
-                        && (req.writes || self.locks.holds_any())
-                        && frame[5] == b'I';
-                    if !hold {
-                        req.rfq_sent = true;
-                        let status = frame[5];
-                        self.forward_static(rfq(status));
-                    }
-                } else {
-                    req.forwarded += 1;
-                    self.forward(frame);
-                    self.conns[i].pos += 1;
-                    progress = true;
-                    continue;
+                    Flow::Stop => break,
+                    Flow::ReadyForQuery => {}
                 }
             } else {
                 break; // a secondary caught up with the primary: wait for the primary
@@ -1163,6 +1097,85 @@ impl Session {
             }
         }
         Ok(progress)
+    }
+
+    /// The next frame of connection `i`, the primary (or becoming it) of the oldest request:
+    /// forwarded to the client, held back, or given up for another backend to answer.
+    fn take_primary_frame(&mut self, i: usize, tag: u8, len: usize, alive: u64) -> Flow {
+        let Some(req) = self.pending.front_mut() else { return Flow::Stop };
+        let pos = self.conns[i].pos;
+        if tag == message::ERROR_RESPONSE && req.again.is_some() && pos == req.forwarded {
+            // A timing-dependent error while another backend may still succeed: that
+            // one answers the client, and this one runs the statement again after.
+            let code = message::error_code(&self.conns[i].rbuf[5..len]);
+            let others = req.remaining & !(1u64 << i) & !req.gave_up & alive;
+            if others != 0 && TIMING_SQLSTATES.contains(&&code) {
+                req.gave_up |= 1u64 << i;
+                req.primary = None;
+                let frame = self.conns[i].rbuf.split_to(len);
+                self.conns[i].outcome.record(tag, &frame[5..]);
+                self.conns[i].pos += 1;
+                return Flow::Next;
+            }
+        }
+        let Some(req) = self.pending.front_mut() else { return Flow::Stop };
+        req.primary = Some(i);
+        let mut frame = self.conns[i].rbuf.split_to(len);
+        self.conns[i].outcome.record(tag, &frame[5..]);
+        if req.hash_rows && tag == message::DATA_ROW {
+            self.conns[i].outcome.hash_row(&frame[5..]);
+        }
+        if req.inject && (tag == message::PARSE_COMPLETE || tag == message::BIND_COMPLETE) {
+            req.held.push(frame);
+            self.conns[i].pos += 1;
+            return Flow::Next;
+        }
+        if !req.held.is_empty() {
+            // Chorus's error follows its own ParseComplete and BindComplete: those go.
+            let ours = tag == message::ERROR_RESPONSE && message::raised_in_do_block(&frame[5..]);
+            let held = std::mem::take(&mut req.held);
+            req.forwarded += held.len() as u32;
+            if !ours {
+                for f in held {
+                    self.forward(f);
+                }
+            }
+        }
+        let Some(req) = self.pending.front_mut() else { return Flow::Stop };
+        if tag == message::ERROR_RESPONSE && req.own_error {
+            let mut f = BytesMut::new();
+            message::error_without_context(&mut f, &frame[5..]);
+            frame = f;
+        }
+        if tag == message::PARAMETER_DESCRIPTION && !req.trims.is_empty() {
+            if let Some(Some(keep)) = req.trims.pop_front() {
+                let mut f = BytesMut::new();
+                message::trim_parameter_description(&mut f, &frame[5..], keep as usize);
+                frame = f;
+            }
+        }
+        if tag == message::READY_FOR_QUERY {
+            let status = message::ready_status(&frame[5..]);
+            req.primary_done = true;
+            if req.targets.count_ones() > 1 {
+                req.first_done_at.get_or_insert_with(Instant::now);
+            }
+            // Commit points wait for every backend unless commit_ack = "first".
+            let hold = self.shared.cfg.commit_ack == CommitAck::All
+                && req.targets.count_ones() > 1
+                && (req.writes || self.locks.holds_any())
+                && status == b'I';
+            if !hold {
+                req.rfq_sent = true;
+                self.forward_static(rfq(status));
+            }
+        } else {
+            req.forwarded += 1;
+            self.forward(frame);
+            self.conns[i].pos += 1;
+            return Flow::Next;
+        }
+        Flow::ReadyForQuery
     }
 
     /// Whether connection `i` is (or now becomes) the primary of the oldest request.
@@ -1796,6 +1809,16 @@ fn shorten(mut s: String) -> String {
         s.push_str("...");
     }
     s
+}
+
+/// What became of a primary's frame in `Session::take_primary_frame`.
+enum Flow {
+    /// Consumed; read the next frame.
+    Next,
+    /// Nothing to do now.
+    Stop,
+    /// The request's ReadyForQuery: the connection's part of it is over.
+    ReadyForQuery,
 }
 
 #[cfg(test)]
