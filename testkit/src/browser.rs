@@ -15,7 +15,8 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use crate::{err, Error};
 
 pub struct Browser {
-    child: Child,
+    /// Killed when the Browser is dropped (`kill_on_drop`).
+    _child: Child,
     stdin: ChildStdin,
     lines: Lines<BufReader<ChildStdout>>,
 }
@@ -40,7 +41,7 @@ impl Browser {
             .spawn()?;
         let stdin = child.stdin.take().ok_or_else(|| err("no stdin"))?;
         let stdout = child.stdout.take().ok_or_else(|| err("no stdout"))?;
-        Ok(Browser { child, stdin, lines: BufReader::new(stdout).lines() })
+        Ok(Browser { _child: child, stdin, lines: BufReader::new(stdout).lines() })
     }
 
     /// Sends one command and returns its value, or the browser's error.
@@ -96,11 +97,5 @@ impl Browser {
     pub async fn failed_responses(&mut self) -> Result<Vec<String>, Error> {
         let v = self.call(json!({"op": "failed"})).await?;
         Ok(serde_json::from_value(v).unwrap_or_default())
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
     }
 }

@@ -150,9 +150,7 @@ impl ServerExchange {
             client_key[i] = proof[i] ^ client_signature[i];
         }
         let computed: [u8; 32] = Sha256::digest(client_key).into();
-        // Compare without an early exit so timing says nothing about the key.
-        let diff = computed.iter().zip(self.verifier.stored_key.iter()).fold(0u8, |d, (a, b)| d | (a ^ b));
-        if diff != 0 {
+        if !super::constant_time_eq(&computed, &self.verifier.stored_key) {
             return Err(ScramError::BadProof);
         }
         let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());

@@ -34,7 +34,8 @@ impl FailureGates {
     }
 
     /// Addresses with failures being answered now.
-    pub fn addresses(&self) -> usize {
+    #[cfg(test)]
+    fn addresses(&self) -> usize {
         self.gates.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }

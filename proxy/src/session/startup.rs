@@ -83,12 +83,10 @@ pub async fn authenticate(
             client.write_all(&out).await?;
             let frame = read_password_message(client, &mut rbuf).await?;
             let got = frame.body().strip_suffix(&[0]).unwrap_or(frame.body());
-            let known =
-                cfg_user.map(|u| postgres_protocol::authentication::md5_hash(user.as_bytes(), u.password.as_bytes(), salt));
             // The hash is computed for an unknown name too, so both take the same time.
-            let expected =
-                known.clone().unwrap_or_else(|| postgres_protocol::authentication::md5_hash(user.as_bytes(), b"", salt));
-            if !crate::protocol::constant_time_eq(got, expected.as_bytes()) || known.is_none() {
+            let password = cfg_user.map_or(&b""[..], |u| u.password.as_bytes());
+            let expected = postgres_protocol::authentication::md5_hash(user.as_bytes(), password, salt);
+            if cfg_user.is_none() || !crate::protocol::constant_time_eq(got, expected.as_bytes()) {
                 return Err(SessionError::AuthFailed(user));
             }
         }
