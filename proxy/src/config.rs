@@ -165,6 +165,17 @@ pub struct Config {
     /// How long a join may pause new writes at detach and attach before it gives up.
     #[serde(default = "defaults::join_pause_timeout", deserialize_with = "duration")]
     pub join_pause_timeout: Duration,
+    /// Keep the update history: every unit recorded in its own transaction on every backend,
+    /// so a crash of Chorus is recovered from exactly (see docs/operations.md).
+    #[serde(default = "defaults::history")]
+    pub history: bool,
+    /// How long history entries are kept once every in-sync backend has them.
+    #[serde(default = "defaults::history_retention", deserialize_with = "duration")]
+    pub history_retention: Duration,
+    /// The largest unit (its statements and data, in bytes) the history keeps; a bigger
+    /// transaction is rolled back with 54000.
+    #[serde(default = "defaults::history_unit_max")]
+    pub history_unit_max: usize,
     #[serde(default)]
     pub auth: AuthConfig,
     #[serde(default)]
@@ -195,6 +206,15 @@ mod defaults {
     }
     pub fn data_dir() -> PathBuf {
         "./chorus-data".into()
+    }
+    pub fn history() -> bool {
+        true
+    }
+    pub fn history_retention() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn history_unit_max() -> usize {
+        64 << 20
     }
     pub fn read_capacity() -> u32 {
         8
@@ -355,6 +375,7 @@ impl Config {
             ("connect_timeout", self.connect_timeout),
             ("health_check_interval", self.health_check_interval),
             ("health_check_timeout", self.health_check_timeout),
+            ("history_retention", self.history_retention),
         ] {
             if d.is_zero() {
                 return bad(format!("{key} must be greater than zero"));

@@ -13,6 +13,7 @@ pub mod demo;
 pub mod difflog;
 pub mod error;
 pub mod fanout;
+pub mod history;
 pub mod join;
 pub mod local;
 pub mod order;

@@ -24,6 +24,8 @@ pub enum StartError {
     Listen { addr: String, source: std::io::Error },
     #[error("no reachable in-sync backend ({0})")]
     NoBackend(String),
+    #[error("update history: {0}")]
+    History(String),
 }
 
 pub struct Server {
@@ -58,6 +60,19 @@ impl Server {
             return Err(StartError::NoBackend(failures.join("; ")));
         }
         warn_about_connection_limits(&cfg, &cluster).await;
+        let history = if cfg.history {
+            let h = Arc::new(crate::history::History::open(&cfg).map_err(|e| StartError::History(e.to_string()))?);
+            // Before any client: the backends hold every unit that committed anywhere.
+            let done = crate::history::recover::recover(&cfg, &cluster, &h).await.map_err(StartError::History)?;
+            tracing::info!(units = done.units, serial = done.newest, "update history read; recovery done");
+            if cluster.in_sync().is_empty() {
+                return Err(StartError::NoBackend("recovery left no in-sync backend".into()));
+            }
+            Some(h)
+        } else {
+            tracing::warn!("history = false: a crash of Chorus mid-commit can leave the backends different");
+            None
+        };
         // Listen only once the backends are checked: a client that can connect is served.
         let listener =
             TcpListener::bind(&cfg.listen).await.map_err(|source| StartError::Listen { addr: cfg.listen.clone(), source })?;
@@ -71,7 +86,7 @@ impl Server {
                     .map_err(|source| StartError::Listen { addr: cfg.admin_listen.clone(), source })?,
             )
         };
-        let shared = Arc::new(Shared::new(cfg, cluster));
+        let shared = Arc::new(Shared::new(cfg, cluster, history));
         Ok(Server { shared, listener, admin })
     }
 
@@ -104,6 +119,9 @@ impl Server {
             }
         };
         cluster::spawn_health_checks(shared.cfg.clone(), shared.cluster.clone(), shared.stop.clone());
+        if let Some(h) = &shared.history {
+            crate::history::prune::spawn(shared.cfg.clone(), shared.cluster.clone(), h.clone(), shared.stop.clone());
+        }
         tracing::info!(listen = %shared.cfg.listen, backends = shared.cluster.in_sync_count(), "Chorus is ready");
         tokio::pin!(shutdown);
         loop {

@@ -1,5 +1,6 @@
 //! What the whole proxy shares: the configuration, the cluster and its states, the write
-//! order, the catalogs, the cancel keys, the join's diff log, the login gates.
+//! order, the catalogs, the cancel keys, the join's diff log, the update history's serials, the
+//! login gates.
 //!
 //! Why its own floor: sessions, joins, verify and the admin API all work on it, and none of
 //! them should import the listener (`server`) to reach it; the listener builds it once.
@@ -27,6 +28,8 @@ pub struct Shared {
     /// The diff log of the join under way, which sessions append their units to.
     pub difflog: crate::difflog::Slot,
     pub joins: crate::join::Joins,
+    /// Serials and the update history's state (None: `history = false`).
+    pub history: Option<Arc<crate::history::History>>,
     /// Cancelled when Chorus starts shutting down.
     pub stop: CancellationToken,
     /// Backend logins under way at once (`login_concurrency`): a storm of clients queues.
@@ -39,7 +42,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(cfg: Arc<Config>, cluster: Arc<Cluster>) -> Shared {
+    pub fn new(cfg: Arc<Config>, cluster: Arc<Cluster>, history: Option<Arc<crate::history::History>>) -> Shared {
         let verifiers = cfg.users.iter().map(|u| (u.name.clone(), Verifier::from_password(&u.password))).collect();
         Shared {
             logins: tokio::sync::Semaphore::new(cfg.login_concurrency),
@@ -50,6 +53,7 @@ impl Shared {
             cancels: Arc::new(CancelRegistry::default()),
             difflog: Default::default(),
             joins: Default::default(),
+            history,
             stop: CancellationToken::new(),
             auth_failures: Default::default(),
             verifiers,

@@ -49,7 +49,7 @@ const TABLES: &str = "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.reln
      LEFT JOIN (SELECT attrelid, attname, atttypid, row_number() OVER (PARTITION BY attrelid ORDER BY attnum) AS k \
                 FROM pg_attribute WHERE attnum > 0 AND NOT attisdropped) a ON a.attrelid = c.oid \
      WHERE c.relkind = 'r' AND c.relpersistence = 'p' \
-       AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' \
+       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'chorus') AND n.nspname NOT LIKE 'pg_toast%' \
      GROUP BY n.nspname, c.relname ORDER BY 1";
 
 /// One table's result on one backend: row count and checksum.

@@ -429,16 +429,24 @@ impl Drop for PgServer {
     }
 }
 
-/// Per-table (row count, md5 of the rows in text order) of every user table in `db`.
+/// Per-table (row count, md5 of the rows in text order) of every user table in `db`, and
+/// the serials of Chorus's update history there (the entries' times differ by server).
 pub async fn checksums(client: &Client) -> Result<BTreeMap<String, (i64, String)>> {
     let tables = client
         .query(
             "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables \
-             WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+             WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'chorus') ORDER BY 1",
             &[],
         )
         .await?;
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<String, (i64, String)> = BTreeMap::new();
+    let history: bool = client.query_one("SELECT to_regclass('chorus.history') IS NOT NULL", &[]).await?.get(0);
+    if history {
+        let row = client
+            .query_one("SELECT count(*), coalesce(md5(string_agg(serial::text, ',' ORDER BY serial)), '') FROM chorus.history", &[])
+            .await?;
+        out.insert("chorus.history serials".to_string(), (row.get(0), row.get(1)));
+    }
     for t in tables {
         let name: String = t.get(0);
         let row = client

@@ -35,6 +35,7 @@ pub const COMMAND_COMPLETE: u8 = b'C';
 pub const ERROR_RESPONSE: u8 = b'E';
 pub const PARSE_COMPLETE: u8 = b'1';
 pub const BIND_COMPLETE: u8 = b'2';
+pub const CLOSE_COMPLETE: u8 = b'3';
 pub const NOTICE_RESPONSE: u8 = b'N';
 pub const NOTIFICATION_RESPONSE: u8 = b'A';
 pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
@@ -347,6 +348,40 @@ pub fn extended_statement(buf: &mut BytesMut, sql: &str, sync: bool) {
     if sync {
         put_frame(buf, SYNC, |_| {});
     }
+}
+
+/// A call of a named statement Chorus prepares afresh each time: Close (no error when it does
+/// not exist), Parse, Bind with `params` (each `(binary, value)`), Execute, Sync. Named, so a
+/// client's unnamed statement between two of its batches survives.
+pub fn prepared_call(buf: &mut BytesMut, name: &str, sql: &str, params: &[(bool, &[u8])]) {
+    put_frame(buf, CLOSE, |b| {
+        b.put_u8(b'S');
+        put_cstr(b, name.as_bytes());
+    });
+    put_frame(buf, PARSE, |b| {
+        put_cstr(b, name.as_bytes());
+        put_cstr(b, sql.as_bytes());
+        b.put_i16(0);
+    });
+    put_frame(buf, BIND, |b| {
+        put_cstr(b, b"");
+        put_cstr(b, name.as_bytes());
+        b.put_i16(params.len() as i16);
+        for (binary, _) in params {
+            b.put_i16(*binary as i16);
+        }
+        b.put_i16(params.len() as i16);
+        for (_, v) in params {
+            b.put_i32(v.len() as i32);
+            b.put_slice(v);
+        }
+        b.put_i16(0);
+    });
+    put_frame(buf, EXECUTE, |b| {
+        put_cstr(b, b"");
+        b.put_i32(0);
+    });
+    put_frame(buf, SYNC, |_| {});
 }
 
 /// Whether an ErrorResponse was raised by a DO block (its CONTEXT names the inline code

@@ -14,6 +14,7 @@
 
 pub mod auth_delay;
 mod cancel;
+mod record;
 mod route;
 mod startup;
 mod state;
@@ -104,6 +105,14 @@ struct Request {
     gave_up: u64,
     /// Chorus's own request: its replies are compared and never reach the client.
     internal: bool,
+    /// A write outside a transaction that Chorus runs inside its own BEGIN: its
+    /// ReadyForQuery is not the client's (Chorus's COMMIT or ROLLBACK after it carries it).
+    wrapped: bool,
+    /// Chorus's COMMIT or ROLLBACK of a wrapped write: its command tag is not the client's,
+    /// its errors and ReadyForQuery are.
+    quiet: bool,
+    /// A unit's record in the update history: a failure is told to the client.
+    record: bool,
     /// Parameter types the client may see per Describe of a statement (Chorus adds its own).
     trims: VecDeque<Option<u16>>,
     /// The request's first frame, for log lines.
@@ -230,6 +239,17 @@ pub struct Session {
     /// A connection to a healthy backend was lost inside a transaction: it is made again at
     /// the next idle point.
     reconnect_due: bool,
+    /// The update history, when this session's database has it in place.
+    history: Option<Arc<crate::history::History>>,
+    /// The unit wrote; it was recorded in the history; requests of it a record covers.
+    unit_writes: bool,
+    unit_recorded: bool,
+    recorded_upto: usize,
+    /// A write Chorus wrapped in its own transaction is under way: nothing else is routed
+    /// until its COMMIT is answered (COPY data and the rest of its batch excepted).
+    wrap_open: bool,
+    /// The wrapped write's reply, held until its COMMIT is answered.
+    wrap_held: Option<BytesMut>,
 }
 
 static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -261,7 +281,10 @@ pub async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
         }
     };
     let session = match login(&mut client, &shared, st).await {
-        Ok(Some((conns, guard, target, params, epoch))) => Session::new(client, shared, conns, guard, target, params, epoch),
+        Ok(Some((conns, guard, target, params, epoch))) => {
+            let history = record::history_for(&shared, &target.database).await;
+            Session::new(client, shared, conns, guard, target, params, epoch).with_history(history)
+        }
         Ok(None) => return,
         Err(e) => {
             tell_and_close(&mut client, &e).await;
@@ -448,6 +471,12 @@ impl Session {
             aborting: (0, 0),
             idle_wait: false,
             reconnect_due: false,
+            history: None,
+            unit_writes: false,
+            unit_recorded: false,
+            recorded_upto: 0,
+            wrap_open: false,
+            wrap_held: None,
             shared,
         }
     }
@@ -836,6 +865,12 @@ impl Session {
                 }
                 self.idle_wait = false;
             }
+            if self.wrap_open && !self.router.copy_in_progress() && !self.router.batch_open() {
+                if !self.pending.is_empty() {
+                    return Ok(());
+                }
+                self.wrap_open = false;
+            }
             if self.reconnect_due && !self.router.tx_open && self.last_status == b'I' {
                 // Outside a transaction nothing is routed without every in-sync backend.
                 if self.pending.is_empty() {
@@ -864,6 +899,7 @@ impl Session {
                 waker: &waker,
                 allow_unsafe: self.shared.cfg.unsafe_statements == UnsafeStatements::Allow,
                 idle: self.pending.is_empty(),
+                record_due: self.history.is_some() && self.unit_writes && !self.unit_recorded && self.last_status == b'T',
             };
             let d = self.router.next(&mut self.cbuf, &self.client_codec, &mut ctx, &mut self.next_seq)?;
             let Some(d) = d else { return Ok(()) };
@@ -876,6 +912,7 @@ impl Session {
                     self.idle_wait = true;
                     return Ok(());
                 }
+                Dispatch::Record => self.record_unit(crate::history::Shape::Transaction),
                 Dispatch::NeedsCatalog => {
                     let slot = self.catalog.clone();
                     let mut wake: Wakeup = Box::pin(async move { slot.loaded.notified().await });
@@ -909,7 +946,14 @@ impl Session {
         if targets == 0 {
             return Err(SessionError::NoBackend("every backend of this session has left the in-sync set".into()).into());
         }
+        let wrap = request.as_ref().and_then(|r| r.begin_seq.filter(|_| self.should_wrap(r)));
+        if let Some(begin_seq) = wrap {
+            self.open_wrap(begin_seq, targets)?;
+        }
         if let Some(r) = request {
+            // A write outside a transaction runs (begin_seq); a batch that only prepares one
+            // does not.
+            self.unit_writes |= r.writes && (r.begin_seq.is_some() || self.router.tx_open);
             if r.ddl && !self.ddl_open {
                 self.ddl_open = true;
                 self.catalog.ddl_started();
@@ -935,6 +979,9 @@ impl Session {
                 inject: false,
                 held: Vec::new(),
                 internal: r.internal,
+                wrapped: false,
+                quiet: false,
+                record: false,
                 trims: r.trims.into(),
                 sql: r.sql,
                 retry: r.retry,
@@ -949,6 +996,13 @@ impl Session {
                 self.settings.observe(&bytes);
             }
             self.unit.request(r.seq, r.hash_rows, r.logged, &bytes, self.shared.difflog.active());
+            if wrap.is_some() {
+                if let Some(p) = self.pending.back_mut() {
+                    p.wrapped = true;
+                    p.rfq_sent = true;
+                }
+                self.wrap_open = true;
+            }
         } else {
             self.unit.more(&bytes, self.shared.difflog.active());
         }
@@ -1165,13 +1219,25 @@ impl Session {
                 && req.targets.count_ones() > 1
                 && (req.writes || self.locks.holds_any())
                 && status == b'I';
-            if !hold {
+            if !hold && !req.rfq_sent {
                 req.rfq_sent = true;
                 self.forward_static(rfq(status));
             }
         } else {
             req.forwarded += 1;
-            self.forward(frame);
+            // Chorus's COMMIT: its Close, Parse, Bind and command tag are not the client's.
+            let own = matches!(tag, message::COMMAND_COMPLETE | message::CLOSE_COMPLETE | message::PARSE_COMPLETE | message::BIND_COMPLETE);
+            let hold = self.wrap_held.is_some() || matches!(tag, message::COMMAND_COMPLETE | message::ERROR_RESPONSE);
+            if req.wrapped && hold {
+                // From its first command tag on, not before the COMMIT: PostgreSQL answers
+                // an autocommit statement once it has committed (rows and COPY go on).
+                match &mut self.wrap_held {
+                    Some(h) => h.unsplit(frame),
+                    None => self.wrap_held = Some(frame),
+                }
+            } else if !(req.quiet && own) {
+                self.forward(frame);
+            }
             self.conns[i].pos += 1;
             return Flow::Next;
         }
@@ -1297,7 +1363,7 @@ impl Session {
         let failed_mask = failed.iter().fold(0u64, |m, (i, _)| m | 1 << i);
         let code = failed[0].1.error.unwrap_or(*b"57014");
         let sql = statement_text(&req.sql);
-        let again = req.again.clone().filter(|_| ok.status == b'I');
+        let again = req.again.clone().filter(|_| ok.status == b'I' || req.wrapped);
         let (targets, bytes, expect, winner) = match again {
             Some(bytes) => (failed_mask, bytes, Some(ok), ok),
             None if ok.status != b'I' => {
@@ -1314,6 +1380,13 @@ impl Session {
         };
         tracing::info!(statement = %sql, sqlstate = %String::from_utf8_lossy(&code), second_run = expect.is_some(), "a timing-dependent error on some backends only");
         metrics::counter!("chorus_timing_splits_total").increment(1);
+        if req.wrapped && expect.is_some() {
+            // Chorus's transaction around the write is aborted there: a new one first.
+            for again in [crate::history::rollback_frame(), crate::history::begin_frame()] {
+                let seq = self.send_own(targets, &again);
+                self.pending.push_back(Request::internal(seq, targets, again));
+            }
+        }
         let seq = self.send_own(targets, &bytes);
         let client_rfq_waits = expect.is_some() && !req.rfq_sent;
         if expect.is_none() {
@@ -1338,6 +1411,12 @@ impl Session {
     /// Releases a completed request's ReadyForQuery with the winning status, and the write
     /// order once the transaction is over.
     fn finish_request(&mut self, req: &Request, winner: Outcome) {
+        if req.quiet {
+            // The wrapped write's reply, unless its COMMIT failed (that error went already).
+            if let Some(held) = self.wrap_held.take().filter(|_| winner.error.is_none()) {
+                self.forward(held);
+            }
+        }
         if !req.rfq_sent {
             self.forward_static(rfq(winner.status));
         }
@@ -1349,9 +1428,23 @@ impl Session {
         }
         self.unit.outcome(req.seq, winner);
         self.last_status = winner.status;
+        if req.wrapped {
+            self.close_wrap(req, winner);
+        }
+        if req.record && winner.error.is_some() {
+            self.tell_record_failed(winner);
+        }
         if self.pending.is_empty() {
             self.router.settle(winner.status);
+            if winner.status == b'I' && self.standalone_record_due() {
+                // Completed already: recorded right after, its locks held until then.
+                self.record_unit(crate::history::Shape::Standalone);
+                return;
+            }
             if winner.status == b'I' {
+                self.unit_writes = false;
+                self.unit_recorded = false;
+                self.recorded_upto = 0;
                 // The unit of work is over: to the diff log while its locks still hold, so
                 // conflicting transactions are logged in the order they committed.
                 self.log_unit();
@@ -1703,6 +1796,9 @@ impl Request {
             expect: None,
             gave_up: 0,
             internal: true,
+            wrapped: false,
+            quiet: false,
+            record: false,
             trims: VecDeque::new(),
             sql,
             retry: None,

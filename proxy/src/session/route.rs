@@ -45,6 +45,8 @@ pub struct RouteCtx<'a> {
     pub allow_unsafe: bool,
     /// No request is in flight: a reply Chorus writes itself is in order.
     pub idle: bool,
+    /// The transaction wrote and is not recorded in the update history yet.
+    pub record_due: bool,
 }
 
 impl RouteCtx<'_> {
@@ -132,6 +134,9 @@ pub struct NewRequest {
     /// The lead's reply goes to the client (anything but a pure read): what the client then
     /// does relies on the lead having done it (LISTEN before a NOTIFY the lead delivers).
     pub lead_answers: bool,
+    /// A write outside a transaction: the sequence number kept free before it for the BEGIN
+    /// that Chorus may wrap it in (to record it in the update history in its transaction).
+    pub begin_seq: Option<u64>,
 }
 
 pub enum Dispatch {
@@ -142,6 +147,9 @@ pub enum Dispatch {
     /// The next unit ends a transaction: it waits until every backend has finished what came
     /// before it, so no backend commits a transaction that another is still failing.
     NeedsIdle,
+    /// The next message commits a transaction that wrote: the session records the unit in the
+    /// update history first (asked once per transaction).
+    Record,
     Terminate,
     /// Answer the client directly; nothing goes to the backends (yet).
     Reply(Bytes),
@@ -187,6 +195,8 @@ pub struct Router {
     locks: Vec<(Res, Mode)>,
     batch: Option<OpenBatch>,
     copy: Option<CopyIn>,
+    /// The open transaction's commit was announced with `Dispatch::Record`.
+    recorded: bool,
 }
 
 /// Forward an incomplete extended batch once this much of it has arrived.
@@ -224,6 +234,7 @@ impl Router {
                 logged: true,
                 per_server: false,
                 lead_answers: true,
+                begin_seq: None,
             };
             return Ok(Some(Dispatch::Send { bytes: begin, targets: alive, request: Some(request) }));
         }
@@ -283,8 +294,13 @@ impl Router {
                     self.apply_tx(class);
                     return Ok(Some(Dispatch::Reply(Bytes::from_static(BEGIN_REPLY))));
                 }
-                if class.tx == TxEffect::End && self.tx_open && !ctx.idle {
+                // (The unit's record, just sent, travels with the COMMIT: no wait for it.)
+                if class.tx == TxEffect::End && self.tx_open && !ctx.idle && !self.recorded {
                     return Ok(Some(Dispatch::NeedsIdle));
+                }
+                if class.tx == TxEffect::End && self.tx_open && ctx.record_due && !self.recorded && crate::sql::commits(sql) {
+                    self.recorded = true;
+                    return Ok(Some(Dispatch::Record));
                 }
                 // Reads and session statements need no analysis: the fast path.
                 if class.writes && self.fail_next.is_none() && ctx.must_wait_for_catalog() {
@@ -307,6 +323,7 @@ impl Router {
     pub fn settle(&mut self, status: u8) {
         self.tx_open = status != b'I';
         if !self.tx_open {
+            self.recorded = false;
             self.tx_time = None;
             self.barrier = Barrier::None;
         }
@@ -500,6 +517,7 @@ impl Router {
             None if read && !self.tx_open && ctx.policy == ReadPolicy::One => least_busy(ctx.alive, ctx),
             None => ctx.alive,
         };
+        let begin_seq = (open.is_none() && class.writes && !self.tx_open).then(|| take_seq(next_seq));
         let seq = open.map_or_else(|| take_seq(next_seq), |b| b.seq);
         let tx_was_open = self.tx_open;
         self.apply_tx(class);
@@ -529,6 +547,7 @@ impl Router {
                 logged: !read || tx_was_open,
                 per_server: class.per_server,
                 lead_answers: !read,
+                begin_seq,
             }),
         }
     }
@@ -691,8 +710,20 @@ impl Router {
         if !synced && !flushed && !foreign_next && partial && off < BATCH_EARLY && self.batch.is_none() {
             return Ok(None);
         }
-        if synced && class.tx == TxEffect::End && self.tx_open && !ctx.idle && self.batch.is_none() {
+        if synced && class.tx == TxEffect::End && self.tx_open && !ctx.idle && self.batch.is_none() && !self.recorded {
             return Ok(Some(Dispatch::NeedsIdle));
+        }
+        // A batch that is only the COMMIT: recorded first. One with more in it is recorded
+        // once it has completed (see docs/operations.md on the history's windows).
+        if synced && class.tx == TxEffect::End && self.tx_open && self.batch.is_none() && ctx.record_due && !self.recorded {
+            let only_commit = writes.is_empty()
+                && first_sql.is_some_and(|(o, l)| {
+                    cbuf[o] == PARSE && message::parse_fields(&cbuf[o + 5..o + l]).is_ok_and(|(_, sql)| crate::sql::commits(sql))
+                });
+            if only_commit {
+                self.recorded = true;
+                return Ok(Some(Dispatch::Record));
+            }
         }
         if synced && self.batch.is_none() {
             if let Some(d) = self.tx_failed_reply(class, ctx) {
@@ -779,6 +810,8 @@ impl Router {
         let (seq, request) = match self.batch {
             Some(b) => (b.seq, None),
             None => {
+                // (A batch that only prepares runs nothing: no unit to wrap.)
+                let begin_seq = (class.writes && !writes.is_empty() && !self.tx_open).then(|| take_seq(next_seq));
                 let seq = take_seq(next_seq);
                 let sql = match first_sql {
                     Some((o, l)) => bytes.slice(o..o + l),
@@ -803,6 +836,7 @@ impl Router {
                     logged,
                     per_server,
                     lead_answers,
+                    begin_seq,
                 };
                 (seq, Some(request))
             }
@@ -840,6 +874,7 @@ impl Router {
                     logged: true,
                     per_server: false,
                     lead_answers: true,
+                    begin_seq: None,
                 };
                 (seq, ctx.alive, Some(request))
             }
@@ -890,6 +925,11 @@ impl Router {
     }
 
     /// COPY FROM STDIN data is streaming: what was sent cannot be sent again.
+    /// An extended batch is open: its Sync is still to come.
+    pub fn batch_open(&self) -> bool {
+        self.batch.is_some()
+    }
+
     pub fn copy_in_progress(&self) -> bool {
         self.copy.is_some()
     }

@@ -161,7 +161,6 @@ enum Piece {
 }
 
 /// The requests of the current unit, as sent, with their outcomes once known.
-#[derive(Default)]
 pub struct Unit {
     frames: Vec<Piece>,
     copied: bytes::BytesMut,
@@ -172,9 +171,29 @@ pub struct Unit {
     pub overflow: bool,
     /// Frames of the request being sent belong to the unit.
     on: bool,
+    /// The most it keeps while no join runs (the update history's `history_unit_max`).
+    limit: usize,
+}
+
+impl Default for Unit {
+    fn default() -> Unit {
+        Unit::with_limit(UNIT_KEEP_MAX)
+    }
 }
 
 impl Unit {
+    pub fn with_limit(limit: usize) -> Unit {
+        Unit {
+            frames: Vec::new(),
+            copied: bytes::BytesMut::new(),
+            reqs: Vec::new(),
+            bytes: 0,
+            overflow: false,
+            on: false,
+            limit: limit.max(UNIT_KEEP_MAX),
+        }
+    }
+
     /// A new request went to every backend (or, `logged` false, a read to one).
     pub fn request(&mut self, seq: u64, hash_rows: bool, logged: bool, bytes: &Bytes, join_running: bool) {
         self.on = logged;
@@ -190,7 +209,7 @@ impl Unit {
             return;
         }
         self.bytes += bytes.len();
-        if !join_running && self.bytes > UNIT_KEEP_MAX {
+        if !join_running && self.bytes > self.limit {
             self.overflow = true;
             self.frames.clear();
             self.copied.clear();
@@ -241,10 +260,15 @@ impl Unit {
         self.reqs.last().and_then(|r| r.4).is_some_and(|o| o.error.is_some() || o.last_tag() == b"ROLLBACK")
     }
 
-    /// The unit as a diff log record.
-    pub fn take_record(&mut self, session: u64, locks: Vec<(u64, u8)>) -> Record {
-        let mut requests = Vec::with_capacity(self.reqs.len());
-        for &(_, a, b, hash_rows, outcome) in &self.reqs {
+    /// Requests recorded so far.
+    pub fn len(&self) -> usize {
+        self.reqs.len()
+    }
+
+    /// The requests from the `from`-th on, with their outcomes (the default where unknown).
+    pub fn requests_from(&self, from: usize) -> Vec<LoggedRequest> {
+        let mut requests = Vec::with_capacity(self.reqs.len().saturating_sub(from));
+        for &(_, a, b, hash_rows, outcome) in self.reqs.iter().skip(from) {
             let frames = if b - a == 1 {
                 self.piece(&self.frames[a])
             } else {
@@ -259,7 +283,12 @@ impl Unit {
             };
             requests.push(LoggedRequest { frames, hash_rows, outcome: outcome.unwrap_or_default() });
         }
-        Record::Unit { session, requests, locks }
+        requests
+    }
+
+    /// The unit as a diff log record.
+    pub fn take_record(&mut self, session: u64, locks: Vec<(u64, u8)>) -> Record {
+        Record::Unit { session, requests: self.requests_from(0), locks }
     }
 
     pub fn clear(&mut self) {

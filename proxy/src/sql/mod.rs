@@ -336,6 +336,81 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
     (Class { per_server, ..class }, more)
 }
 
+/// Whether `sql` is a plain COMMIT (or END): one statement, not COMMIT PREPARED, not AND CHAIN.
+pub fn commits(sql: &[u8]) -> bool {
+    let mut lx = Lexer::new(sql);
+    let mut words = 0;
+    let mut first_commit = false;
+    while let Some((tok, s, e)) = lx.next_with_span() {
+        match tok {
+            Tok::Word(..) => {
+                let w = &sql[s..e];
+                if words == 0 {
+                    first_commit = w.eq_ignore_ascii_case(b"commit") || w.eq_ignore_ascii_case(b"end");
+                } else if !(w.eq_ignore_ascii_case(b"work") || w.eq_ignore_ascii_case(b"transaction")) {
+                    return false;
+                }
+                words += 1;
+            }
+            Tok::Punct(b';') => {}
+            _ => return false,
+        }
+    }
+    first_commit
+}
+
+/// Whether every statement of `sql` may run inside a transaction block that Chorus opens
+/// around it (to record it in the update history in the same transaction). A whitelist of
+/// first words, so anything unknown answers no: VACUUM, CREATE DATABASE, CREATE INDEX
+/// CONCURRENTLY, CALL and DO (which may commit), transaction control, ... run as sent.
+pub fn runs_in_transaction_block(sql: &[u8]) -> bool {
+    let mut lx = Lexer::new(sql);
+    let mut words: Vec<&[u8]> = Vec::with_capacity(4);
+    let mut depth = 0i32;
+    let mut any = false;
+    let judge = |words: &[&[u8]]| -> bool {
+        let w = |i: usize| words.get(i).copied().unwrap_or(b"");
+        let first = w(0);
+        let is = |x: &[u8], k: &str| x.eq_ignore_ascii_case(k.as_bytes());
+        if ["insert", "update", "delete", "merge", "select", "with", "values", "table", "truncate", "grant", "revoke", "comment", "lock", "notify", "security", "refresh", "copy"]
+            .iter()
+            .any(|k| is(first, k))
+        {
+            return true;
+        }
+        if is(first, "create") || is(first, "drop") || is(first, "alter") {
+            let objects = ["database", "tablespace", "subscription", "system"];
+            return !words[1..].iter().take(2).any(|x| objects.iter().any(|k| is(x, k)));
+        }
+        false
+    };
+    let mut ok = true;
+    while let Some((tok, s, e)) = lx.next_with_span() {
+        match tok {
+            Tok::Punct(b'(') => depth += 1,
+            Tok::Punct(b')') => depth -= 1,
+            Tok::Punct(b';') if depth == 0 => {
+                if !words.is_empty() {
+                    ok &= judge(&words);
+                }
+                words.clear();
+                continue;
+            }
+            Tok::Word(..) if words.len() < 4 && depth == 0 => words.push(&sql[s..e]),
+            _ => {}
+        }
+        any = true;
+        // CREATE INDEX CONCURRENTLY and DROP INDEX CONCURRENTLY, wherever the word stands.
+        if matches!(tok, Tok::Word(..)) && sql[s..e].eq_ignore_ascii_case(b"concurrently") && depth == 0 {
+            ok = false;
+        }
+    }
+    if !words.is_empty() {
+        ok &= judge(&words);
+    }
+    ok && any
+}
+
 /// The second look at a statement the lexical pass calls a read, in a database whose catalog
 /// has something a read may run without saying so: a call of a name that a function outside
 /// the built-ins carries, a relation whose reading calls such a function, or an operator that
@@ -747,6 +822,30 @@ fn is_safe_call(name: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_commits_are_told() {
+        for sql in ["COMMIT", "commit;", " END WORK", "commit transaction"] {
+            assert!(commits(sql.as_bytes()), "{sql}");
+        }
+        for sql in ["ROLLBACK", "COMMIT PREPARED 'x'", "COMMIT AND CHAIN", "commit; insert into t values (1)", "endx", ""] {
+            assert!(!commits(sql.as_bytes()), "{sql}");
+        }
+    }
+
+    #[test]
+    fn statements_that_cannot_run_in_a_transaction_block_are_told() {
+        for sql in ["INSERT INTO t VALUES (1)", "update t set a = 1; delete from t", "CREATE TABLE t (a int)", "COPY t FROM STDIN",
+            "with x as (delete from t returning *) select * from x", "ALTER TABLE t ADD b int", "SELECT nextval('s')"] {
+            assert!(runs_in_transaction_block(sql.as_bytes()), "{sql}");
+        }
+        for sql in ["VACUUM t", "insert into t values (1); vacuum", "CREATE DATABASE d", "drop database d", "CREATE INDEX CONCURRENTLY i ON t (a)",
+            "create unique index concurrently on t (a)", "DROP INDEX CONCURRENTLY i", "CALL p()", "DO $$ BEGIN COMMIT; END $$",
+            "BEGIN; INSERT INTO t VALUES (1); COMMIT", "ALTER SYSTEM SET x = 1", "CREATE TABLESPACE s LOCATION '/x'", "", "REINDEX DATABASE d",
+            "CLUSTER", "COMMIT PREPARED 'x'", "ALTER DATABASE d SET x = 1"] {
+            assert!(!runs_in_transaction_block(sql.as_bytes()), "{sql}");
+        }
+    }
 
     #[test]
     fn isolation_is_read_from_begin_and_set() {

@@ -1,0 +1,234 @@
+//! The update history: every unit of work that writes gets a cluster-wide serial, and every
+//! backend records the unit (its serial and what applying it again takes) in table
+//! `chorus.history` of the unit's database, inside the unit's own transaction.
+//!
+//! Why in the backends and not in Chorus's data directory: a record that commits with the
+//! unit is on exactly the backends where the unit committed, whatever process dies when. So
+//! after a crash of Chorus any backend that has a unit can give it to one that lacks it
+//! (`recover`), and a second Chorus can read the same truth without the first one's disk.
+//!
+//! Serials are handed out at the commit point while the unit still holds its write locks, so
+//! conflicting units get serials in the order they commit; units that do not conflict may
+//! commit in either order on different backends, which changes nothing.
+
+pub mod apply;
+pub mod prune;
+pub mod recover;
+pub mod schema;
+mod unit;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::OnceCell;
+
+use crate::cluster::{Cluster, Login};
+use crate::config::Config;
+use crate::protocol::message;
+
+pub use unit::{HistoryUnit, Shape};
+
+/// The statement name Chorus prepares for a record on a client's connection.
+const RECORD_STATEMENT: &str = "chorus_history_record";
+
+/// The serial counter, the key and which databases have their history in place.
+pub struct History {
+    next: AtomicU64,
+    key: String,
+    ready: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
+    /// Units bigger than this are not kept for the history (see `history_unit_max`).
+    pub unit_max: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("history key file {path}: {source}")]
+    Key { path: String, source: std::io::Error },
+}
+
+impl History {
+    /// Reads the key from `data_dir/history.key`, making one the first time.
+    pub fn open(cfg: &Config) -> Result<History, HistoryError> {
+        let key = load_key(&cfg.data_dir.join("history.key"))?;
+        Ok(History::with_key(key, cfg.history_unit_max))
+    }
+
+    pub fn with_key(key: String, unit_max: usize) -> History {
+        History { next: AtomicU64::new(1), key, ready: Mutex::new(HashMap::new()), unit_max }
+    }
+
+    /// A new serial (at a unit's commit point).
+    pub fn next_serial(&self) -> u64 {
+        let s = self.next.fetch_add(1, Ordering::AcqRel);
+        metrics::gauge!("chorus_history_serial").set(s as f64);
+        s
+    }
+
+    /// The newest serial handed out so far (0 before the first).
+    pub fn last_serial(&self) -> u64 {
+        self.next.load(Ordering::Acquire).saturating_sub(1)
+    }
+
+    /// Serials go on after `seen`, the newest a backend holds.
+    pub fn observe(&self, seen: u64) {
+        self.next.fetch_max(seen + 1, Ordering::AcqRel);
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The frames that record unit `serial` (`entry`, encoded) on a backend: a named
+    /// statement prepared afresh, bound with the key, then Sync.
+    pub fn record_frames(&self, serial: u64, entry: &[u8], out: &mut BytesMut) {
+        let s = serial.to_string();
+        message::prepared_call(
+            out,
+            RECORD_STATEMENT,
+            schema::RECORD,
+            &[(false, s.as_bytes()), (true, entry), (false, self.key.as_bytes())],
+        );
+    }
+
+    /// Whether `database` has its history on every in-sync backend (checked at a session's
+    /// login by `ensure`).
+    pub fn is_ready(&self, database: &str) -> bool {
+        let cells = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+        cells.get(database).is_some_and(|c| c.initialized())
+    }
+
+    /// The databases whose history is in place (used since Chorus started).
+    pub fn ready_databases(&self) -> Vec<String> {
+        let cells = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+        cells.iter().filter(|(_, c)| c.initialized()).map(|(d, _)| d.clone()).collect()
+    }
+
+    /// Makes sure `database` has schema `chorus` on every in-sync backend, installing it the
+    /// first time a session of this Chorus uses the database. Sessions of the same database
+    /// wait for the one install; a failure is retried by the next session.
+    pub async fn ensure(&self, cfg: &Config, cluster: &Cluster, database: &str) -> Result<(), String> {
+        let cell = {
+            let mut cells = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+            cells.entry(database.to_string()).or_default().clone()
+        };
+        cell.get_or_try_init(|| async {
+            for b in cluster.in_sync() {
+                install(cfg, &b.host, b.port, database, &self.key).await.map_err(|e| format!("{}: {e}", b.name))?;
+            }
+            Ok::<(), String>(())
+        })
+        .await
+        .map(|_| ())
+    }
+}
+
+/// Installs the schema in `database` of one server, or only sets the key where it is there.
+pub async fn install(cfg: &Config, host: &str, port: u16, database: &str, key: &str) -> Result<(), String> {
+    let c = Login::health(cfg, host, port, database, "chorus-history")
+        .connect()
+        .await
+        .map_err(|e| crate::cluster::pg_error(&e))?;
+    let exists: bool = c.query_one(schema::EXISTS, &[]).await.map_err(|e| crate::cluster::pg_error(&e))?.get(0);
+    if !exists {
+        c.batch_execute(&format!("BEGIN; {}; COMMIT", schema::INSTALL)).await.map_err(|e| crate::cluster::pg_error(&e))?;
+        tracing::info!(%database, server = %format!("{host}:{port}"), "update history installed");
+    }
+    c.batch_execute("BEGIN; LOCK chorus.key; DELETE FROM chorus.key").await.map_err(|e| crate::cluster::pg_error(&e))?;
+    c.execute("INSERT INTO chorus.key VALUES ($1)", &[&key]).await.map_err(|e| crate::cluster::pg_error(&e))?;
+    c.batch_execute("COMMIT").await.map_err(|e| crate::cluster::pg_error(&e))?;
+    Ok(())
+}
+
+fn load_key(path: &Path) -> Result<String, HistoryError> {
+    let err = |source| HistoryError::Key { path: path.display().to_string(), source };
+    let make = || {
+        let bytes: [u8; 32] = rand::random();
+        let key: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(path, &key).map_err(err)?;
+        Ok(key)
+    };
+    match std::fs::read_to_string(path) {
+        Ok(k) if !k.trim().is_empty() => Ok(k.trim().to_string()),
+        Ok(_) => make(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => make(),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// A statement Chorus runs in a client's session, in extended form with a named statement:
+/// a Query message would drop the client's unnamed prepared statement between its Parse
+/// and a later Bind.
+fn own_statement(cell: &'static std::sync::OnceLock<Bytes>, name: &str, sql: &str) -> Bytes {
+    cell.get_or_init(|| {
+        let mut b = BytesMut::new();
+        message::prepared_call(&mut b, name, sql, &[]);
+        b.freeze()
+    })
+    .clone()
+}
+
+/// `BEGIN`, `COMMIT` and `ROLLBACK` for units Chorus wraps.
+pub fn begin_frame() -> Bytes {
+    static F: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    own_statement(&F, "chorus_begin", "BEGIN")
+}
+
+pub fn commit_frame() -> Bytes {
+    static F: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    own_statement(&F, "chorus_commit", "COMMIT")
+}
+
+pub fn rollback_frame() -> Bytes {
+    static F: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    own_statement(&F, "chorus_rollback", "ROLLBACK")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_well_formed() {
+        let codec = crate::protocol::FrameCodec::new(1 << 20);
+        for (f, sql) in [(begin_frame(), "BEGIN"), (commit_frame(), "COMMIT"), (rollback_frame(), "ROLLBACK")] {
+            let (tag, len) = codec.peek(&f).unwrap().unwrap();
+            assert_eq!(tag, b'C');
+            let (_, text) = message::parse_fields(&f[len + 5..]).unwrap();
+            assert_eq!(text, sql.as_bytes());
+        }
+        let h = History::with_key("k".into(), 1 << 20);
+        let mut out = BytesMut::new();
+        h.record_frames(42, b"entry", &mut out);
+        let mut tags = Vec::new();
+        let mut at = 0;
+        while let Some((tag, len)) = codec.peek(&out[at..]).unwrap() {
+            tags.push(tag);
+            at += len;
+        }
+        assert_eq!(at, out.len());
+        assert_eq!(tags, b"CPBES");
+    }
+
+    #[test]
+    fn serials_go_on_after_the_newest_seen() {
+        let h = History::with_key("k".into(), 1);
+        assert_eq!(h.next_serial(), 1);
+        h.observe(10);
+        assert_eq!(h.next_serial(), 11);
+        h.observe(3);
+        assert_eq!(h.next_serial(), 12);
+        assert_eq!(h.last_serial(), 12);
+    }
+
+    #[test]
+    fn the_key_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("history.key");
+        let k = load_key(&p).unwrap();
+        assert_eq!(k.len(), 64);
+        assert_eq!(load_key(&p).unwrap(), k);
+    }
+}

@@ -1,0 +1,47 @@
+//! Pruning: entries older than `history_retention` are deleted on every in-sync backend, the
+//! newest entry of each database always kept (it carries the serial a restarted Chorus goes
+//! on from). Each backend prunes its own copy directly: the schema is Chorus's, outside the
+//! data that `verify` compares, and a unit's entry is the same wherever it is.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::History;
+use crate::cluster::{Cluster, Login};
+use crate::config::Config;
+
+const PRUNE: &str = "DELETE FROM chorus.history WHERE at < now() - make_interval(secs => $1) \
+                     AND serial < (SELECT max(serial) FROM chorus.history)";
+
+/// Prunes every `history_retention / 10` (at most a minute) until `stop`.
+pub fn spawn(cfg: Arc<Config>, cluster: Arc<Cluster>, history: Arc<History>, stop: CancellationToken) {
+    let every = (cfg.history_retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            for db in history.ready_databases() {
+                for b in cluster.in_sync() {
+                    match prune(&cfg, &b.host, b.port, &db).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            metrics::counter!("chorus_history_pruned_total").increment(n);
+                            tracing::debug!(database = %db, backend = %b.name, entries = n, "history pruned");
+                        }
+                        Err(e) => tracing::warn!(database = %db, backend = %b.name, error = %e, "history pruning failed"),
+                    }
+                }
+            }
+        }
+    });
+}
+
+async fn prune(cfg: &Config, host: &str, port: u16, db: &str) -> Result<u64, String> {
+    let c = Login::health(cfg, host, port, db, "chorus-history").connect().await.map_err(|e| crate::cluster::pg_error(&e))?;
+    let secs = cfg.history_retention.as_secs_f64();
+    c.execute(PRUNE, &[&secs]).await.map_err(|e| crate::cluster::pg_error(&e))
+}

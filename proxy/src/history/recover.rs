@@ -1,0 +1,186 @@
+//! Recovery before Chorus serves: every in-sync backend's history is read, and each backend
+//! is given, in serial order, the units that another backend committed and it lacks (a crash
+//! of Chorus between the commits of one unit on different backends leaves exactly that).
+//!
+//! Only serials from the newest of the backends' oldest entries on are compared: below it,
+//! pruning may have removed an entry on one backend and not yet on another.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use super::apply::{apply, ApplyError};
+use super::{schema, History};
+use crate::cluster::{Backend, BackendState, Cluster, Login};
+use crate::config::Config;
+
+/// What recovery did.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Units applied to a backend that lacked them.
+    pub units: u64,
+    /// The newest serial found.
+    pub newest: u64,
+}
+
+/// Reads every in-sync backend's history, completes the units some lack, and sets the serial
+/// counter after the newest. A backend that cannot be given a unit leaves the in-sync set.
+pub async fn recover(cfg: &Config, cluster: &Cluster, history: &History) -> Result<Recovered, String> {
+    let mut done = Recovered::default();
+    // A unit may create a database whose own units come after it: go again while units were
+    // applied (a few rounds at most).
+    for _ in 0..4 {
+        let before = done.units;
+        for db in databases(cfg, cluster).await? {
+            recover_database(cfg, cluster, history, &db, &mut done).await;
+        }
+        if done.units == before {
+            break;
+        }
+    }
+    history.observe(done.newest);
+    metrics::counter!("chorus_history_recovered_units_total").increment(done.units);
+    Ok(done)
+}
+
+async fn databases(cfg: &Config, cluster: &Cluster) -> Result<Vec<String>, String> {
+    let mut last = String::from("no in-sync backend");
+    for b in cluster.in_sync() {
+        let c = match Login::health(cfg, &b.host, b.port, &cfg.health_check_database, "chorus-recovery").connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                last = format!("{}: {}", b.name, crate::cluster::pg_error(&e));
+                continue;
+            }
+        };
+        let rows = c
+            .query("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1", &[])
+            .await
+            .map_err(|e| crate::cluster::pg_error(&e))?;
+        return Ok(rows.iter().map(|r| r.get(0)).collect());
+    }
+    Err(format!("cannot list databases for recovery: {last}"))
+}
+
+/// One backend's serials in `db` (None: it has no history there).
+async fn serials(cfg: &Config, b: &Backend, db: &str) -> Result<Option<BTreeSet<u64>>, String> {
+    let c = Login::health(cfg, &b.host, b.port, db, "chorus-recovery").connect().await.map_err(|e| crate::cluster::pg_error(&e))?;
+    let exists: bool = c.query_one(schema::EXISTS, &[]).await.map_err(|e| crate::cluster::pg_error(&e))?.get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let rows = c.query("SELECT serial FROM chorus.history", &[]).await.map_err(|e| crate::cluster::pg_error(&e))?;
+    Ok(Some(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect()))
+}
+
+async fn entry(cfg: &Config, b: &Backend, db: &str, serial: u64) -> Result<Vec<u8>, String> {
+    let c = Login::health(cfg, &b.host, b.port, db, "chorus-recovery").connect().await.map_err(|e| crate::cluster::pg_error(&e))?;
+    let row = c
+        .query_one("SELECT unit FROM chorus.history WHERE serial = $1", &[&(serial as i64)])
+        .await
+        .map_err(|e| crate::cluster::pg_error(&e))?;
+    Ok(row.get(0))
+}
+
+async fn recover_database(cfg: &Config, cluster: &Cluster, history: &History, db: &str, done: &mut Recovered) {
+    let mut held: BTreeMap<usize, (Arc<Backend>, BTreeSet<u64>)> = BTreeMap::new();
+    for b in cluster.in_sync() {
+        match serials(cfg, &b, db).await {
+            Ok(Some(s)) => {
+                held.insert(b.idx, (b, s));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(database = %db, backend = %b.name, error = %e, "cannot read the update history"),
+        }
+    }
+    done.newest = done.newest.max(held.values().filter_map(|(_, s)| s.last().copied()).max().unwrap_or(0));
+    let plan = missing(held.iter().map(|(i, (_, s))| (*i, s)));
+    let mut given: BTreeMap<usize, Arc<Backend>> = BTreeMap::new();
+    for (idx, serial) in plan {
+        let Some((target, _)) = held.get(&idx) else { continue };
+        if !target.is_in_sync() {
+            continue;
+        }
+        let source = held.values().find(|(b, s)| s.contains(&serial) && b.is_in_sync()).map(|(b, _)| b.clone());
+        let Some(source) = source else { continue };
+        let raw = match entry(cfg, &source, db, serial).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(database = %db, backend = %source.name, serial, error = %e, "cannot read a history entry");
+                continue;
+            }
+        };
+        match apply(cfg, history, target.clone(), serial, &raw).await {
+            Ok(()) => {
+                done.units += 1;
+                given.insert(target.idx, source.clone());
+                tracing::info!(database = %db, backend = %target.name, serial, from = %source.name, "recovered a unit the backend lacked");
+            }
+            Err(e) => {
+                let (state, why) = match &e {
+                    ApplyError::Failed(m) => (BackendState::Down, format!("recovery could not apply a unit it lacks: {m}")),
+                    ApplyError::Differs(m) => (BackendState::Diverged, format!("recovery: {m}")),
+                };
+                tracing::error!(database = %db, backend = %target.name, serial, error = %e, "recovery failed; the backend leaves the in-sync set");
+                cluster.eject(target.idx, state, &why);
+            }
+        }
+    }
+    // A unit whose statements ran on a backend that then lost it advanced that backend's
+    // sequences: applied again, it drew other values. Such a backend is not identical.
+    for (idx, source) in given {
+        let Some((target, _)) = held.get(&idx) else { continue };
+        match (sequences(cfg, target, db).await, sequences(cfg, &source, db).await) {
+            (Ok(t), Ok(s)) if t == s => {}
+            (Ok(t), Ok(s)) => {
+                let differ: Vec<&String> = s.keys().filter(|k| t.get(*k) != s.get(*k)).collect();
+                let why = format!("recovery: sequences {differ:?} differ from {}'s after the units it lacked were applied; it needs a join", source.name);
+                tracing::error!(database = %db, backend = %target.name, "{why}");
+                cluster.eject(target.idx, BackendState::Diverged, &why);
+            }
+            (Err(e), _) | (_, Err(e)) => tracing::warn!(database = %db, error = %e, "cannot compare sequences after recovery"),
+        }
+    }
+}
+
+/// Every sequence of `db` on `b` with its state.
+async fn sequences(cfg: &Config, b: &Backend, db: &str) -> Result<BTreeMap<String, (Option<i64>, bool)>, String> {
+    let c = Login::health(cfg, &b.host, b.port, db, "chorus-recovery").connect().await.map_err(|e| crate::cluster::pg_error(&e))?;
+    let rows = c
+        .query("SELECT format('%I.%I', schemaname, sequencename), last_value, last_value IS NOT NULL FROM pg_sequences", &[])
+        .await
+        .map_err(|e| crate::cluster::pg_error(&e))?;
+    Ok(rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect())
+}
+
+/// Per backend, the serials others hold and it lacks, in serial order, from the newest of the
+/// backends' oldest entries on.
+fn missing<'a>(held: impl Iterator<Item = (usize, &'a BTreeSet<u64>)> + Clone) -> Vec<(usize, u64)> {
+    let floor = held.clone().filter_map(|(_, s)| s.first().copied()).max().unwrap_or(0);
+    let all: BTreeSet<u64> = held.clone().flat_map(|(_, s)| s.range(floor..).copied()).collect();
+    let mut out = Vec::new();
+    for serial in all {
+        for (i, s) in held.clone() {
+            if !s.contains(&serial) {
+                out.push((i, serial));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_missing_is_what_another_holds_above_the_common_floor() {
+        let a: BTreeSet<u64> = [3, 4, 5, 7, 9].into();
+        let b: BTreeSet<u64> = [5, 7].into();
+        let c: BTreeSet<u64> = [4, 5, 9, 10].into();
+        let got = missing([(0, &a), (1, &b), (2, &c)].into_iter());
+        // Floor 5: serials 3 and 4 may have been pruned on b.
+        assert_eq!(got, vec![(2, 7), (1, 9), (0, 10), (1, 10)]);
+        let empty: BTreeSet<u64> = BTreeSet::new();
+        assert_eq!(missing([(0, &a), (1, &empty)].into_iter()).len(), 5, "an empty history lacks everything");
+    }
+}

@@ -1,0 +1,36 @@
+//! The history's home in every database: schema `chorus`, owned by Chorus's own login.
+//!
+//! Clients cannot read or change it: the table and the key are private to the owner, and the
+//! one way in is `chorus.record`, a SECURITY DEFINER function that inserts an entry only when
+//! given the key that Chorus keeps in its data directory. The key travels as a bind parameter,
+//! so it never shows in `pg_stat_activity`; without it a client could forge entries that
+//! Chorus would later apply as another user.
+
+/// Installs (or brings up to date) the schema; `$1` is the key. Runs in one transaction.
+pub const INSTALL: &str = "\
+CREATE SCHEMA IF NOT EXISTS chorus;
+REVOKE ALL ON SCHEMA chorus FROM PUBLIC;
+GRANT USAGE ON SCHEMA chorus TO PUBLIC;
+CREATE TABLE IF NOT EXISTS chorus.history (
+  serial bigint PRIMARY KEY,
+  at timestamptz NOT NULL DEFAULT now(),
+  unit bytea NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chorus.key (key text NOT NULL);
+REVOKE ALL ON chorus.history, chorus.key FROM PUBLIC;
+CREATE OR REPLACE FUNCTION chorus.record(s bigint, u bytea, k text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM chorus.key WHERE key = k) THEN
+    RAISE EXCEPTION 'chorus.record is for Chorus alone' USING ERRCODE = '42501';
+  END IF;
+  INSERT INTO chorus.history (serial, unit) VALUES (s, u);
+END $f$;
+REVOKE ALL ON FUNCTION chorus.record(bigint, bytea, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION chorus.record(bigint, bytea, text) TO PUBLIC;";
+
+/// Whether the schema is there (and so whether this database has a history at all).
+pub const EXISTS: &str = "SELECT to_regclass('chorus.history') IS NOT NULL";
+
+/// What a unit's record sends: one statement, prepared unnamed, run with three parameters.
+pub const RECORD: &str = "SELECT chorus.record($1, $2, $3)";
