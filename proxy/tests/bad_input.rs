@@ -185,9 +185,10 @@ async fn too_many_clients() {
     still_healthy(&s, &healthy).await;
 }
 
-/// Raw-protocol cases need a login without SCRAM: a trust Chorus over the same servers.
+/// Raw-protocol cases need a login without SCRAM: a trust Chorus over the same servers. Two
+/// Chorus instances would hand out the same serials, so this one keeps no history.
 async fn trust_chorus(s: &Setup) -> common::ChorusProcess {
-    let opts = ChorusOptions { auth: "trust", extra: "max_message_size = 65536\n".into() };
+    let opts = ChorusOptions { auth: "trust", extra: "max_message_size = 65536\nhistory = false\n".into() };
     common::ChorusProcess::start(common::chorus_bin(), &s.refs(), opts).await.unwrap()
 }
 

@@ -128,7 +128,9 @@ async fn units_of_every_shape_are_completed_from_the_history() {
     holder.batch_execute("BEGIN; LOCK chorus.history IN EXCLUSIVE MODE").await.unwrap();
     let c = s.client().await;
     let ddl = tokio::spawn(async move {
-        for sql in ["BEGIN", "CREATE TABLE made (id int, at timestamptz)", "INSERT INTO made VALUES (1, now()), (2, now())", "COMMIT"] {
+        for sql in
+            ["BEGIN", "CREATE TABLE made (id int, at timestamptz)", "INSERT INTO made VALUES (1, now()), (2, now())", "COMMIT"]
+        {
             c.batch_execute(sql).await?;
         }
         Ok::<(), tokio_postgres::Error>(())
@@ -187,7 +189,10 @@ async fn units_of_every_shape_are_completed_from_the_history() {
 async fn clients_cannot_forge_history_entries() {
     let s = Setup::new(2).await;
     let admin = s.client().await;
-    admin.batch_execute("CREATE ROLE plain LOGIN PASSWORD 'plain-pw'; CREATE TABLE t (a int); GRANT ALL ON t TO plain").await.unwrap();
+    admin
+        .batch_execute("CREATE ROLE plain LOGIN PASSWORD 'plain-pw'; CREATE TABLE t (a int); GRANT ALL ON t TO plain")
+        .await
+        .unwrap();
     // The role is not one of Chorus's users: the app user becomes it.
     let c = s.client().await;
     c.batch_execute("SET ROLE plain").await.unwrap();

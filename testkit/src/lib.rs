@@ -443,7 +443,10 @@ pub async fn checksums(client: &Client) -> Result<BTreeMap<String, (i64, String)
     let history: bool = client.query_one("SELECT to_regclass('chorus.history') IS NOT NULL", &[]).await?.get(0);
     if history {
         let row = client
-            .query_one("SELECT count(*), coalesce(md5(string_agg(serial::text, ',' ORDER BY serial)), '') FROM chorus.history", &[])
+            .query_one(
+                "SELECT count(*), coalesce(md5(string_agg(serial::text, ',' ORDER BY serial)), '') FROM chorus.history",
+                &[],
+            )
             .await?;
         out.insert("chorus.history serials".to_string(), (row.get(0), row.get(1)));
     }

@@ -127,18 +127,18 @@ impl History {
 
 /// Installs the schema in `database` of one server, or only sets the key where it is there.
 pub async fn install(cfg: &Config, host: &str, port: u16, database: &str, key: &str) -> Result<(), String> {
-    let c = Login::health(cfg, host, port, database, "chorus-history")
-        .connect()
-        .await
-        .map_err(|e| crate::cluster::pg_error(&e))?;
+    let c =
+        Login::health(cfg, host, port, database, "chorus-history").connect().await.map_err(|e| crate::cluster::pg_error(&e))?;
     let exists: bool = c.query_one(schema::EXISTS, &[]).await.map_err(|e| crate::cluster::pg_error(&e))?.get(0);
     if !exists {
         c.batch_execute(&format!("BEGIN; {}; COMMIT", schema::INSTALL)).await.map_err(|e| crate::cluster::pg_error(&e))?;
         tracing::info!(%database, server = %format!("{host}:{port}"), "update history installed");
     }
-    c.batch_execute("BEGIN; LOCK chorus.key; DELETE FROM chorus.key").await.map_err(|e| crate::cluster::pg_error(&e))?;
-    c.execute("INSERT INTO chorus.key VALUES ($1)", &[&key]).await.map_err(|e| crate::cluster::pg_error(&e))?;
-    c.batch_execute("COMMIT").await.map_err(|e| crate::cluster::pg_error(&e))?;
+    // Added, not replaced: another Chorus in front of the same servers (a standby, a test's
+    // second instance) keeps its own key working.
+    c.execute("INSERT INTO chorus.key SELECT $1::text WHERE NOT EXISTS (SELECT 1 FROM chorus.key WHERE key = $1::text)", &[&key])
+        .await
+        .map_err(|e| crate::cluster::pg_error(&e))?;
     Ok(())
 }
 

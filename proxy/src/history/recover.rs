@@ -63,7 +63,8 @@ async fn databases(cfg: &Config, cluster: &Cluster) -> Result<Vec<String>, Strin
 
 /// One backend's serials in `db` (None: it has no history there).
 async fn serials(cfg: &Config, b: &Backend, db: &str) -> Result<Option<BTreeSet<u64>>, String> {
-    let c = Login::health(cfg, &b.host, b.port, db, "chorus-recovery").connect().await.map_err(|e| crate::cluster::pg_error(&e))?;
+    let c =
+        Login::health(cfg, &b.host, b.port, db, "chorus-recovery").connect().await.map_err(|e| crate::cluster::pg_error(&e))?;
     let exists: bool = c.query_one(schema::EXISTS, &[]).await.map_err(|e| crate::cluster::pg_error(&e))?.get(0);
     if !exists {
         return Ok(None);
@@ -73,7 +74,8 @@ async fn serials(cfg: &Config, b: &Backend, db: &str) -> Result<Option<BTreeSet<
 }
 
 async fn entry(cfg: &Config, b: &Backend, db: &str, serial: u64) -> Result<Vec<u8>, String> {
-    let c = Login::health(cfg, &b.host, b.port, db, "chorus-recovery").connect().await.map_err(|e| crate::cluster::pg_error(&e))?;
+    let c =
+        Login::health(cfg, &b.host, b.port, db, "chorus-recovery").connect().await.map_err(|e| crate::cluster::pg_error(&e))?;
     let row = c
         .query_one("SELECT unit FROM chorus.history WHERE serial = $1", &[&(serial as i64)])
         .await
@@ -133,7 +135,10 @@ async fn recover_database(cfg: &Config, cluster: &Cluster, history: &History, db
             (Ok(t), Ok(s)) if t == s => {}
             (Ok(t), Ok(s)) => {
                 let differ: Vec<&String> = s.keys().filter(|k| t.get(*k) != s.get(*k)).collect();
-                let why = format!("recovery: sequences {differ:?} differ from {}'s after the units it lacked were applied; it needs a join", source.name);
+                let why = format!(
+                    "recovery: sequences {differ:?} differ from {}'s after the units it lacked were applied; it needs a join",
+                    source.name
+                );
                 tracing::error!(database = %db, backend = %target.name, "{why}");
                 cluster.eject(target.idx, BackendState::Diverged, &why);
             }
@@ -144,7 +149,8 @@ async fn recover_database(cfg: &Config, cluster: &Cluster, history: &History, db
 
 /// Every sequence of `db` on `b` with its state.
 async fn sequences(cfg: &Config, b: &Backend, db: &str) -> Result<BTreeMap<String, (Option<i64>, bool)>, String> {
-    let c = Login::health(cfg, &b.host, b.port, db, "chorus-recovery").connect().await.map_err(|e| crate::cluster::pg_error(&e))?;
+    let c =
+        Login::health(cfg, &b.host, b.port, db, "chorus-recovery").connect().await.map_err(|e| crate::cluster::pg_error(&e))?;
     let rows = c
         .query("SELECT format('%I.%I', schemaname, sequencename), last_value, last_value IS NOT NULL FROM pg_sequences", &[])
         .await

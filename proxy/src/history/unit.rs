@@ -97,7 +97,11 @@ mod tests {
             user: "app".into(),
             params: vec![("database".into(), "shop".into())],
             restore: vec![Bytes::from_static(b"Q\0\0\0\x0bSET x\0")],
-            requests: vec![LoggedRequest { frames: Bytes::from_static(b"Q\0\0\0\x0bINSERT\0"), hash_rows: true, outcome: Outcome::new() }],
+            requests: vec![LoggedRequest {
+                frames: Bytes::from_static(b"Q\0\0\0\x0bINSERT\0"),
+                hash_rows: true,
+                outcome: Outcome::new(),
+            }],
             locks: vec![(7, 3)],
         };
         let mut b = BytesMut::new();

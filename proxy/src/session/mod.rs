@@ -624,7 +624,7 @@ impl Session {
         }
         if ev.backend_data {
             self.on_backend_data()?;
-            if (self.membership_wait || self.idle_wait || self.reconnect_due) && self.pending.is_empty() {
+            if (self.membership_wait || self.idle_wait || self.reconnect_due || self.wrap_open) && self.pending.is_empty() {
                 self.on_client_data()?;
             }
         }
@@ -1226,7 +1226,10 @@ impl Session {
         } else {
             req.forwarded += 1;
             // Chorus's COMMIT: its Close, Parse, Bind and command tag are not the client's.
-            let own = matches!(tag, message::COMMAND_COMPLETE | message::CLOSE_COMPLETE | message::PARSE_COMPLETE | message::BIND_COMPLETE);
+            let own = matches!(
+                tag,
+                message::COMMAND_COMPLETE | message::CLOSE_COMPLETE | message::PARSE_COMPLETE | message::BIND_COMPLETE
+            );
             let hold = self.wrap_held.is_some() || matches!(tag, message::COMMAND_COMPLETE | message::ERROR_RESPONSE);
             if req.wrapped && hold {
                 // From its first command tag on, not before the COMMIT: PostgreSQL answers

@@ -80,21 +80,7 @@ impl Session {
             self.next_seq += 1;
             self.next_seq - 1
         });
-        let request = NewRequest {
-            seq,
-            targets,
-            writes: false,
-            sql: bytes.clone(),
-            retry: None,
-            hash_rows: false,
-            ddl: false,
-            trims: Vec::new(),
-            internal: !matches!(own, Own::End),
-            logged: true,
-            per_server: false,
-            lead_answers: true,
-            begin_seq: None,
-        };
+        let request = NewRequest::own(seq, targets, bytes.clone(), !matches!(own, Own::End));
         self.dispatch(bytes, targets, Some(request))?;
         if let Some(p) = self.pending.back_mut() {
             p.again = None;
@@ -177,9 +163,7 @@ impl Session {
     pub(super) fn tell_record_failed(&mut self, winner: crate::fanout::Outcome) {
         let code = winner.error.map(|c| String::from_utf8_lossy(&c).into_owned()).unwrap_or_default();
         tracing::error!(sqlstate = %code, "a unit could not be recorded in the update history; it is rolled back");
-        let msg = format!(
-            "Chorus could not record this transaction in its update history (SQLSTATE {code}); it is rolled back"
-        );
+        let msg = format!("Chorus could not record this transaction in its update history (SQLSTATE {code}); it is rolled back");
         let mut buf = BytesMut::new();
         let code = if code == "54000" { "54000" } else { "XX000" };
         message::error_response(&mut buf, Severity::Error, code, &msg);

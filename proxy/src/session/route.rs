@@ -139,6 +139,28 @@ pub struct NewRequest {
     pub begin_seq: Option<u64>,
 }
 
+impl NewRequest {
+    /// Chorus's own request of the unit (`internal`: its replies never reach the client), to
+    /// every target, answered by the lead.
+    pub fn own(seq: u64, targets: u64, sql: Bytes, internal: bool) -> NewRequest {
+        NewRequest {
+            seq,
+            targets,
+            writes: false,
+            sql,
+            retry: None,
+            hash_rows: false,
+            ddl: false,
+            trims: Vec::new(),
+            internal,
+            logged: true,
+            per_server: false,
+            lead_answers: true,
+            begin_seq: None,
+        }
+    }
+}
+
 pub enum Dispatch {
     /// The next unit writes and must wait for locks first.
     NeedsLocks,
@@ -220,22 +242,7 @@ impl Router {
                 return Ok(Some(Dispatch::Terminate)); // the backends never saw the transaction
             }
             // The BEGIN goes first, in the same write as what follows it.
-            let seq = take_seq(next_seq);
-            let request = NewRequest {
-                seq,
-                targets: alive,
-                writes: false,
-                sql: begin.clone(),
-                retry: None,
-                hash_rows: false,
-                ddl: false,
-                trims: Vec::new(),
-                internal: true,
-                logged: true,
-                per_server: false,
-                lead_answers: true,
-                begin_seq: None,
-            };
+            let request = NewRequest::own(take_seq(next_seq), alive, begin.clone(), true);
             return Ok(Some(Dispatch::Send { bytes: begin, targets: alive, request: Some(request) }));
         }
         if let Some(copy) = &mut self.copy {
@@ -861,22 +868,7 @@ impl Router {
             Some(b) => (b.seq, b.targets & ctx.alive, None),
             None => {
                 let seq = take_seq(next_seq);
-                let request = NewRequest {
-                    seq,
-                    targets: ctx.alive,
-                    writes: false,
-                    sql: bytes.clone(),
-                    retry: None,
-                    hash_rows: false,
-                    ddl: false,
-                    trims: Vec::new(),
-                    internal: false,
-                    logged: true,
-                    per_server: false,
-                    lead_answers: true,
-                    begin_seq: None,
-                };
-                (seq, ctx.alive, Some(request))
+                (seq, ctx.alive, Some(NewRequest::own(seq, ctx.alive, bytes.clone(), false)))
             }
         };
         self.batch = if synced { None } else { Some(OpenBatch { seq, targets }) };

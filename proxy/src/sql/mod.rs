@@ -372,9 +372,12 @@ pub fn runs_in_transaction_block(sql: &[u8]) -> bool {
         let w = |i: usize| words.get(i).copied().unwrap_or(b"");
         let first = w(0);
         let is = |x: &[u8], k: &str| x.eq_ignore_ascii_case(k.as_bytes());
-        if ["insert", "update", "delete", "merge", "select", "with", "values", "table", "truncate", "grant", "revoke", "comment", "lock", "notify", "security", "refresh", "copy"]
-            .iter()
-            .any(|k| is(first, k))
+        if [
+            "insert", "update", "delete", "merge", "select", "with", "values", "table", "truncate", "grant", "revoke", "comment",
+            "lock", "notify", "security", "refresh", "copy",
+        ]
+        .iter()
+        .any(|k| is(first, k))
         {
             return true;
         }
@@ -835,14 +838,36 @@ mod tests {
 
     #[test]
     fn statements_that_cannot_run_in_a_transaction_block_are_told() {
-        for sql in ["INSERT INTO t VALUES (1)", "update t set a = 1; delete from t", "CREATE TABLE t (a int)", "COPY t FROM STDIN",
-            "with x as (delete from t returning *) select * from x", "ALTER TABLE t ADD b int", "SELECT nextval('s')"] {
+        for sql in [
+            "INSERT INTO t VALUES (1)",
+            "update t set a = 1; delete from t",
+            "CREATE TABLE t (a int)",
+            "COPY t FROM STDIN",
+            "with x as (delete from t returning *) select * from x",
+            "ALTER TABLE t ADD b int",
+            "SELECT nextval('s')",
+        ] {
             assert!(runs_in_transaction_block(sql.as_bytes()), "{sql}");
         }
-        for sql in ["VACUUM t", "insert into t values (1); vacuum", "CREATE DATABASE d", "drop database d", "CREATE INDEX CONCURRENTLY i ON t (a)",
-            "create unique index concurrently on t (a)", "DROP INDEX CONCURRENTLY i", "CALL p()", "DO $$ BEGIN COMMIT; END $$",
-            "BEGIN; INSERT INTO t VALUES (1); COMMIT", "ALTER SYSTEM SET x = 1", "CREATE TABLESPACE s LOCATION '/x'", "", "REINDEX DATABASE d",
-            "CLUSTER", "COMMIT PREPARED 'x'", "ALTER DATABASE d SET x = 1"] {
+        for sql in [
+            "VACUUM t",
+            "insert into t values (1); vacuum",
+            "CREATE DATABASE d",
+            "drop database d",
+            "CREATE INDEX CONCURRENTLY i ON t (a)",
+            "create unique index concurrently on t (a)",
+            "DROP INDEX CONCURRENTLY i",
+            "CALL p()",
+            "DO $$ BEGIN COMMIT; END $$",
+            "BEGIN; INSERT INTO t VALUES (1); COMMIT",
+            "ALTER SYSTEM SET x = 1",
+            "CREATE TABLESPACE s LOCATION '/x'",
+            "",
+            "REINDEX DATABASE d",
+            "CLUSTER",
+            "COMMIT PREPARED 'x'",
+            "ALTER DATABASE d SET x = 1",
+        ] {
             assert!(!runs_in_transaction_block(sql.as_bytes()), "{sql}");
         }
     }
