@@ -70,7 +70,7 @@ impl Server {
             }
             Some(h)
         } else {
-            tracing::warn!("history = false: a crash of Chorus mid-commit can leave the backends different");
+            tracing::info!("history = false: a crash of Chorus mid-commit is not repaired (docs/operations.md)");
             None
         };
         // Listen only once the backends are checked: a client that can connect is served.

@@ -73,7 +73,8 @@ async fn restart(s: &mut Setup, units: usize) {
 /// connection); at restart pg2 gets the unit from pg1's history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_committed_on_one_backend_when_chorus_died_is_completed_at_restart() {
-    let mut s = Setup::with(2, ChorusOptions { extra: "backend_timeout = \"120s\"".into(), ..Default::default() }).await;
+    let mut s =
+        Setup::with(2, ChorusOptions { extra: "backend_timeout = \"120s\"\nhistory = true".into(), ..Default::default() }).await;
     let c = s.client().await;
     c.batch_execute("CREATE TABLE big (id int PRIMARY KEY, pad text)").await.unwrap();
     c.batch_execute("BEGIN").await.unwrap();
@@ -112,7 +113,8 @@ async fn a_copy_committed_on_one_backend_when_chorus_died_is_completed_at_restar
 /// leaves, loudly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn units_of_every_shape_are_completed_from_the_history() {
-    let mut s = Setup::with(2, ChorusOptions { extra: "backend_timeout = \"120s\"".into(), ..Default::default() }).await;
+    let mut s =
+        Setup::with(2, ChorusOptions { extra: "backend_timeout = \"120s\"\nhistory = true".into(), ..Default::default() }).await;
     let setup = s.client().await;
     setup
         .batch_execute(
@@ -187,7 +189,7 @@ async fn units_of_every_shape_are_completed_from_the_history() {
 /// Chorus's key. Nothing is ejected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_cannot_forge_history_entries() {
-    let s = Setup::new(2).await;
+    let s = Setup::with(2, ChorusOptions { extra: "history = true".into(), ..Default::default() }).await;
     let admin = s.client().await;
     admin
         .batch_execute("CREATE ROLE plain LOGIN PASSWORD 'plain-pw'; CREATE TABLE t (a int); GRANT ALL ON t TO plain")
