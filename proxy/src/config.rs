@@ -208,7 +208,7 @@ mod defaults {
         "./chorus-data".into()
     }
     pub fn history() -> bool {
-        false
+        true
     }
     pub fn history_retention() -> Duration {
         Duration::from_secs(3600)

@@ -912,7 +912,9 @@ impl Session {
                     self.idle_wait = true;
                     return Ok(());
                 }
-                Dispatch::Record => self.record_unit(crate::history::Shape::Transaction),
+                Dispatch::Record => {
+                    let _ = self.record_unit(crate::history::Shape::Transaction);
+                }
                 Dispatch::NeedsCatalog => {
                     let slot = self.catalog.clone();
                     let mut wake: Wakeup = Box::pin(async move { slot.loaded.notified().await });
@@ -1215,10 +1217,12 @@ impl Session {
                 req.first_done_at.get_or_insert_with(Instant::now);
             }
             // Commit points wait for every backend unless commit_ack = "first".
-            let hold = self.shared.cfg.commit_ack == CommitAck::All
-                && req.targets.count_ones() > 1
-                && (req.writes || self.locks.holds_any())
-                && status == b'I';
+            // A wrapped write's reply goes with its COMMIT's outcome, in finish_request.
+            let hold = req.quiet
+                || (self.shared.cfg.commit_ack == CommitAck::All
+                    && req.targets.count_ones() > 1
+                    && (req.writes || self.locks.holds_any())
+                    && status == b'I');
             if !hold && !req.rfq_sent {
                 req.rfq_sent = true;
                 self.forward_static(rfq(status));
@@ -1420,7 +1424,15 @@ impl Session {
                 self.forward(held);
             }
         }
-        if !req.rfq_sent {
+        self.unit.outcome(req.seq, winner);
+        if req.record && winner.error.is_some() {
+            self.tell_record_failed(winner);
+        }
+        // A unit that completed unrecorded is recorded right after, its locks held until
+        // then; the client's ReadyForQuery waits for the record, so its next unit cannot
+        // take locks while this one's are still held.
+        let standalone = self.pending.is_empty() && winner.status == b'I' && self.standalone_record_due();
+        if !req.rfq_sent && !standalone {
             self.forward_static(rfq(winner.status));
         }
         if !req.internal {
@@ -1429,20 +1441,22 @@ impl Session {
                 self.errors.increment(1);
             }
         }
-        self.unit.outcome(req.seq, winner);
         self.last_status = winner.status;
         if req.wrapped {
             self.close_wrap(req, winner);
         }
-        if req.record && winner.error.is_some() {
-            self.tell_record_failed(winner);
-        }
         if self.pending.is_empty() {
             self.router.settle(winner.status);
-            if winner.status == b'I' && self.standalone_record_due() {
-                // Completed already: recorded right after, its locks held until then.
-                self.record_unit(crate::history::Shape::Standalone);
-                return;
+            if standalone {
+                if self.record_unit(crate::history::Shape::Standalone) {
+                    if let Some(p) = self.pending.back_mut() {
+                        p.rfq_sent = req.rfq_sent;
+                    }
+                    return;
+                }
+                if !req.rfq_sent {
+                    self.forward_static(rfq(winner.status));
+                }
             }
             if winner.status == b'I' {
                 self.unit_writes = false;

@@ -109,7 +109,7 @@ impl Session {
             return;
         }
         let end = if winner.error.is_none() && winner.status == b'T' {
-            self.record_unit(Shape::Transaction);
+            let _ = self.record_unit(Shape::Transaction);
             commit_frame()
         } else {
             rollback_frame()
@@ -123,12 +123,13 @@ impl Session {
     }
 
     /// Records the unit's requests not yet covered by a record, with a new serial, on every
-    /// live backend. A unit too big to keep is failed instead (54000), loudly.
-    pub(super) fn record_unit(&mut self, shape: Shape) {
-        let Some(h) = self.history.clone() else { return };
+    /// live backend. A unit too big to keep is failed instead (54000), loudly. False when
+    /// nothing was sent.
+    pub(super) fn record_unit(&mut self, shape: Shape) -> bool {
+        let Some(h) = self.history.clone() else { return false };
         let targets = self.alive_mask();
         if targets == 0 {
-            return;
+            return false;
         }
         let mut bytes = BytesMut::new();
         if self.unit.overflow {
@@ -153,10 +154,12 @@ impl Session {
             metrics::counter!("chorus_history_units_total").increment(1);
             metrics::counter!("chorus_history_bytes_total").increment(raw.len() as u64);
         }
-        if self.dispatch_own(Own::Record, bytes.freeze(), targets, None).is_ok() {
-            self.unit_recorded = true;
-            self.recorded_upto = self.unit.len();
+        if self.dispatch_own(Own::Record, bytes.freeze(), targets, None).is_err() {
+            return false;
         }
+        self.unit_recorded = true;
+        self.recorded_upto = self.unit.len();
+        true
     }
 
     /// Every backend failed to record the unit: it rolls back, and the client hears why.
