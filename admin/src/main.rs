@@ -62,6 +62,8 @@ enum Command {
         #[arg(long)]
         now: bool,
     },
+    /// Bring a `down` backend back from the update history (no copy), then into the in-sync set.
+    CatchUp { name: String },
     /// Compare per-table checksums of every in-sync backend at one point.
     Verify {
         #[arg(long)]
@@ -181,6 +183,8 @@ fn run(cli: &Cli, api: &Api) -> Result<(), String> {
                                 state,
                                 s(b, "version"),
                                 s(b, "inflight"),
+                                s(b, "serial"),
+                                s(b, "lag_units"),
                                 s(b, "lag_bytes"),
                                 s(b, "reason"),
                             ]
@@ -188,7 +192,10 @@ fn run(cli: &Cli, api: &Api) -> Result<(), String> {
                         .collect()
                 })
                 .unwrap_or_default();
-            println!("{}", table(&["NAME", "ADDRESS", "STATE", "VERSION", "INFLIGHT", "LAG", "REASON"], &rows));
+            println!(
+                "{}",
+                table(&["NAME", "ADDRESS", "STATE", "VERSION", "INFLIGHT", "SERIAL", "LAG UNITS", "LAG BYTES", "REASON"], &rows)
+            );
             Ok(())
         }
         Command::Status => {
@@ -234,6 +241,20 @@ fn run(cli: &Cli, api: &Api) -> Result<(), String> {
                 println!("{v}");
             } else {
                 println!("{name} removed");
+            }
+            Ok(())
+        }
+        Command::CatchUp { name } => {
+            let v = api.ok("POST", &format!("/backends/{name}/catch-up"), None)?;
+            if cli.json {
+                println!("{v}");
+            } else {
+                println!(
+                    "{name} caught up from the update history: {} units in {:.1}s, write pause {:.1} ms; in sync",
+                    s(&v, "units"),
+                    v.get("seconds").and_then(Value::as_f64).unwrap_or_default(),
+                    v.get("attach_pause_ms").and_then(Value::as_f64).unwrap_or_default()
+                );
             }
             Ok(())
         }

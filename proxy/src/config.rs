@@ -176,6 +176,9 @@ pub struct Config {
     /// transaction is rolled back with 54000.
     #[serde(default = "defaults::history_unit_max")]
     pub history_unit_max: usize,
+    /// Bring a `down` backend back from the update history as soon as it answers again.
+    #[serde(default = "defaults::auto_catch_up")]
+    pub auto_catch_up: bool,
     #[serde(default)]
     pub auth: AuthConfig,
     #[serde(default)]
@@ -212,6 +215,9 @@ mod defaults {
     }
     pub fn history_retention() -> Duration {
         Duration::from_secs(3600)
+    }
+    pub fn auto_catch_up() -> bool {
+        true
     }
     pub fn history_unit_max() -> usize {
         64 << 20

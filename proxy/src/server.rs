@@ -121,6 +121,7 @@ impl Server {
         cluster::spawn_health_checks(shared.cfg.clone(), shared.cluster.clone(), shared.stop.clone());
         if let Some(h) = &shared.history {
             crate::history::prune::spawn(shared.cfg.clone(), shared.cluster.clone(), h.clone(), shared.stop.clone());
+            crate::join::catch_up::spawn_watch(shared.clone());
         }
         tracing::info!(listen = %shared.cfg.listen, backends = shared.cluster.in_sync_count(), "Chorus is ready");
         tokio::pin!(shutdown);

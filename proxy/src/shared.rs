@@ -28,6 +28,8 @@ pub struct Shared {
     /// The diff log of the join under way, which sessions append their units to.
     pub difflog: crate::difflog::Slot,
     pub joins: crate::join::Joins,
+    /// Held by the catch-up under way (one at a time).
+    pub catch_up: tokio::sync::Mutex<()>,
     /// Serials and the update history's state (None: `history = false`).
     pub history: Option<Arc<crate::history::History>>,
     /// Cancelled when Chorus starts shutting down.
@@ -53,6 +55,7 @@ impl Shared {
             cancels: Arc::new(CancelRegistry::default()),
             difflog: Default::default(),
             joins: Default::default(),
+            catch_up: Default::default(),
             history,
             stop: CancellationToken::new(),
             auth_failures: Default::default(),

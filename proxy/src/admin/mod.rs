@@ -64,6 +64,7 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
         .route("/status", get(status))
         .route("/backends", get(backends).post(join_backend))
         .route("/backends/{name}", axum::routing::delete(remove))
+        .route("/backends/{name}/catch-up", axum::routing::post(catch_up))
         .route("/join", get(join_progress))
         .route("/verify", axum::routing::post(verify))
         .route("/metrics", get(metrics))
@@ -102,6 +103,11 @@ pub struct BackendInfo {
     pub inflight: u32,
     /// Diff log bytes still to replay (a joining backend).
     pub lag_bytes: u64,
+    /// The newest serial of the update history it holds (in sync: the newest handed out;
+    /// otherwise as of when it left, or as far as a catch-up got). None: not known.
+    pub serial: Option<u64>,
+    /// Units it lacks: the newest serial handed out minus its own.
+    pub lag_units: Option<u64>,
     pub added: bool,
 }
 
@@ -125,9 +131,31 @@ async fn backends(State(api): State<Arc<Api>>) -> Response {
                 _ => 0,
             },
             added: b.added,
+            serial: serial_of(&api.shared, b),
+            lag_units: serial_of(&api.shared, b).zip(api.shared.history.as_ref()).map(|(s, h)| h.last_serial().saturating_sub(s)),
         })
         .collect();
     Json(list).into_response()
+}
+
+fn serial_of(shared: &crate::shared::Shared, b: &crate::cluster::Backend) -> Option<u64> {
+    let h = shared.history.as_ref()?;
+    if b.is_in_sync() {
+        return Some(h.last_serial());
+    }
+    Some(b.applied()).filter(|s| *s > 0 || h.last_serial() == 0)
+}
+
+/// Brings a `down` backend back from the update history; answers when it is in sync (or
+/// why it cannot be: 409 with the reason, e.g. it needs a join).
+async fn catch_up(State(api): State<Arc<Api>>, Path(name): Path<String>) -> Response {
+    use crate::join::catch_up::CatchUpError as E;
+    match crate::join::catch_up::catch_up(api.shared.clone(), &name).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e @ E::NoSuchBackend(_)) => error(StatusCode::NOT_FOUND, &e.to_string()),
+        Err(e @ E::Failed(..)) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(e) => error(StatusCode::CONFLICT, &e.to_string()),
+    }
 }
 
 async fn status(State(api): State<Arc<Api>>) -> Response {

@@ -42,6 +42,9 @@ pub struct Backend {
     /// The last on-demand check (`health::check`) and when it ended: sessions that lose a
     /// connection at the same moment share one check instead of each logging in.
     last_check: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
+    /// The newest serial of the update history it is known to hold: set when it leaves the
+    /// in-sync set and as a catch-up applies units (0: not known).
+    applied: std::sync::atomic::AtomicU64,
 }
 
 impl Backend {
@@ -78,6 +81,14 @@ impl Backend {
         self.serves_reads.store(yes, Ordering::Release);
     }
 
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    pub fn set_applied(&self, serial: u64) {
+        self.applied.store(serial, Ordering::Release);
+    }
+
     fn new(idx: usize, name: &str, host: &str, port: u16, state: BackendState, reason: String, added: bool) -> Backend {
         Backend {
             idx,
@@ -92,6 +103,7 @@ impl Backend {
             added,
             version: Mutex::new(String::new()),
             last_check: tokio::sync::Mutex::new(None),
+            applied: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }

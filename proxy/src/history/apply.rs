@@ -3,6 +3,7 @@
 //! transaction together with the same record, so the backend ends up holding the unit and
 //! knowing it does, as the others do.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -10,7 +11,8 @@ use bytes::{Bytes, BytesMut};
 use super::{begin_frame, commit_frame, History, HistoryUnit, Shape};
 use crate::cluster::Backend;
 use crate::config::Config;
-use crate::fanout::{self, Outcome};
+use crate::fanout::{self, BackendConn, Outcome};
+use crate::protocol::message;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -23,47 +25,153 @@ pub enum ApplyError {
     Differs(String),
 }
 
-/// Applies entry `serial` (`raw`, as stored) to `target`.
+/// Units sent in one write at most: their replies stay well within the sockets' buffers, so
+/// the backend never waits for Chorus to read while Chorus is still writing.
+const PIPELINE: usize = 64;
+
+/// Applies entry `serial` (`raw`, as stored) to `target` over a connection of its own.
 pub async fn apply(cfg: &Config, history: &History, target: Arc<Backend>, serial: u64, raw: &[u8]) -> Result<(), ApplyError> {
-    let unit = HistoryUnit::decode(raw).map_err(|e| ApplyError::Differs(format!("unit {serial}: {e}")))?;
-    let password = cfg.user(&unit.user).map(|u| u.password.clone()).unwrap_or_default();
-    let name = target.name.clone();
-    let login = fanout::connect(target, &unit.params, &unit.user, &password, cfg.connect_timeout)
-        .await
-        .map_err(|e| ApplyError::Failed(format!("log in to {name} as {} to apply unit {serial}: {e}", unit.user)))?;
-    let mut conn = login.conn;
-    fanout::conn::run_script(&mut conn, &unit.restore, cfg.backend_timeout).await.map_err(ApplyError::Failed)?;
-    // (frames, rows compared, the outcome it must have where known)
-    let mut plan: Vec<(Bytes, bool, Option<Outcome>)> = Vec::with_capacity(unit.requests.len() + 3);
-    if unit.shape == Shape::Autocommit {
-        plan.push((begin_frame(), false, None));
+    Applier::new(cfg, history, target).apply(serial, raw).await
+}
+
+/// Applies entries to one backend, keeping one connection per user and startup parameters,
+/// so a catch-up of thousands of units logs in a handful of times. Before each unit the
+/// connection's session is reset (DISCARD ALL) and rebuilt as the unit's session was; the
+/// reset, the rebuild and the unit go in one write.
+pub struct Applier<'a> {
+    cfg: &'a Config,
+    history: &'a History,
+    target: Arc<Backend>,
+    conns: HashMap<(String, Vec<(String, String)>), BackendConn>,
+}
+
+impl<'a> Applier<'a> {
+    pub fn new(cfg: &'a Config, history: &'a History, target: Arc<Backend>) -> Applier<'a> {
+        Applier { cfg, history, target, conns: HashMap::new() }
     }
-    for r in &unit.requests {
-        let known = (unit.shape == Shape::Transaction).then_some(r.outcome);
-        plan.push((r.frames.clone(), r.hash_rows, known));
+
+    /// Applies entry `serial` (`raw`, as stored). A connection that failed is not kept.
+    pub async fn apply(&mut self, serial: u64, raw: &[u8]) -> Result<(), ApplyError> {
+        self.apply_all(&[(serial, raw)]).await.map(|_| ())
     }
-    let mut rec = BytesMut::new();
-    history.record_frames(serial, raw, &mut rec);
-    plan.push((rec.freeze(), false, None));
-    if unit.shape != Shape::Standalone {
-        plan.push((commit_frame(), false, None));
-    }
-    let reqs: Vec<(&[u8], bool)> = plan.iter().map(|(f, h, _)| (&f[..], *h)).collect();
-    let got = fanout::conn::run_requests(&mut conn, &reqs, cfg.backend_timeout).await.map_err(ApplyError::Failed)?;
-    for ((frames, _, want), o) in plan.iter().zip(&got) {
-        let fine = match want {
-            // Success or the same error: row counts of reads of per-server facts may differ.
-            Some(w) => o.error == w.error,
-            None => o.error.is_none(),
-        };
-        if !fine {
-            let sql = crate::session::statement_text(frames);
-            let want = want.map(|w| w.to_string()).unwrap_or_else(|| "success".into());
-            return Err(ApplyError::Differs(format!("unit {serial} on {name}: {sql:?} gave {o}, where it committed: {want}")));
+
+    /// Applies entries in order, those in a row with the same user and startup parameters in
+    /// one write (a pipeline: each unit ends with its own Sync, so one failing does not stop
+    /// the next from running; a failure means the backend is not what it should be anyway).
+    /// Returns how many were applied before the first failure.
+    pub async fn apply_all(&mut self, entries: &[(u64, &[u8])]) -> Result<usize, ApplyError> {
+        let mut units = Vec::with_capacity(entries.len());
+        for (serial, raw) in entries {
+            units.push(HistoryUnit::decode(raw).map_err(|e| ApplyError::Differs(format!("unit {serial}: {e}")))?);
         }
+        let mut done = 0;
+        while done < units.len() {
+            let key = (units[done].user.clone(), units[done].params.clone());
+            let run = units[done..].iter().take(PIPELINE).take_while(|u| u.user == key.0 && u.params == key.1).count();
+            let mut conn = match self.conns.remove(&key) {
+                Some(c) => c,
+                None => self.login(&units[done], entries[done].0).await?,
+            };
+            let plans: Vec<Vec<Step>> = (done..done + run).map(|i| self.plan(&units[i], entries[i].0, entries[i].1)).collect();
+            let reqs: Vec<(&[u8], bool)> = plans.iter().flatten().map(|st| (&st.frames[..], st.hash_rows)).collect();
+            let got = match fanout::conn::run_requests(&mut conn, &reqs, self.cfg.backend_timeout).await {
+                Ok(g) => g,
+                Err(e) => return Err(ApplyError::Failed(e)),
+            };
+            let mut at = 0;
+            for (k, plan) in plans.iter().enumerate() {
+                let outcomes = &got[at..at + plan.len()];
+                at += plan.len();
+                if let Err(e) = self.check(plan, outcomes, &units[done + k], entries[done + k].0) {
+                    // Leave the connection idle for whatever comes next.
+                    let mut rb = BytesMut::new();
+                    message::query_msg(&mut rb, "ROLLBACK");
+                    if fanout::conn::run_requests(&mut conn, &[(&rb[..], false)], self.cfg.backend_timeout).await.is_ok() {
+                        self.conns.insert(key, conn);
+                    }
+                    return Err(e);
+                }
+            }
+            self.conns.insert(key, conn);
+            done += run;
+        }
+        Ok(done)
     }
-    if unit.shape != Shape::Standalone && got.last().map(|o| o.last_tag()) != Some(b"COMMIT") {
-        return Err(ApplyError::Differs(format!("unit {serial} on {name} did not commit")));
+
+    async fn login(&self, unit: &HistoryUnit, serial: u64) -> Result<BackendConn, ApplyError> {
+        let password = self.cfg.user(&unit.user).map(|u| u.password.clone()).unwrap_or_default();
+        let name = &self.target.name;
+        let login = fanout::connect(self.target.clone(), &unit.params, &unit.user, &password, self.cfg.connect_timeout)
+            .await
+            .map_err(|e| ApplyError::Failed(format!("log in to {name} as {} to apply unit {serial}: {e}", unit.user)))?;
+        Ok(login.conn)
     }
-    Ok(())
+
+    /// What applying `unit` sends: the session reset and rebuilt, the unit's requests, its
+    /// record, its COMMIT; each with what its outcome must be.
+    fn plan(&self, unit: &HistoryUnit, serial: u64, raw: &[u8]) -> Vec<Step> {
+        let step = |frames: Bytes, hash_rows: bool, check: Check| Step { frames, hash_rows, check };
+        let mut discard = BytesMut::new();
+        message::query_msg(&mut discard, "DISCARD ALL");
+        let mut plan = Vec::with_capacity(unit.restore.len() + unit.requests.len() + 4);
+        plan.push(step(discard.freeze(), false, Check::None));
+        // The session's settings and named statements: as in a live session, one that fails
+        // is not the unit's concern (the unit's own outcomes are compared).
+        plan.extend(unit.restore.iter().map(|f| step(f.clone(), false, Check::None)));
+        if unit.shape == Shape::Autocommit {
+            plan.push(step(begin_frame(), false, Check::Success));
+        }
+        for r in &unit.requests {
+            let check = if unit.shape == Shape::Transaction { Check::Same(r.outcome) } else { Check::Success };
+            plan.push(step(r.frames.clone(), r.hash_rows, check));
+        }
+        let mut rec = BytesMut::new();
+        self.history.record_frames(serial, raw, &mut rec);
+        plan.push(step(rec.freeze(), false, Check::Success));
+        if unit.shape != Shape::Standalone {
+            plan.push(step(commit_frame(), false, Check::Success));
+        }
+        plan
+    }
+
+    fn check(&self, plan: &[Step], got: &[Outcome], unit: &HistoryUnit, serial: u64) -> Result<(), ApplyError> {
+        let name = &self.target.name;
+        for (st, o) in plan.iter().zip(got) {
+            let fine = match st.check {
+                Check::None => true,
+                // Success or the same error: row counts of reads of per-server facts may differ.
+                Check::Same(w) => o.error == w.error,
+                Check::Success => o.error.is_none(),
+            };
+            if !fine {
+                let sql = crate::session::statement_text(&st.frames);
+                let want = match st.check {
+                    Check::Same(w) => w.to_string(),
+                    _ => "success".into(),
+                };
+                return Err(ApplyError::Differs(format!(
+                    "unit {serial} on {name}: {sql:?} gave {o}, where it committed: {want}"
+                )));
+            }
+        }
+        if unit.shape != Shape::Standalone && got.last().map(|o| o.last_tag()) != Some(b"COMMIT") {
+            return Err(ApplyError::Differs(format!("unit {serial} on {name} did not commit")));
+        }
+        Ok(())
+    }
+}
+
+/// One request of an applied unit.
+struct Step {
+    frames: Bytes,
+    hash_rows: bool,
+    check: Check,
+}
+
+/// What an applied request's outcome is checked against.
+#[derive(Clone, Copy)]
+enum Check {
+    None,
+    Success,
+    Same(Outcome),
 }

@@ -129,8 +129,8 @@ impl History {
 pub async fn install(cfg: &Config, host: &str, port: u16, database: &str, key: &str) -> Result<(), String> {
     let c =
         Login::health(cfg, host, port, database, "chorus-history").connect().await.map_err(|e| crate::cluster::pg_error(&e))?;
-    let exists: bool = c.query_one(schema::EXISTS, &[]).await.map_err(|e| crate::cluster::pg_error(&e))?.get(0);
-    if !exists {
+    let current: bool = c.query_one(schema::CURRENT, &[]).await.map_err(|e| crate::cluster::pg_error(&e))?.get(0);
+    if !current {
         c.batch_execute(&format!("BEGIN; {}; COMMIT", schema::INSTALL)).await.map_err(|e| crate::cluster::pg_error(&e))?;
         tracing::info!(%database, server = %format!("{host}:{port}"), "update history installed");
     }

@@ -8,12 +8,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::History;
+use super::{schema, History};
 use crate::cluster::{Cluster, Login};
 use crate::config::Config;
-
-const PRUNE: &str = "DELETE FROM chorus.history WHERE at < now() - make_interval(secs => $1) \
-                     AND serial < (SELECT max(serial) FROM chorus.history)";
 
 /// Prunes every `history_retention / 10` (at most a minute) until `stop`.
 pub fn spawn(cfg: Arc<Config>, cluster: Arc<Cluster>, history: Arc<History>, stop: CancellationToken) {
@@ -43,5 +40,6 @@ pub fn spawn(cfg: Arc<Config>, cluster: Arc<Cluster>, history: Arc<History>, sto
 async fn prune(cfg: &Config, host: &str, port: u16, db: &str) -> Result<u64, String> {
     let c = Login::health(cfg, host, port, db, "chorus-history").connect().await.map_err(|e| crate::cluster::pg_error(&e))?;
     let secs = cfg.history_retention.as_secs_f64();
-    c.execute(PRUNE, &[&secs]).await.map_err(|e| crate::cluster::pg_error(&e))
+    let n: i64 = c.query_one(schema::PRUNE, &[&secs]).await.map_err(|e| crate::cluster::pg_error(&e))?.get(0);
+    Ok(n as u64)
 }

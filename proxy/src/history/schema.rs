@@ -17,7 +17,8 @@ CREATE TABLE IF NOT EXISTS chorus.history (
   unit bytea NOT NULL
 );
 CREATE TABLE IF NOT EXISTS chorus.key (key text NOT NULL);
-REVOKE ALL ON chorus.history, chorus.key FROM PUBLIC;
+CREATE TABLE IF NOT EXISTS chorus.pruned (one bool PRIMARY KEY DEFAULT true CHECK (one), upto bigint NOT NULL);
+REVOKE ALL ON chorus.history, chorus.key, chorus.pruned FROM PUBLIC;
 CREATE OR REPLACE FUNCTION chorus.record(s bigint, u bytea, k text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 BEGIN
@@ -31,6 +32,23 @@ GRANT EXECUTE ON FUNCTION chorus.record(bigint, bytea, text) TO PUBLIC;";
 
 /// Whether the schema is there (and so whether this database has a history at all).
 pub const EXISTS: &str = "SELECT to_regclass('chorus.history') IS NOT NULL";
+
+/// Whether the schema is there as this version of Chorus installs it.
+pub const CURRENT: &str = "SELECT to_regclass('chorus.pruned') IS NOT NULL";
+
+/// The newest serial pruning removed (0: none): a backend that lacks units up to it cannot
+/// be caught up from this history.
+pub const PRUNED: &str = "SELECT coalesce((SELECT upto FROM chorus.pruned), 0)";
+
+/// Deletes entries older than `$1` seconds, the newest kept, and notes the newest deleted.
+pub const PRUNE: &str = "WITH gone AS (
+  DELETE FROM chorus.history WHERE at < now() - make_interval(secs => $1)
+    AND serial < (SELECT max(serial) FROM chorus.history) RETURNING serial
+), noted AS (
+  INSERT INTO chorus.pruned (upto) SELECT max(serial) FROM gone HAVING count(*) > 0
+  ON CONFLICT (one) DO UPDATE SET upto = greatest(chorus.pruned.upto, excluded.upto)
+)
+SELECT count(*) FROM gone";
 
 /// What a unit's record sends: one statement, prepared unnamed, run with three parameters.
 pub const RECORD: &str = "SELECT chorus.record($1, $2, $3)";

@@ -12,6 +12,7 @@
 //! verify's checksums. Any failure leaves the newcomer out with the reason and brings the
 //! donor back through the log (or marks it `needs_rebuild`); clients never see an error.
 
+pub mod catch_up;
 mod copy;
 mod replay;
 pub mod tools;
@@ -146,6 +147,10 @@ impl Joins {
 pub async fn start(shared: Arc<Shared>, req: JoinRequest) -> Result<Progress, JoinError> {
     if shared.joins.running.swap(true, Ordering::AcqRel) {
         return Err(JoinError::Refused("another join is under way; one at a time".into()));
+    }
+    if shared.catch_up.try_lock().is_err() {
+        shared.joins.running.store(false, Ordering::Release);
+        return Err(JoinError::Refused("a catch-up from the update history is under way; join after it".into()));
     }
     let plan = match plan(&shared, &req).await {
         Ok(p) => p,

@@ -1217,8 +1217,10 @@ impl Session {
                 req.first_done_at.get_or_insert_with(Instant::now);
             }
             // Commit points wait for every backend unless commit_ack = "first".
-            // A wrapped write's reply goes with its COMMIT's outcome, in finish_request.
+            // A wrapped write's reply goes with its COMMIT's outcome, and the ReadyForQuery of
+            // a unit still to be recorded with its record, in finish_request.
             let hold = req.quiet
+                || (status == b'I' && self.history.is_some() && self.unit_writes && !self.unit_recorded)
                 || (self.shared.cfg.commit_ack == CommitAck::All
                     && req.targets.count_ones() > 1
                     && (req.writes || self.locks.holds_any())

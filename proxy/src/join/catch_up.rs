@@ -1,0 +1,431 @@
+//! Catch-up: a backend that left as `down` and answers again is brought back from the update
+//! history instead of a copy. The units it lacks are read from an in-sync backend's history
+//! and applied to it in serial order while clients keep writing; then, under a short write
+//! pause (the join's attach step), the last ones are applied, its sequences compared, and it
+//! enters the in-sync set.
+//!
+//! Why this is exact: a backend records each unit in the unit's own transaction, so its
+//! history says precisely which units it holds; the in-sync backends hold every committed
+//! unit (G2), and under the pause no unit is in flight. A backend whose missing units were
+//! pruned already (`history_retention`), or that holds a unit the others do not, cannot be
+//! brought back this way: it needs a join, and Chorus says so.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::cluster::{self, Backend, BackendState, Login};
+use crate::history::apply::{Applier, ApplyError};
+use crate::history::{schema, History};
+use crate::shared::Shared;
+
+/// Units still missing at which the write pause is taken for the last ones.
+const ATTACH_UNITS: usize = 200;
+/// Entries read from the source per query.
+const BATCH: usize = 500;
+/// Rounds before the attach is attempted whatever the backlog (writes faster than the
+/// backend can apply them would otherwise never let it attach).
+const MAX_ROUNDS: usize = 40;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatchUpError {
+    #[error("the update history is off (history = false): a backend can only come back with a join")]
+    NoHistory,
+    #[error("no backend named {0}")]
+    NoSuchBackend(String),
+    #[error("{0} is {1}, not down: {2}")]
+    NotDown(String, BackendState, &'static str),
+    #[error("{0}")]
+    Busy(String),
+    /// The units it lacks are no longer in the history: a join is needed.
+    #[error("{0} needs a join: {1}")]
+    Gap(String, String),
+    /// It holds what the others do not, or answered a unit differently: a join is needed.
+    #[error("{0} differs from the in-sync backends and needs a join: {1}")]
+    Diverged(String, String),
+    /// It could not be reached or failed along the way; it stays down and may be tried again.
+    #[error("catch-up of {0} failed: {1}")]
+    Failed(String, String),
+}
+
+/// What a catch-up did.
+#[derive(Debug, Clone, Serialize)]
+pub struct CatchUpReport {
+    pub name: String,
+    pub units: u64,
+    pub rounds: usize,
+    pub seconds: f64,
+    pub attach_pause_ms: f64,
+}
+
+/// Watches the backends every `health_check_interval`: notes the serial each one held when it
+/// left the in-sync set, publishes each one's lag, and (`auto_catch_up`) catches up a `down`
+/// backend as soon as it answers. One refused for good (it needs a join) is not tried again
+/// until its state changes; one that failed along the way is tried again later.
+pub fn spawn_watch(shared: Arc<Shared>) {
+    let Some(history) = shared.history.clone() else { return };
+    tokio::spawn(async move {
+        let cfg = shared.cfg.clone();
+        let mut last: HashMap<String, BackendState> = HashMap::new();
+        let mut refused: HashSet<String> = HashSet::new();
+        let mut retry: HashMap<String, (Instant, Duration)> = HashMap::new();
+        let mut tick = tokio::time::interval(cfg.health_check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shared.stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let head = history.last_serial();
+            for b in shared.cluster.backends().iter() {
+                let now = b.state();
+                let was = last.insert(b.name.clone(), now);
+                if now == BackendState::InSync || was == Some(BackendState::InSync) {
+                    // In sync: it holds every serial handed out (to within units in flight).
+                    b.set_applied(head);
+                }
+                let lag = if b.applied() == 0 && head > 0 { f64::NAN } else { head.saturating_sub(b.applied()) as f64 };
+                metrics::gauge!("chorus_history_lag_units", "backend" => b.name.clone()).set(lag);
+                if now != BackendState::Down {
+                    refused.remove(&b.name);
+                    retry.remove(&b.name);
+                    continue;
+                }
+                if !cfg.auto_catch_up || refused.contains(&b.name) {
+                    continue;
+                }
+                if retry.get(&b.name).is_some_and(|(at, _)| Instant::now() < *at) {
+                    continue;
+                }
+                if cluster::probe(&cfg, b, cfg.health_check_timeout).await.is_err() {
+                    continue;
+                }
+                match catch_up(shared.clone(), &b.name).await {
+                    Ok(_) => {
+                        retry.remove(&b.name);
+                    }
+                    Err(CatchUpError::Busy(_)) => {}
+                    Err(CatchUpError::Failed(..)) => {
+                        let wait = retry
+                            .get(&b.name)
+                            .map(|(_, w)| (*w * 2).min(Duration::from_secs(60)))
+                            .unwrap_or(Duration::from_secs(1));
+                        retry.insert(b.name.clone(), (Instant::now() + wait, wait));
+                    }
+                    Err(_) => {
+                        refused.insert(b.name.clone());
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Brings `name`, a `down` backend, back into the in-sync set from the update history.
+pub async fn catch_up(shared: Arc<Shared>, name: &str) -> Result<CatchUpReport, CatchUpError> {
+    let history = shared.history.clone().ok_or(CatchUpError::NoHistory)?;
+    let target = shared.cluster.backend(name).ok_or_else(|| CatchUpError::NoSuchBackend(name.to_string()))?;
+    match target.state() {
+        BackendState::Down => {}
+        s @ (BackendState::Diverged | BackendState::NeedsRebuild) => {
+            return Err(CatchUpError::NotDown(name.into(), s, "it is never caught up; it needs a join"))
+        }
+        s @ BackendState::InSync => return Err(CatchUpError::NotDown(name.into(), s, "nothing to do")),
+        s => return Err(CatchUpError::NotDown(name.into(), s, "only a down backend is caught up")),
+    }
+    let _one = shared.catch_up.try_lock().map_err(|_| CatchUpError::Busy("another catch-up is under way".into()))?;
+    if shared.joins.running() {
+        return Err(CatchUpError::Busy("a join is under way; catch up after it".into()));
+    }
+    cluster::probe(&shared.cfg, &target, shared.cfg.health_check_timeout)
+        .await
+        .map_err(|e| CatchUpError::Failed(name.into(), format!("it does not answer: {e}")))?;
+    let set = |to: BackendState, why: &str| shared.cluster.set_state(name, to, why);
+    set(BackendState::Joining, "catching up from the update history")
+        .map_err(|e| CatchUpError::Failed(name.into(), e.to_string()))?;
+    tracing::info!(backend = %name, "catch-up from the update history started");
+    let started = Instant::now();
+    let mut job =
+        Job { shared: &shared, history: &history, applier: Applier::new(&shared.cfg, &history, target.clone()), units: 0 };
+    let r = job.run(&target).await;
+    metrics::counter!("chorus_catch_ups_total", "outcome" => outcome(&r)).increment(1);
+    match r {
+        Ok((rounds, pause)) => {
+            let report = CatchUpReport {
+                name: name.into(),
+                units: job.units,
+                rounds,
+                seconds: started.elapsed().as_secs_f64(),
+                attach_pause_ms: pause.as_secs_f64() * 1000.0,
+            };
+            tracing::info!(backend = %name, units = report.units, rounds, seconds = report.seconds, attach_pause_ms = report.attach_pause_ms, "caught up from the update history; in sync");
+            Ok(report)
+        }
+        Err(e) => {
+            let to = if matches!(e, CatchUpError::Diverged(..)) { BackendState::Diverged } else { BackendState::Down };
+            if let Err(s) = set(to, &e.to_string()) {
+                tracing::error!(backend = %name, error = %s, "could not record the state after a failed catch-up");
+            }
+            tracing::warn!(backend = %name, units_applied = job.units, error = %e, "catch-up did not complete");
+            Err(e)
+        }
+    }
+}
+
+fn outcome<T>(r: &Result<T, CatchUpError>) -> &'static str {
+    match r {
+        Ok(_) => "done",
+        Err(CatchUpError::Gap(..)) => "needs_join",
+        Err(CatchUpError::Diverged(..)) => "diverged",
+        Err(_) => "failed",
+    }
+}
+
+/// One database's serials on the target and on the source.
+struct Gap {
+    /// The target's serials (empty: no history there).
+    target: BTreeSet<u64>,
+    /// The serials the source holds and the target lacks.
+    missing: Vec<u64>,
+}
+
+struct Job<'a> {
+    shared: &'a Shared,
+    history: &'a History,
+    applier: Applier<'a>,
+    units: u64,
+}
+
+impl Job<'_> {
+    async fn run(&mut self, target: &Arc<Backend>) -> Result<(usize, Duration), CatchUpError> {
+        let name = target.name.clone();
+        let fail = |e: String| CatchUpError::Failed(name.clone(), e);
+        end_old_sessions(self.shared, target).await.map_err(fail)?;
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            let (source, gaps) = self.gaps(target, false).await?;
+            let left: usize = gaps.values().map(|g| g.missing.len()).sum();
+            target.set_applied(self.history.last_serial().saturating_sub(left as u64));
+            tracing::info!(backend = %name, round = rounds, units_missing = left, "catch-up round");
+            if left <= ATTACH_UNITS || rounds >= MAX_ROUNDS {
+                break;
+            }
+            self.apply(&source, target, &gaps, BATCH * 4).await?;
+        }
+        // The attach: no unit is in flight under the pause, so the source's history is whole.
+        let t = self.shared.cfg.join_pause_timeout;
+        let pause =
+            self.shared.order.pause(t).await.ok_or_else(|| {
+                fail(format!("writes did not pause within join_pause_timeout ({t:?}); a transaction stays open"))
+            })?;
+        let paused = Instant::now();
+        let attached = async {
+            let (source, gaps) = self.gaps(target, true).await?;
+            self.apply(&source, target, &gaps, usize::MAX).await?;
+            for db in gaps.keys() {
+                same_sequences(self.shared, &source, target, db).await?;
+            }
+            target.set_applied(self.history.last_serial());
+            target.set_serves_reads(true);
+            self.shared
+                .cluster
+                .set_state(&target.name, BackendState::InSync, "caught up from the update history")
+                .map_err(|e| fail(e.to_string()))
+        }
+        .await;
+        drop(pause);
+        let ms = paused.elapsed();
+        metrics::histogram!("chorus_join_pause_seconds", "step" => "catch_up_attach").record(ms.as_secs_f64());
+        attached.map(|()| (rounds, ms))
+    }
+
+    /// Per database of the source (the lead), what the target lacks. `exact`: under the write
+    /// pause, where a unit the target holds and the source does not means it diverged.
+    async fn gaps(&self, target: &Backend, exact: bool) -> Result<(Arc<Backend>, BTreeMap<String, Gap>), CatchUpError> {
+        let name = &target.name;
+        let fail = |e: String| CatchUpError::Failed(name.clone(), e);
+        let source =
+            self.shared.cluster.in_sync().into_iter().next().ok_or_else(|| fail("no in-sync backend to read from".into()))?;
+        let cfg = &self.shared.cfg;
+        let src = connect(cfg, &source, &cfg.health_check_database).await.map_err(fail)?;
+        let dbs: Vec<String> = src
+            .query("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1", &[])
+            .await
+            .map_err(|e| fail(cluster::pg_error(&e)))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut out = BTreeMap::new();
+        for db in dbs {
+            let Some((have, pruned)) = serials(cfg, &source, &db).await.map_err(fail)? else { continue };
+            // A database created while it was down has no history there: its units create it.
+            let theirs = match serials(cfg, target, &db).await {
+                Ok(Some((t, _))) => t,
+                Ok(None) => BTreeSet::new(),
+                Err(e) if exists_on(cfg, target, &db).await.map_err(fail)? => return Err(fail(e)),
+                Err(_) => BTreeSet::new(),
+            };
+            let newest = theirs.last().copied().unwrap_or(0);
+            if pruned > newest {
+                return Err(CatchUpError::Gap(
+                    name.clone(),
+                    format!(
+                        "units after serial {newest} of database {db} were pruned from the history (history_retention = {:?})",
+                        cfg.history_retention
+                    ),
+                ));
+            }
+            let floor = have.first().copied().unwrap_or(0);
+            if exact {
+                if let Some(extra) = theirs.range(floor..).find(|s| !have.contains(s)) {
+                    return Err(CatchUpError::Diverged(
+                        name.clone(),
+                        format!("it holds unit {extra} of database {db}, which {} does not", source.name),
+                    ));
+                }
+            }
+            let missing: Vec<u64> = have.iter().filter(|s| !theirs.contains(s)).copied().collect();
+            out.insert(db, Gap { target: theirs, missing });
+        }
+        Ok((source, out))
+    }
+
+    /// Applies up to `most` of the missing units, all databases together in serial order.
+    async fn apply(
+        &mut self,
+        source: &Backend,
+        target: &Backend,
+        gaps: &BTreeMap<String, Gap>,
+        most: usize,
+    ) -> Result<(), CatchUpError> {
+        let name = &target.name;
+        let fail = |e: String| CatchUpError::Failed(name.clone(), e);
+        let mut order: Vec<(u64, &str)> =
+            gaps.iter().flat_map(|(db, g)| g.missing.iter().map(move |s| (*s, db.as_str()))).collect();
+        order.sort_unstable();
+        order.truncate(most);
+        for db in gaps.keys() {
+            // A database new to the target gets its history's home before its first unit.
+            if gaps[db].target.is_empty()
+                && order.iter().any(|(_, d)| d == db)
+                && exists_on(&self.shared.cfg, target, db).await.map_err(fail)?
+            {
+                crate::history::install(&self.shared.cfg, &target.host, target.port, db, self.history.key())
+                    .await
+                    .map_err(fail)?;
+            }
+        }
+        let cfg = &self.shared.cfg;
+        let mut conns: BTreeMap<&str, Client> = BTreeMap::new();
+        for chunk in order.chunks(BATCH) {
+            let mut entries: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+            for db in chunk.iter().map(|(_, d)| *d).collect::<BTreeSet<_>>() {
+                if !conns.contains_key(db) {
+                    conns.insert(db, connect(cfg, source, db).await.map_err(fail)?);
+                }
+                let wanted: Vec<i64> = chunk.iter().filter(|(_, d)| *d == db).map(|(s, _)| *s as i64).collect();
+                let rows = conns[db]
+                    .query("SELECT serial, unit FROM chorus.history WHERE serial = ANY($1)", &[&wanted])
+                    .await
+                    .map_err(|e| fail(cluster::pg_error(&e)))?;
+                entries.extend(rows.iter().map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, Vec<u8>>(1))));
+            }
+            let mut list: Vec<(u64, &[u8])> = Vec::with_capacity(chunk.len());
+            for (serial, db) in chunk {
+                let raw =
+                    entries.get(serial).ok_or_else(|| fail(format!("unit {serial} of {db} left {}'s history", source.name)))?;
+                list.push((*serial, raw));
+            }
+            let r = self.applier.apply_all(&list).await;
+            let n = match &r {
+                Ok(n) => *n,
+                Err(_) => 0,
+            };
+            self.units += n as u64;
+            metrics::counter!("chorus_catch_up_units_total").increment(n as u64);
+            if let Some((last, _)) = list.get(n.saturating_sub(1)).filter(|_| n > 0) {
+                target.set_applied(target.applied().max(*last));
+            }
+            match r {
+                Ok(_) => {}
+                Err(ApplyError::Failed(e)) => return Err(fail(e)),
+                Err(ApplyError::Differs(e)) => return Err(CatchUpError::Diverged(name.clone(), e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn connect(cfg: &crate::config::Config, b: &Backend, db: &str) -> Result<Client, String> {
+    Login::health(cfg, &b.host, b.port, db, "chorus-catch-up")
+        .connect()
+        .await
+        .map_err(|e| format!("{}: {}", b.name, cluster::pg_error(&e)))
+}
+
+/// A database's serials on `b` and the newest serial pruned there (None: no history there).
+async fn serials(cfg: &crate::config::Config, b: &Backend, db: &str) -> Result<Option<(BTreeSet<u64>, u64)>, String> {
+    let c = connect(cfg, b, db).await?;
+    let err = |e: tokio_postgres::Error| format!("{}: {}", b.name, cluster::pg_error(&e));
+    if !c.query_one(schema::EXISTS, &[]).await.map_err(err)?.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let rows = c.query("SELECT serial FROM chorus.history", &[]).await.map_err(err)?;
+    let pruned: i64 = c.query_one(schema::PRUNED, &[]).await.map_err(err)?.get(0);
+    Ok(Some((rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect(), pruned as u64)))
+}
+
+async fn exists_on(cfg: &crate::config::Config, b: &Backend, db: &str) -> Result<bool, String> {
+    let c = connect(cfg, b, &cfg.health_check_database).await?;
+    let row = c
+        .query_one("SELECT count(*) > 0 FROM pg_database WHERE datname = $1", &[&db])
+        .await
+        .map_err(|e| format!("{}: {}", b.name, cluster::pg_error(&e)))?;
+    Ok(row.get(0))
+}
+
+/// Ends the sessions Chorus had on the backend before it left: one that was cut off with a
+/// COMMIT unread would otherwise commit it while the units it lacks are being applied.
+async fn end_old_sessions(shared: &Shared, target: &Backend) -> Result<(), String> {
+    let cfg = &shared.cfg;
+    let c = connect(cfg, target, &cfg.health_check_database).await?;
+    let mut users: Vec<String> = cfg.users.iter().map(|u| u.name.clone()).collect();
+    users.push(cfg.health_user().name.clone());
+    c.execute(
+        "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity \
+         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND usename = ANY($1) \
+         AND application_name NOT LIKE 'chorus-%'",
+        &[&users],
+    )
+    .await
+    .map_err(|e| format!("{}: ending its old sessions: {}", target.name, cluster::pg_error(&e)))?;
+    Ok(())
+}
+
+/// Sequences are not transactional: a unit that ran on the backend before it left drew values
+/// that applying it again cannot give back. Equal, or the backend needs a join.
+async fn same_sequences(shared: &Shared, source: &Backend, target: &Backend, db: &str) -> Result<(), CatchUpError> {
+    let fail = |e: String| CatchUpError::Failed(target.name.clone(), e);
+    let (theirs, ours) = (sequences(shared, target, db).await.map_err(fail)?, sequences(shared, source, db).await.map_err(fail)?);
+    if theirs == ours {
+        return Ok(());
+    }
+    let differ: Vec<&String> = ours.iter().filter(|o| !theirs.contains(o)).map(|(n, _)| n).collect();
+    Err(CatchUpError::Diverged(
+        target.name.clone(),
+        format!("sequences {differ:?} of database {db} differ from {}'s after the units it lacked were applied", source.name),
+    ))
+}
+
+async fn sequences(shared: &Shared, b: &Backend, db: &str) -> Result<Vec<(String, Option<i64>)>, String> {
+    let c = connect(&shared.cfg, b, db).await?;
+    let rows = c
+        .query("SELECT format('%I.%I', schemaname, sequencename), last_value FROM pg_sequences ORDER BY 1", &[])
+        .await
+        .map_err(|e| format!("{}: {}", b.name, cluster::pg_error(&e)))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}

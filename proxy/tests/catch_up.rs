@@ -1,0 +1,230 @@
+//! Catch-up from the update history: a backend that left as `down` comes back without a copy,
+//! while clients keep writing; one whose gap was pruned, or that diverged, is refused.
+//!
+//! Each test says what the clients saw (pgbench's failed transactions, SQLSTATEs) and what
+//! the backends hold (pgbench's tables compared row by row, `chorus verify`, the histories'
+//! serials).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Waits until Chorus reports `name` in `state`, for at most `secs`; returns how long it took.
+async fn await_state(s: &Setup, name: &str, state: &str, secs: u64) -> Duration {
+    let t = Instant::now();
+    s.chorus
+        .wait_state(name, state, Duration::from_secs(secs))
+        .await
+        .unwrap_or_else(|e| panic!("{name} never {state}: {e}\n{:?}\n{}", s.chorus.states(), s.chorus.log()));
+    t.elapsed()
+}
+
+/// pgbench tpcb-like through Chorus at `rate` TPS for `secs` seconds, 8 clients.
+fn pgbench_load(s: &Setup, rate: u32, secs: u32) -> Child {
+    Command::new("pgbench")
+        .args(["-n", "-c", "8", "-j", "2", "-R", &rate.to_string(), "-T", &secs.to_string()])
+        .arg(s.chorus.conn_str(APP_USER, "postgres"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pgbench")
+}
+
+/// pgbench's own report: it ran to the end and no transaction failed.
+fn assert_no_client_error(load: Child) {
+    let out = load.wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "pgbench failed:\n{text}");
+    assert!(!text.contains("error"), "a client saw an error:\n{text}");
+    let processed = text.lines().find(|l| l.starts_with("number of transactions actually processed")).unwrap_or_default();
+    let failed =
+        text.lines().find(|l| l.starts_with("number of failed transactions")).unwrap_or("number of failed transactions: 0");
+    assert!(failed.contains(": 0"), "{failed}\n{text}");
+    eprintln!("pgbench: {processed}; {failed}");
+}
+
+/// The pgbench tables row by row, `chorus verify`, and the histories' serials: equal everywhere.
+async fn assert_all_equal(s: &Setup) {
+    s.assert_identical().await;
+    let (ok, out) = s.chorus.verify();
+    assert!(ok, "verify: {out}");
+}
+
+async fn init_pgbench(s: &Setup) {
+    let (ok, out) = sh(Command::new("pgbench").args(["-i", "-q", "-s", "4"]).arg(s.chorus.conn_str(APP_USER, "postgres")));
+    assert!(ok, "{out}");
+}
+
+/// The caught-up line's units and write pause.
+fn caught_up_line(log: &str) -> String {
+    log.lines().filter(|l| l.contains("caught up from the update history")).next_back().unwrap_or_default().to_string()
+}
+
+/// The issue's case: one of three backends killed (SIGKILL) under pgbench at 300 TPS and
+/// started again 60 s later. It comes back `in_sync` from the history, no dump; the clients
+/// see no error; every backend holds the same rows and the same history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_backend_is_caught_up_under_load() {
+    let mut s = Setup::new(3).await;
+    init_pgbench(&s).await;
+    let load = pgbench_load(&s, 300, 110);
+    // Until the load is under way: transactions in pgbench_history.
+    let _: i64 = await_row(&s.servers[0], "SELECT count(*) FROM pgbench_history HAVING count(*) > 100", &[], "no load").await;
+    s.servers[2].kill();
+    await_state(&s, "pg3", "down", 30).await;
+    // Down for a minute of writes: the scenario, not a wait for a condition.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    s.servers[2].restart().await.unwrap();
+    let back = await_state(&s, "pg3", "in_sync", 40).await;
+    let line = caught_up_line(&s.chorus.log());
+    eprintln!("pg3 back in sync {:.1} s after its restart: {line}", back.as_secs_f64());
+    assert!(line.contains("pg3"), "{}", s.chorus.log());
+    assert!(!s.chorus.log().contains("join phase"), "no join ran");
+    assert_no_client_error(load);
+    assert_all_equal(&s).await;
+}
+
+/// A backend stopped (SIGSTOP) past `backend_timeout` leaves as `down`; resumed, it is caught
+/// up the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_backend_is_caught_up_when_it_resumes() {
+    let s = Setup::with(3, ChorusOptions { extra: "backend_timeout = \"2s\"".into(), ..Default::default() }).await;
+    init_pgbench(&s).await;
+    let load = pgbench_load(&s, 300, 45);
+    let _: i64 = await_row(&s.servers[0], "SELECT count(*) FROM pgbench_history HAVING count(*) > 100", &[], "no load").await;
+    s.servers[1].pause();
+    await_state(&s, "pg2", "down", 30).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    s.servers[1].resume();
+    let back = await_state(&s, "pg2", "in_sync", 30).await;
+    eprintln!("pg2 back in sync {:.1} s after it resumed: {}", back.as_secs_f64(), caught_up_line(&s.chorus.log()));
+    assert_no_client_error(load);
+    assert_all_equal(&s).await;
+}
+
+/// Every shape of unit replays to identical data on a backend that was away: DDL, sequences,
+/// now() and uuids, COPY, prepared statements, autocommit and explicit transactions. The
+/// backend is stopped while idle and leaves at the next write (no unit half run there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shape_replays_to_identical_data() {
+    let s =
+        Setup::with(2, ChorusOptions { extra: "backend_timeout = \"2s\"\nauto_catch_up = false".into(), ..Default::default() })
+            .await;
+    let c = s.client().await;
+    c.batch_execute("CREATE TABLE flag (id int PRIMARY KEY, v int); INSERT INTO flag VALUES (1, 0)").await.unwrap();
+    s.servers[1].pause();
+    c.batch_execute("UPDATE flag SET v = 1").await.unwrap();
+    await_state(&s, "pg2", "down", 30).await;
+    // While it is away: every shape.
+    c.batch_execute(
+        "BEGIN; CREATE TABLE items (id serial PRIMARY KEY, tag uuid DEFAULT gen_random_uuid(), at timestamptz DEFAULT now(), name text); \
+         CREATE SEQUENCE tickets; COMMIT",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("INSERT INTO items (name) VALUES ('autocommit')").await.unwrap();
+    let st = c.prepare("INSERT INTO items (name) VALUES ($1) RETURNING id").await.unwrap();
+    for i in 0..20 {
+        let _ = c.query_one(&st, &[&format!("prepared {i}")]).await.unwrap();
+    }
+    let values: Vec<String> = (1..=50).map(|g| format!("('tx {g}')")).collect();
+    c.batch_execute(&format!("BEGIN; SELECT nextval('tickets'); INSERT INTO items (name) VALUES {}; COMMIT", values.join(", ")))
+        .await
+        .unwrap();
+    {
+        use futures::SinkExt;
+        let sink = c.copy_in("COPY items (name) FROM STDIN").await.unwrap();
+        futures::pin_mut!(sink);
+        let rows: String = (0..500).map(|i| format!("copied {i}\n")).collect();
+        sink.send(bytes::Bytes::from(rows)).await.unwrap();
+        sink.finish().await.unwrap();
+    }
+    c.batch_execute(
+        "ALTER TABLE items ADD COLUMN note text DEFAULT 'x'; UPDATE items SET note = md5(tag::text) WHERE id % 3 = 0",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("SELECT setval('tickets', 100); SELECT nextval('tickets')").await.unwrap();
+    s.servers[1].resume();
+    // Not on its own (auto_catch_up = false): on request.
+    let (ok, out) = s.chorus.chorusctl(&["catch-up", "pg2"]);
+    assert!(ok, "{out}\n{}", s.chorus.log());
+    assert!(out.contains("caught up from the update history"), "{out}");
+    assert_eq!(s.chorus.states()["pg2"], "in_sync");
+    let (_, backends) = s.chorus.chorusctl(&["backends"]);
+    assert!(backends.contains("SERIAL") && backends.contains("LAG UNITS"), "{backends}");
+    let n: i64 = c.query_one("SELECT count(*) FROM items", &[]).await.unwrap().get(0);
+    assert_eq!(n, 571);
+    assert_all_equal(&s).await;
+    // Sequences too: the next id is the same on both.
+    for srv in &s.servers {
+        let l = srv.local_client("postgres").await.unwrap();
+        let (a, b): (i64, i64) = {
+            let r = l.query_one("SELECT last_value, (SELECT last_value FROM tickets) FROM items_id_seq", &[]).await.unwrap();
+            (r.get(0), r.get(1))
+        };
+        assert_eq!((a, b), (571, 101), "port {}", srv.port());
+    }
+}
+
+/// A backend whose missing units were pruned is refused with one line saying it needs a join;
+/// a `diverged` backend is never caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_past_the_retention_or_a_diverged_backend_needs_a_join() {
+    let mut s = Setup::with(
+        3,
+        ChorusOptions { extra: "history_retention = \"1s\"\nbackend_timeout = \"5s\"".into(), ..Default::default() },
+    )
+    .await;
+    let c = s.client().await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v int); INSERT INTO t VALUES (1, 0), (2, 0)").await.unwrap();
+    s.servers[2].kill();
+    await_state(&s, "pg3", "down", 30).await;
+    // Writes until pg1's history has pruned units pg3 lacks: pg3's newest serial is below
+    // the newest pruned one.
+    let newest: i64 = {
+        let l = s.servers[0].local_client("postgres").await.unwrap();
+        l.query_one("SELECT max(serial) FROM chorus.history", &[]).await.unwrap().get(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        c.batch_execute("UPDATE t SET v = v + 1 WHERE id = 1").await.unwrap();
+        let l = s.servers[0].local_client("postgres").await.unwrap();
+        let pruned: i64 = l.query_one("SELECT coalesce((SELECT upto FROM chorus.pruned), 0)", &[]).await.unwrap().get(0);
+        if pruned > newest {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing was pruned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    s.servers[2].restart().await.unwrap();
+    // The automatic attempt, once it answers: refused in one line, and it stays down.
+    let refused =
+        |log: &str| log.lines().filter(|l| l.contains("catch-up did not complete") && l.contains("needs a join")).count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while refused(&s.chorus.log()) == 0 {
+        assert!(Instant::now() < deadline, "{}", s.chorus.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(s.chorus.states()["pg3"], "down");
+    assert!(s.chorus.log().contains("pruned from the history"), "{}", s.chorus.log());
+    // Asked by hand: refused with the reason, and it stays down.
+    let (ok, out) = s.chorus.chorusctl(&["catch-up", "pg3"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("pg3 needs a join") && out.contains("pruned"), "{out}");
+    assert_eq!(s.chorus.states()["pg3"], "down");
+    assert_eq!(refused(&s.chorus.log()), 2, "one line per attempt: the automatic one is not repeated");
+    // A diverged backend: pg2's row changed behind Chorus's back, caught by a write's rows.
+    s.servers[1].local_client("postgres").await.unwrap().batch_execute("UPDATE t SET v = 99 WHERE id = 2").await.unwrap();
+    let _ = c.query("UPDATE t SET v = v + 1 WHERE id = 2 RETURNING v", &[]).await.unwrap();
+    await_state(&s, "pg2", "diverged", 30).await;
+    let (ok, out) = s.chorus.chorusctl(&["catch-up", "pg2"]);
+    assert!(!ok && out.contains("pg2 is diverged") && out.contains("needs a join"), "{out}");
+    assert_eq!(s.chorus.states()["pg2"], "diverged");
+    assert_eq!(s.chorus.states()["pg1"], "in_sync");
+    let (ok, out) = s.chorus.verify();
+    assert!(ok, "{out}");
+}
