@@ -70,7 +70,7 @@ fn caught_up_line(log: &str) -> String {
 async fn a_killed_backend_is_caught_up_under_load() {
     let mut s = Setup::new(3).await;
     init_pgbench(&s).await;
-    let load = pgbench_load(&s, 300, 110);
+    let load = pgbench_load(&s, 300, 180);
     // Until the load is under way: transactions in pgbench_history.
     let _: i64 = await_row(&s.servers[0], "SELECT count(*) FROM pgbench_history HAVING count(*) > 100", &[], "no load").await;
     s.servers[2].kill();
@@ -78,7 +78,8 @@ async fn a_killed_backend_is_caught_up_under_load() {
     // Down for a minute of writes: the scenario, not a wait for a condition.
     tokio::time::sleep(Duration::from_secs(60)).await;
     s.servers[2].restart().await.unwrap();
-    let back = await_state(&s, "pg3", "in_sync", 40).await;
+    // A debug build under the whole test suite applies about 700 units a second net.
+    let back = await_state(&s, "pg3", "in_sync", 110).await;
     let line = caught_up_line(&s.chorus.log());
     eprintln!("pg3 back in sync {:.1} s after its restart: {line}", back.as_secs_f64());
     assert!(line.contains("pg3"), "{}", s.chorus.log());

@@ -45,6 +45,8 @@ pub struct Backend {
     /// The newest serial of the update history it is known to hold: set when it leaves the
     /// in-sync set and as a catch-up applies units (0: not known).
     applied: std::sync::atomic::AtomicU64,
+    /// See `StateRecord::catch_up`.
+    catch_up: AtomicBool,
 }
 
 impl Backend {
@@ -81,6 +83,11 @@ impl Backend {
         self.serves_reads.store(yes, Ordering::Release);
     }
 
+    /// It left the in-sync set as `down` and may be caught up from the update history.
+    pub fn may_catch_up(&self) -> bool {
+        self.catch_up.load(Ordering::Acquire)
+    }
+
     pub fn applied(&self) -> u64 {
         self.applied.load(Ordering::Acquire)
     }
@@ -89,7 +96,8 @@ impl Backend {
         self.applied.store(serial, Ordering::Release);
     }
 
-    fn new(idx: usize, name: &str, host: &str, port: u16, state: BackendState, reason: String, added: bool) -> Backend {
+    #[allow(clippy::too_many_arguments)]
+    fn new(idx: usize, name: &str, host: &str, port: u16, state: BackendState, reason: String, added: bool, catch_up: bool) -> Backend {
         Backend {
             idx,
             name: name.to_string(),
@@ -104,6 +112,7 @@ impl Backend {
             version: Mutex::new(String::new()),
             last_check: tokio::sync::Mutex::new(None),
             applied: std::sync::atomic::AtomicU64::new(0),
+            catch_up: AtomicBool::new(catch_up),
         }
     }
 }
@@ -163,12 +172,13 @@ impl Cluster {
                     "added to the configuration after the cluster was formed; bring it in with a join".to_string(),
                 ),
             };
-            backends.push(Arc::new(Backend::new(backends.len(), &b.name, &b.host, b.port, state, reason, false)));
+            let catch_up = saved.get(&b.name).is_some_and(|r| r.catch_up);
+            backends.push(Arc::new(Backend::new(backends.len(), &b.name, &b.host, b.port, state, reason, false, catch_up)));
         }
         for (name, r) in &saved {
             if let (Some((host, port)), false) = (&r.address, cfg.backends.iter().any(|b| &b.name == name)) {
                 let (state, reason) = interrupted(r);
-                backends.push(Arc::new(Backend::new(backends.len(), name, host, *port, state, reason, true)));
+                backends.push(Arc::new(Backend::new(backends.len(), name, host, *port, state, reason, true, r.catch_up)));
             }
         }
         if backends.len() > MAX_BACKENDS {
@@ -231,7 +241,7 @@ impl Cluster {
                 }
                 // Written to the file below before anything routes by it: a new entry takes no
                 // traffic until it is in sync.
-                let b = Arc::new(Backend::new(guard.len(), name, host, port, BackendState::Joining, String::new(), true));
+                let b = Arc::new(Backend::new(guard.len(), name, host, port, BackendState::Joining, String::new(), true, false));
                 let mut list = (**guard).clone();
                 list.push(b.clone());
                 *guard = Arc::new(list);
@@ -239,7 +249,7 @@ impl Cluster {
             }
         };
         b.set_serves_reads(false);
-        self.change(&store, &b, BackendState::Joining, "joining")?;
+        self.change(&store, &b, BackendState::Joining, "joining", false)?;
         Ok(b)
     }
 
@@ -262,7 +272,7 @@ impl Cluster {
             tracing::error!(backend = %b.name, %reason, "the last in-sync backend failed; it stays in sync and clients get 08006 until it answers");
             return false;
         }
-        if let Err(e) = self.change(&store, b, to, reason) {
+        if let Err(e) = self.change(&store, b, to, reason, false) {
             tracing::error!(error = %e, backend = %b.name, "could not record the ejection; the backend leaves the in-sync set in memory only");
             b.state.store(to as u8, Ordering::Release);
         }
@@ -274,10 +284,20 @@ impl Cluster {
     /// Sets a backend's state: by operator decision (the `chorus set-state` command), or by a
     /// join or removal. Entering the in-sync set bumps the membership epoch.
     pub fn set_state(&self, name: &str, to: BackendState, reason: &str) -> Result<(), ClusterError> {
+        self.set_state_as(name, to, reason, false)
+    }
+
+    /// A catch-up's own steps (`joining` while it runs, `down` again if it fails): the
+    /// backend stays one the history can bring back.
+    pub fn set_state_catching_up(&self, name: &str, to: BackendState, reason: &str) -> Result<(), ClusterError> {
+        self.set_state_as(name, to, reason, true)
+    }
+
+    fn set_state_as(&self, name: &str, to: BackendState, reason: &str, keep: bool) -> Result<(), ClusterError> {
         let b = self.backend(name).ok_or_else(|| ClusterError::NoSuchBackend(name.to_string()))?;
         let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         let was = b.state();
-        self.change(&store, &b, to, reason)?;
+        self.change(&store, &b, to, reason, keep)?;
         if was != to {
             tracing::info!(backend = %name, from = %was, to = %to, %reason, "backend state changed");
         }
@@ -286,13 +306,18 @@ impl Cluster {
 
     /// Writes `b`'s new state to the file, then makes it take effect (G8: a state is on disk
     /// before anybody acts on it). The caller holds the store's lock.
-    fn change(&self, store: &StateStore, b: &Backend, to: BackendState, reason: &str) -> Result<(), ClusterError> {
+    fn change(&self, store: &StateStore, b: &Backend, to: BackendState, reason: &str, keep: bool) -> Result<(), ClusterError> {
         let mut records = self.records();
+        // Leaving the in-sync set as down makes a backend one the history can bring back; a
+        // catch-up keeps that through its own steps; anything else (a join replacing its
+        // data, an ejection for a difference) ends it.
+        let catch_up = (to == BackendState::Down && b.state() == BackendState::InSync) || (keep && b.may_catch_up() && matches!(to, BackendState::Down | BackendState::Joining));
         records.insert(
             b.name.clone(),
-            StateRecord { state: to, reason: reason.to_string(), address: b.added.then(|| (b.host.clone(), b.port)) },
+            StateRecord { state: to, reason: reason.to_string(), address: b.added.then(|| (b.host.clone(), b.port)), catch_up },
         );
         store.save(&records)?;
+        b.catch_up.store(catch_up, Ordering::Release);
         let was = BackendState::from_u8(b.state.swap(to as u8, Ordering::AcqRel));
         if let Ok(mut r) = b.reason.lock() {
             *r = reason.to_string();
@@ -323,7 +348,7 @@ impl Cluster {
             .iter()
             .map(|b| {
                 let address = b.added.then(|| (b.host.clone(), b.port));
-                (b.name.clone(), StateRecord { state: b.state(), reason: b.reason(), address })
+                (b.name.clone(), StateRecord { state: b.state(), reason: b.reason(), address, catch_up: b.may_catch_up() })
             })
             .collect()
     }

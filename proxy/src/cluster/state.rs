@@ -78,6 +78,10 @@ pub struct StateRecord {
     /// Set for a backend that joined through the admin API and is not in the config file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<(String, u16)>,
+    /// It left the in-sync set as `down` and holds every unit up to where it left, so the
+    /// update history can bring it back (false for a newcomer whose join did not finish).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub catch_up: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -145,10 +149,10 @@ mod tests {
         let store = StateStore::open(dir.path()).unwrap();
         assert_eq!(store.load().unwrap(), None);
         let mut m = BTreeMap::new();
-        m.insert("pg1".to_string(), StateRecord { state: BackendState::InSync, reason: String::new(), address: None });
+        m.insert("pg1".to_string(), StateRecord { state: BackendState::InSync, reason: String::new(), address: None, catch_up: false });
         m.insert(
             "pg2".to_string(),
-            StateRecord { state: BackendState::Diverged, reason: "UPDATE 1 vs UPDATE 2".into(), address: Some(("h".into(), 5)) },
+            StateRecord { state: BackendState::Diverged, reason: "UPDATE 1 vs UPDATE 2".into(), address: Some(("h".into(), 5)), catch_up: true },
         );
         store.save(&m).unwrap();
         assert_eq!(store.load().unwrap(), Some(m));

@@ -26,6 +26,11 @@ pub struct Recovered {
 /// counter after the newest. A backend that cannot be given a unit leaves the in-sync set.
 pub async fn recover(cfg: &Config, cluster: &Cluster, history: &History) -> Result<Recovered, String> {
     let mut done = Recovered::default();
+    for b in cluster.in_sync() {
+        if let Err(e) = settle(cfg, &b).await {
+            tracing::warn!(backend = %b.name, error = %e, "cannot wait for the last Chorus's transactions to end");
+        }
+    }
     // A unit may create a database whose own units come after it: go again while units were
     // applied (a few rounds at most).
     for _ in 0..4 {
@@ -59,6 +64,42 @@ async fn databases(cfg: &Config, cluster: &Cluster) -> Result<Vec<String>, Strin
         return Ok(rows.iter().map(|r| r.get(0)).collect());
     }
     Err(format!("cannot list databases for recovery: {last}"))
+}
+
+/// Waits until no session of Chorus's users is inside a transaction on `b` (at most 5 s),
+/// then ends those still inside one. A session the last Chorus left with a COMMIT unread
+/// would otherwise commit it while the unit is being applied there too. Sessions outside a
+/// transaction (an operator's psql, say) are left alone.
+pub async fn settle(cfg: &Config, b: &Backend) -> Result<(), String> {
+    let c = Login::health(cfg, &b.host, b.port, &cfg.health_check_database, "chorus-recovery")
+        .connect()
+        .await
+        .map_err(|e| crate::cluster::pg_error(&e))?;
+    let mut users: Vec<String> = cfg.users.iter().map(|u| u.name.clone()).collect();
+    users.push(cfg.health_user().name.clone());
+    const IN_TX: &str = "FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
+                         AND usename = ANY($1) AND application_name NOT LIKE 'chorus-%' AND xact_start IS NOT NULL";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let n: i64 = c
+            .query_one(&format!("SELECT count(*) {IN_TX}"), &[&users])
+            .await
+            .map_err(|e| crate::cluster::pg_error(&e))?
+            .get(0);
+        if n == 0 {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let ended = c
+        .execute(&format!("SELECT pg_terminate_backend(pid, 10000) {IN_TX}"), &[&users])
+        .await
+        .map_err(|e| crate::cluster::pg_error(&e))?;
+    tracing::warn!(backend = %b.name, sessions = ended, "ended sessions still inside a transaction of the last Chorus");
+    Ok(())
 }
 
 /// One backend's serials in `db` (None: it has no history there).

@@ -38,6 +38,8 @@ pub enum CatchUpError {
     NoSuchBackend(String),
     #[error("{0} is {1}, not down: {2}")]
     NotDown(String, BackendState, &'static str),
+    #[error("{0} has not been in sync since its data was last replaced (a join that did not finish, or added later): it needs a join")]
+    NotMember(String),
     #[error("{0}")]
     Busy(String),
     /// The units it lacks are no longer in the history: a join is needed.
@@ -94,7 +96,7 @@ pub fn spawn_watch(shared: Arc<Shared>) {
                     retry.remove(&b.name);
                     continue;
                 }
-                if !cfg.auto_catch_up || refused.contains(&b.name) {
+                if !cfg.auto_catch_up || !b.may_catch_up() || refused.contains(&b.name) {
                     continue;
                 }
                 if retry.get(&b.name).is_some_and(|(at, _)| Instant::now() < *at) {
@@ -136,6 +138,9 @@ pub async fn catch_up(shared: Arc<Shared>, name: &str) -> Result<CatchUpReport, 
         s @ BackendState::InSync => return Err(CatchUpError::NotDown(name.into(), s, "nothing to do")),
         s => return Err(CatchUpError::NotDown(name.into(), s, "only a down backend is caught up")),
     }
+    if !target.may_catch_up() {
+        return Err(CatchUpError::NotMember(name.into()));
+    }
     let _one = shared.catch_up.try_lock().map_err(|_| CatchUpError::Busy("another catch-up is under way".into()))?;
     if shared.joins.running() {
         return Err(CatchUpError::Busy("a join is under way; catch up after it".into()));
@@ -143,7 +148,7 @@ pub async fn catch_up(shared: Arc<Shared>, name: &str) -> Result<CatchUpReport, 
     cluster::probe(&shared.cfg, &target, shared.cfg.health_check_timeout)
         .await
         .map_err(|e| CatchUpError::Failed(name.into(), format!("it does not answer: {e}")))?;
-    let set = |to: BackendState, why: &str| shared.cluster.set_state(name, to, why);
+    let set = |to: BackendState, why: &str| shared.cluster.set_state_catching_up(name, to, why);
     set(BackendState::Joining, "catching up from the update history")
         .map_err(|e| CatchUpError::Failed(name.into(), e.to_string()))?;
     tracing::info!(backend = %name, "catch-up from the update history started");
@@ -203,7 +208,7 @@ impl Job<'_> {
     async fn run(&mut self, target: &Arc<Backend>) -> Result<(usize, Duration), CatchUpError> {
         let name = target.name.clone();
         let fail = |e: String| CatchUpError::Failed(name.clone(), e);
-        end_old_sessions(self.shared, target).await.map_err(fail)?;
+        crate::history::recover::settle(&self.shared.cfg, target).await.map_err(fail)?;
         let mut rounds = 0;
         loop {
             rounds += 1;
@@ -386,24 +391,6 @@ async fn exists_on(cfg: &crate::config::Config, b: &Backend, db: &str) -> Result
         .await
         .map_err(|e| format!("{}: {}", b.name, cluster::pg_error(&e)))?;
     Ok(row.get(0))
-}
-
-/// Ends the sessions Chorus had on the backend before it left: one that was cut off with a
-/// COMMIT unread would otherwise commit it while the units it lacks are being applied.
-async fn end_old_sessions(shared: &Shared, target: &Backend) -> Result<(), String> {
-    let cfg = &shared.cfg;
-    let c = connect(cfg, target, &cfg.health_check_database).await?;
-    let mut users: Vec<String> = cfg.users.iter().map(|u| u.name.clone()).collect();
-    users.push(cfg.health_user().name.clone());
-    c.execute(
-        "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity \
-         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND usename = ANY($1) \
-         AND application_name NOT LIKE 'chorus-%'",
-        &[&users],
-    )
-    .await
-    .map_err(|e| format!("{}: ending its old sessions: {}", target.name, cluster::pg_error(&e)))?;
-    Ok(())
 }
 
 /// Sequences are not transactional: a unit that ran on the backend before it left drew values
