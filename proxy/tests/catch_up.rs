@@ -60,7 +60,7 @@ async fn init_pgbench(s: &Setup) {
 
 /// The caught-up line's units and write pause.
 fn caught_up_line(log: &str) -> String {
-    log.lines().filter(|l| l.contains("caught up from the update history")).next_back().unwrap_or_default().to_string()
+    log.lines().rfind(|l| l.contains("caught up from the update history")).unwrap_or_default().to_string()
 }
 
 /// The case: one of three backends killed (SIGKILL) under pgbench at 300 TPS and

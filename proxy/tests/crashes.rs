@@ -19,7 +19,6 @@ use std::time::Duration;
 use common::*;
 use futures::SinkExt;
 
-
 const SESSIONS: i32 = 16;
 const ACCOUNTS: i32 = 200;
 

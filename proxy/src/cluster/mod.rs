@@ -97,7 +97,16 @@ impl Backend {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn new(idx: usize, name: &str, host: &str, port: u16, state: BackendState, reason: String, added: bool, catch_up: bool) -> Backend {
+    fn new(
+        idx: usize,
+        name: &str,
+        host: &str,
+        port: u16,
+        state: BackendState,
+        reason: String,
+        added: bool,
+        catch_up: bool,
+    ) -> Backend {
         Backend {
             idx,
             name: name.to_string(),
@@ -311,7 +320,8 @@ impl Cluster {
         // Leaving the in-sync set as down makes a backend one the history can bring back; a
         // catch-up keeps that through its own steps; anything else (a join replacing its
         // data, an ejection for a difference) ends it.
-        let catch_up = (to == BackendState::Down && b.state() == BackendState::InSync) || (keep && b.may_catch_up() && matches!(to, BackendState::Down | BackendState::Joining));
+        let catch_up = (to == BackendState::Down && b.state() == BackendState::InSync)
+            || (keep && b.may_catch_up() && matches!(to, BackendState::Down | BackendState::Joining));
         records.insert(
             b.name.clone(),
             StateRecord { state: to, reason: reason.to_string(), address: b.added.then(|| (b.host.clone(), b.port)), catch_up },

@@ -149,10 +149,18 @@ mod tests {
         let store = StateStore::open(dir.path()).unwrap();
         assert_eq!(store.load().unwrap(), None);
         let mut m = BTreeMap::new();
-        m.insert("pg1".to_string(), StateRecord { state: BackendState::InSync, reason: String::new(), address: None, catch_up: false });
+        m.insert(
+            "pg1".to_string(),
+            StateRecord { state: BackendState::InSync, reason: String::new(), address: None, catch_up: false },
+        );
         m.insert(
             "pg2".to_string(),
-            StateRecord { state: BackendState::Diverged, reason: "UPDATE 1 vs UPDATE 2".into(), address: Some(("h".into(), 5)), catch_up: true },
+            StateRecord {
+                state: BackendState::Diverged,
+                reason: "UPDATE 1 vs UPDATE 2".into(),
+                address: Some(("h".into(), 5)),
+                catch_up: true,
+            },
         );
         store.save(&m).unwrap();
         assert_eq!(store.load().unwrap(), Some(m));

@@ -81,11 +81,8 @@ pub async fn settle(cfg: &Config, b: &Backend) -> Result<(), String> {
                          AND usename = ANY($1) AND application_name NOT LIKE 'chorus-%' AND xact_start IS NOT NULL";
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        let n: i64 = c
-            .query_one(&format!("SELECT count(*) {IN_TX}"), &[&users])
-            .await
-            .map_err(|e| crate::cluster::pg_error(&e))?
-            .get(0);
+        let n: i64 =
+            c.query_one(&format!("SELECT count(*) {IN_TX}"), &[&users]).await.map_err(|e| crate::cluster::pg_error(&e))?.get(0);
         if n == 0 {
             return Ok(());
         }

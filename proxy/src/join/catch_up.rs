@@ -38,7 +38,9 @@ pub enum CatchUpError {
     NoSuchBackend(String),
     #[error("{0} is {1}, not down: {2}")]
     NotDown(String, BackendState, &'static str),
-    #[error("{0} has not been in sync since its data was last replaced (a join that did not finish, or added later): it needs a join")]
+    #[error(
+        "{0} has not been in sync since its data was last replaced (a join that did not finish, or added later): it needs a join"
+    )]
     NotMember(String),
     #[error("{0}")]
     Busy(String),
