@@ -9,7 +9,7 @@
 # pg3 stopped with `pg_ctl -m immediate` (a crash: no checkpoint, its connections cut); `down`
 # seconds later started again; the time from its start to `in_sync` (polled every 0.1 s), the
 # units Chorus applied and its write pause (from Chorus's log line), pgbench's failed
-# transactions, and `chorusctl verify`.
+# transactions, and `chorusctl verify`. Chorus's log is left in /tmp/chorus-catchup-bench.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 down=${1:-60} rate=${2:-300} scale=${3:-10} rounds=${4:-1}
@@ -20,6 +20,7 @@ chmod 755 "$work"
 as_pg() { if [[ $(id -u) == 0 ]]; then su postgres -s /bin/bash -c "$*"; else bash -c "$*"; fi; }
 pids=()
 cleanup() {
+  cp "$work/chorus.log" /tmp/chorus-catchup-bench.log 2>/dev/null || true
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for n in 1 2 3; do as_pg "$PGBIN/pg_ctl -D $work/pg$n -m immediate stop" >/dev/null 2>&1 || true; done
   rm -rf "$work"
@@ -59,7 +60,7 @@ for r in $(seq "$rounds"); do
   t0=$(date +%s.%N)
   wait_state in_sync 120
   t1=$(date +%s.%N)
-  wait "$bench"
+  wait "$bench" || grep -m5 -E "error|abort|FATAL" "$work/pgbench.$r" >&2 || true
   line=$(grep "caught up from the update history" "$work/chorus.log" | tail -1)
   units=$(sed -n 's/.* units=\([0-9]*\).*/\1/p' <<<"$line")
   pause=$(sed -n 's/.* attach_pause_ms=\([0-9.]*\).*/\1/p' <<<"$line")

@@ -155,8 +155,13 @@ pub async fn catch_up(shared: Arc<Shared>, name: &str) -> Result<CatchUpReport, 
         .map_err(|e| CatchUpError::Failed(name.into(), e.to_string()))?;
     tracing::info!(backend = %name, "catch-up from the update history started");
     let started = Instant::now();
-    let mut job =
-        Job { shared: &shared, history: &history, applier: Applier::new(&shared.cfg, &history, target.clone()), units: 0 };
+    let mut job = Job {
+        shared: &shared,
+        history: &history,
+        applier: Applier::new(&shared.cfg, &history, target.clone()),
+        units: 0,
+        clients: Clients::default(),
+    };
     let r = job.run(&target).await;
     metrics::counter!("chorus_catch_ups_total", "outcome" => outcome(&r)).increment(1);
     match r {
@@ -204,6 +209,24 @@ struct Job<'a> {
     history: &'a History,
     applier: Applier<'a>,
     units: u64,
+    clients: Clients,
+}
+
+/// Chorus's own connections to the source and the target, per database, kept for the whole
+/// catch-up: the attach step's write pause then costs queries, not logins.
+#[derive(Default)]
+struct Clients(HashMap<(String, String), Arc<Client>>);
+
+impl Clients {
+    async fn get(&mut self, cfg: &crate::config::Config, b: &Backend, db: &str) -> Result<Arc<Client>, String> {
+        let key = (b.name.clone(), db.to_string());
+        if let Some(c) = self.0.get(&key).filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(connect(cfg, b, db).await?);
+        self.0.insert(key, c.clone());
+        Ok(c)
+    }
 }
 
 impl Job<'_> {
@@ -234,7 +257,7 @@ impl Job<'_> {
             let (source, gaps) = self.gaps(target, true).await?;
             self.apply(&source, target, &gaps, usize::MAX).await?;
             for db in gaps.keys() {
-                same_sequences(self.shared, &source, target, db).await?;
+                self.same_sequences(&source, target, db).await?;
             }
             target.set_applied(self.history.last_serial());
             target.set_serves_reads(true);
@@ -252,13 +275,13 @@ impl Job<'_> {
 
     /// Per database of the source (the lead), what the target lacks. `exact`: under the write
     /// pause, where a unit the target holds and the source does not means it diverged.
-    async fn gaps(&self, target: &Backend, exact: bool) -> Result<(Arc<Backend>, BTreeMap<String, Gap>), CatchUpError> {
+    async fn gaps(&mut self, target: &Backend, exact: bool) -> Result<(Arc<Backend>, BTreeMap<String, Gap>), CatchUpError> {
         let name = &target.name;
         let fail = |e: String| CatchUpError::Failed(name.clone(), e);
         let source =
             self.shared.cluster.in_sync().into_iter().next().ok_or_else(|| fail("no in-sync backend to read from".into()))?;
         let cfg = &self.shared.cfg;
-        let src = connect(cfg, &source, &cfg.health_check_database).await.map_err(fail)?;
+        let src = self.clients.get(cfg, &source, &cfg.health_check_database).await.map_err(fail)?;
         let dbs: Vec<String> = src
             .query("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1", &[])
             .await
@@ -268,11 +291,11 @@ impl Job<'_> {
             .collect();
         let mut out = BTreeMap::new();
         for db in dbs {
-            let Some((have, pruned)) = serials(cfg, &source, &db).await.map_err(fail)? else { continue };
+            let c = self.clients.get(cfg, &source, &db).await.map_err(fail)?;
+            let Some((have, pruned)) = serials(&c, &source).await.map_err(fail)? else { continue };
             // A database created while it was down has no history there: its units create it.
-            let theirs = match serials(cfg, target, &db).await {
-                Ok(Some((t, _))) => t,
-                Ok(None) => BTreeSet::new(),
+            let theirs = match self.clients.get(cfg, target, &db).await {
+                Ok(c) => serials(&c, target).await.map_err(fail)?.map(|(t, _)| t).unwrap_or_default(),
                 Err(e) if exists_on(cfg, target, &db).await.map_err(fail)? => return Err(fail(e)),
                 Err(_) => BTreeSet::new(),
             };
@@ -327,15 +350,12 @@ impl Job<'_> {
             }
         }
         let cfg = &self.shared.cfg;
-        let mut conns: BTreeMap<&str, Client> = BTreeMap::new();
         for chunk in order.chunks(BATCH) {
             let mut entries: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
             for db in chunk.iter().map(|(_, d)| *d).collect::<BTreeSet<_>>() {
-                if !conns.contains_key(db) {
-                    conns.insert(db, connect(cfg, source, db).await.map_err(fail)?);
-                }
+                let c = self.clients.get(cfg, source, db).await.map_err(fail)?;
                 let wanted: Vec<i64> = chunk.iter().filter(|(_, d)| *d == db).map(|(s, _)| *s as i64).collect();
-                let rows = conns[db]
+                let rows = c
                     .query("SELECT serial, unit FROM chorus.history WHERE serial = ANY($1)", &[&wanted])
                     .await
                     .map_err(|e| fail(cluster::pg_error(&e)))?;
@@ -375,8 +395,7 @@ async fn connect(cfg: &crate::config::Config, b: &Backend, db: &str) -> Result<C
 }
 
 /// A database's serials on `b` and the newest serial pruned there (None: no history there).
-async fn serials(cfg: &crate::config::Config, b: &Backend, db: &str) -> Result<Option<(BTreeSet<u64>, u64)>, String> {
-    let c = connect(cfg, b, db).await?;
+async fn serials(c: &Client, b: &Backend) -> Result<Option<(BTreeSet<u64>, u64)>, String> {
     let err = |e: tokio_postgres::Error| format!("{}: {}", b.name, cluster::pg_error(&e));
     if !c.query_one(schema::EXISTS, &[]).await.map_err(err)?.get::<_, bool>(0) {
         return Ok(None);
@@ -395,23 +414,28 @@ async fn exists_on(cfg: &crate::config::Config, b: &Backend, db: &str) -> Result
     Ok(row.get(0))
 }
 
-/// Sequences are not transactional: a unit that ran on the backend before it left drew values
-/// that applying it again cannot give back. Equal, or the backend needs a join.
-async fn same_sequences(shared: &Shared, source: &Backend, target: &Backend, db: &str) -> Result<(), CatchUpError> {
-    let fail = |e: String| CatchUpError::Failed(target.name.clone(), e);
-    let (theirs, ours) = (sequences(shared, target, db).await.map_err(fail)?, sequences(shared, source, db).await.map_err(fail)?);
-    if theirs == ours {
-        return Ok(());
+impl Job<'_> {
+    /// Sequences are not transactional: a unit that ran on the backend before it left drew
+    /// values that applying it again cannot give back. Equal, or the backend needs a join.
+    async fn same_sequences(&mut self, source: &Backend, target: &Backend, db: &str) -> Result<(), CatchUpError> {
+        let fail = |e: String| CatchUpError::Failed(target.name.clone(), e);
+        let cfg = &self.shared.cfg;
+        let (t, s) =
+            (self.clients.get(cfg, target, db).await.map_err(fail)?, self.clients.get(cfg, source, db).await.map_err(fail)?);
+        let theirs = sequences(&t, target).await.map_err(fail)?;
+        let ours = sequences(&s, source).await.map_err(fail)?;
+        if theirs == ours {
+            return Ok(());
+        }
+        let differ: Vec<&String> = ours.iter().filter(|o| !theirs.contains(o)).map(|(n, _)| n).collect();
+        Err(CatchUpError::Diverged(
+            target.name.clone(),
+            format!("sequences {differ:?} of database {db} differ from {}'s after the units it lacked were applied", source.name),
+        ))
     }
-    let differ: Vec<&String> = ours.iter().filter(|o| !theirs.contains(o)).map(|(n, _)| n).collect();
-    Err(CatchUpError::Diverged(
-        target.name.clone(),
-        format!("sequences {differ:?} of database {db} differ from {}'s after the units it lacked were applied", source.name),
-    ))
 }
 
-async fn sequences(shared: &Shared, b: &Backend, db: &str) -> Result<Vec<(String, Option<i64>)>, String> {
-    let c = connect(&shared.cfg, b, db).await?;
+async fn sequences(c: &Client, b: &Backend) -> Result<Vec<(String, Option<i64>)>, String> {
     let rows = c
         .query("SELECT format('%I.%I', schemaname, sequencename), last_value FROM pg_sequences ORDER BY 1", &[])
         .await
