@@ -91,7 +91,6 @@ async fn a_killed_backend_is_caught_up_under_load() {
 /// A backend stopped (SIGSTOP) past `backend_timeout` leaves as `down`; resumed, it is caught
 /// up the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open finding: under the whole suite's CPU load the pgbench load once stalled after pg2's ejection (27 units in 10 s) and the attach pause could not be taken; passes alone and beside the join suite. Run with --ignored"]
 async fn a_stopped_backend_is_caught_up_when_it_resumes() {
     let s = Setup::with(3, ChorusOptions { extra: "backend_timeout = \"2s\"".into(), ..Default::default() }).await;
     init_pgbench(&s).await;

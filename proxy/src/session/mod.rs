@@ -648,6 +648,17 @@ impl Session {
         if ev.timer {
             self.on_timer()?;
         }
+        // A request held until those in flight are answered goes once they are, whichever
+        // event answered the last one: a reply, a backend's timeout (the timer), a lost
+        // connection. (Found when a COMMIT waited for a stopped backend's timeout and then
+        // for nothing, holding its locks.)
+        if !ev.backend_data
+            && (self.membership_wait || self.idle_wait || self.reconnect_due || self.wrap_open)
+            && self.pending.is_empty()
+            && !self.cbuf.is_empty()
+        {
+            self.on_client_data()?;
+        }
         if ev.shutdown {
             self.shutting_down = true;
         }
