@@ -587,3 +587,31 @@ async fn when_every_backend_fails_at_once_the_last_stays_in_sync_and_serves_agai
     let (ok, out) = s.chorus.verify();
     assert!(ok, "{out}");
 }
+
+/// A COMMIT that arrives while the transaction's last write is still in flight waits until
+/// every backend has answered that write. A backend that stops answering (SIGSTOP) leaves
+/// after `backend_timeout`, and the COMMIT then goes at once: it used to wait for an event
+/// that never came, holding its write locks until idle_in_transaction_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_behind_a_stopped_backend_goes_when_it_times_out() {
+    let s = setup(2, "backend_timeout = \"1s\"", PgOptions::default()).await;
+    let c = s.client().await;
+    c.batch_execute("BEGIN; UPDATE acct SET bal = bal - 5 WHERE id = 1").await.unwrap();
+    s.servers[1].pause();
+    // Two Query messages back to back: the COMMIT is read while the UPDATE waits for pg2.
+    let write = c.simple_query("UPDATE acct SET bal = bal + 5 WHERE id = 2");
+    let commit = c.batch_execute("COMMIT");
+    let (write, commit) =
+        tokio::time::timeout(Duration::from_secs(20), futures::future::join(write, commit)).await.expect("the COMMIT never went");
+    write.unwrap();
+    commit.unwrap();
+    s.wait_state("pg2", "down").await;
+    let l = s.servers[0].local_client("postgres").await.unwrap();
+    let bal: Vec<i64> =
+        l.query("SELECT bal FROM acct WHERE id IN (1, 2) ORDER BY id", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(bal, [995, 1005]);
+    // Resumed, pg2 is caught up from the update history; then every backend is equal.
+    s.servers[1].resume();
+    s.wait_state("pg2", "in_sync").await;
+    assert_in_sync_and_equal(&s, 2).await;
+}
