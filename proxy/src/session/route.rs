@@ -916,12 +916,12 @@ impl Router {
         self.parse_frames.values()
     }
 
-    /// COPY FROM STDIN data is streaming: what was sent cannot be sent again.
     /// An extended batch is open: its Sync is still to come.
     pub fn batch_open(&self) -> bool {
         self.batch.is_some()
     }
 
+    /// COPY FROM STDIN data is streaming: what was sent cannot be sent again.
     pub fn copy_in_progress(&self) -> bool {
         self.copy.is_some()
     }
