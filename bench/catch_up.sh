@@ -5,7 +5,8 @@
 #   bench/catch_up.sh [down] [rate] [scale] [rounds]      (default 60 300 10 1)
 #
 # Starts three fresh PostgreSQL servers (ports 57101-57103) and Chorus (release build) over
-# them, loads pgbench at `scale`, then per round: pgbench tpcb-like at `rate` TPS, 8 clients;
+# them, loads pgbench at `scale`, then per round: pgbench tpcb-like at `rate` TPS, 8 clients,
+# for `down` + 100 s (so the catch-up and its pause happen under the load);
 # pg3 stopped with `pg_ctl -m immediate` (a crash: no checkpoint, its connections cut); `down`
 # seconds later started again; the time from its start to `in_sync` (polled every 0.1 s), the
 # units Chorus applied and its write pause (from Chorus's log line), pgbench's failed
@@ -50,7 +51,7 @@ wait_state() { # state timeout_s
 }
 printf '%-6s %10s %8s %12s %10s %8s %s\n' round back_s units attach_ms tps failed verify
 for r in $(seq "$rounds"); do
-  pgbench -n -c 8 -j 2 -R "$rate" -T $((down + 45)) -h 127.0.0.1 -p 6461 -U postgres postgres >"$work/pgbench.$r" 2>&1 &
+  pgbench -n -c 8 -j 2 -R "$rate" -T $((down + 100)) -h 127.0.0.1 -p 6461 -U postgres postgres >"$work/pgbench.$r" 2>&1 &
   bench=$!
   sleep 5
   as_pg "$PGBIN/pg_ctl -D $work/pg3 -m immediate stop" >/dev/null

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::{begin_frame, commit_frame, History, HistoryUnit, Shape};
+use super::{begin_frame, History, HistoryUnit, Shape};
 use crate::cluster::Backend;
 use crate::config::Config;
 use crate::fanout::{self, BackendConn, Outcome};
@@ -72,7 +72,11 @@ impl<'a> Applier<'a> {
                 Some(c) => c,
                 None => self.login(&units[done], entries[done].0).await?,
             };
-            let plans: Vec<Vec<Step>> = (done..done + run).map(|i| self.plan(&units[i], entries[i].0, entries[i].1)).collect();
+            // One WAL flush per write: every unit but the last commits without waiting for it,
+            // and the last one's flush makes the ones before it durable too (the WAL is one
+            // sequence). A crash in between loses only units whose records go with them.
+            let plans: Vec<Vec<Step>> =
+                (done..done + run).map(|i| self.plan(&units[i], entries[i].0, entries[i].1, i + 1 == done + run)).collect();
             let reqs: Vec<(&[u8], bool)> = plans.iter().flatten().map(|st| (&st.frames[..], st.hash_rows)).collect();
             let got = match fanout::conn::run_requests(&mut conn, &reqs, self.cfg.backend_timeout).await {
                 Ok(g) => g,
@@ -108,8 +112,10 @@ impl<'a> Applier<'a> {
     }
 
     /// What applying `unit` sends: the session reset and rebuilt, the unit's requests, its
-    /// record, its COMMIT; each with what its outcome must be.
-    fn plan(&self, unit: &HistoryUnit, serial: u64, raw: &[u8]) -> Vec<Step> {
+    /// record, its COMMIT (`flush`: one that waits for the WAL flush whatever the session's
+    /// `synchronous_commit`; otherwise one that does not wait, set after the unit's statements
+    /// ran so none of them sees it); each with what its outcome must be.
+    fn plan(&self, unit: &HistoryUnit, serial: u64, raw: &[u8], flush: bool) -> Vec<Step> {
         let step = |frames: Bytes, hash_rows: bool, check: Check| Step { frames, hash_rows, check };
         let mut discard = BytesMut::new();
         message::query_msg(&mut discard, "DISCARD ALL");
@@ -129,7 +135,7 @@ impl<'a> Applier<'a> {
         self.history.record_frames(serial, raw, &mut rec);
         plan.push(step(rec.freeze(), false, Check::Success));
         if unit.shape != Shape::Standalone {
-            plan.push(step(commit_frame(), false, Check::Success));
+            plan.push(step(commit_with(flush), false, Check::Success));
         }
         plan
     }
@@ -159,6 +165,23 @@ impl<'a> Applier<'a> {
         }
         Ok(())
     }
+}
+
+/// A unit's COMMIT with its `synchronous_commit` chosen for this transaction alone.
+fn commit_with(flush: bool) -> Bytes {
+    static ON: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    static OFF: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    let (cell, sql) = if flush {
+        (&ON, "SET LOCAL synchronous_commit = on; COMMIT")
+    } else {
+        (&OFF, "SET LOCAL synchronous_commit = off; COMMIT")
+    };
+    cell.get_or_init(|| {
+        let mut b = BytesMut::new();
+        message::query_msg(&mut b, sql);
+        b.freeze()
+    })
+    .clone()
 }
 
 /// One request of an applied unit.

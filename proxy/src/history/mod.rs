@@ -14,6 +14,7 @@
 pub mod apply;
 pub mod prune;
 pub mod recover;
+pub mod runs;
 pub mod schema;
 mod unit;
 

@@ -36,6 +36,17 @@ pub const EXISTS: &str = "SELECT to_regclass('chorus.history') IS NOT NULL";
 /// Whether the schema is there as this version of Chorus installs it.
 pub const CURRENT: &str = "SELECT to_regclass('chorus.pruned') IS NOT NULL";
 
+/// The serials held, as runs without a gap: `(first, last)` per run, in order.
+pub const RUNS: &str = "SELECT min(serial), max(serial) FROM \
+  (SELECT serial, serial - row_number() OVER (ORDER BY serial) AS run FROM chorus.history) held \
+  GROUP BY run ORDER BY 1";
+
+/// The serials held above `$1` and inside the gaps `$2[i]..=$3[i]`: what can have been added
+/// since runs were read (index range scans only).
+pub const SINCE: &str = "SELECT serial FROM chorus.history WHERE serial > $1 UNION ALL \
+  SELECT h.serial FROM unnest($2::int8[], $3::int8[]) AS gap(lo, hi) \
+  CROSS JOIN LATERAL (SELECT serial FROM chorus.history WHERE serial BETWEEN gap.lo AND gap.hi) h";
+
 /// The newest serial pruning removed (0: none): a backend that lacks units up to it cannot
 /// be caught up from this history.
 pub const PRUNED: &str = "SELECT coalesce((SELECT upto FROM chorus.pruned), 0)";

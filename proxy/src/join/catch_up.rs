@@ -19,16 +19,27 @@ use tokio_postgres::Client;
 
 use crate::cluster::{self, Backend, BackendState, Login};
 use crate::history::apply::{Applier, ApplyError};
+use crate::history::runs::{self, Run};
 use crate::history::{schema, History};
 use crate::shared::Shared;
 
 /// Units still missing at which the write pause is taken for the last ones.
-const ATTACH_UNITS: usize = 200;
+const ATTACH_UNITS: usize = 64;
+/// Units still missing at which the write pause is taken when a round brought no progress.
+const STALLED_UNITS: usize = 1000;
 /// Entries read from the source per query.
 const BATCH: usize = 500;
 /// Rounds before the attach is attempted whatever the backlog (writes faster than the
 /// backend can apply them would otherwise never let it attach).
 const MAX_ROUNDS: usize = 40;
+
+/// Whether the write pause is taken now for the last `left` units (`before`: those missing a
+/// round earlier): few are left; or a round did not shrink a backlog small enough to apply
+/// under the pause (the clients write about as fast as the backend applies: more rounds would
+/// not bring it lower); or the rounds ran out.
+fn attach_now(left: usize, before: usize, rounds: usize) -> bool {
+    left <= ATTACH_UNITS || (left >= before && left <= STALLED_UNITS) || rounds >= MAX_ROUNDS
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatchUpError {
@@ -161,6 +172,7 @@ pub async fn catch_up(shared: Arc<Shared>, name: &str) -> Result<CatchUpReport, 
         applier: Applier::new(&shared.cfg, &history, target.clone()),
         units: 0,
         clients: Clients::default(),
+        known: HashMap::new(),
     };
     let r = job.run(&target).await;
     metrics::counter!("chorus_catch_ups_total", "outcome" => outcome(&r)).increment(1);
@@ -199,7 +211,7 @@ fn outcome<T>(r: &Result<T, CatchUpError>) -> &'static str {
 /// One database's serials on the target and on the source.
 struct Gap {
     /// The target's serials (empty: no history there).
-    target: BTreeSet<u64>,
+    target: Vec<Run>,
     /// The serials the source holds and the target lacks.
     missing: Vec<u64>,
 }
@@ -210,6 +222,8 @@ struct Job<'a> {
     applier: Applier<'a>,
     units: u64,
     clients: Clients,
+    /// The runs of serials last read per (backend, database).
+    known: HashMap<(String, String), Vec<Run>>,
 }
 
 /// Chorus's own connections to the source and the target, per database, kept for the whole
@@ -235,15 +249,19 @@ impl Job<'_> {
         let fail = |e: String| CatchUpError::Failed(name.clone(), e);
         crate::history::recover::settle(&self.shared.cfg, target).await.map_err(fail)?;
         let mut rounds = 0;
+        let mut before = usize::MAX;
         loop {
             rounds += 1;
+            let read = Instant::now();
             let (source, gaps) = self.gaps(target, false).await?;
             let left: usize = gaps.values().map(|g| g.missing.len()).sum();
             target.set_applied(self.history.last_serial().saturating_sub(left as u64));
-            tracing::info!(backend = %name, round = rounds, units_missing = left, "catch-up round");
-            if left <= ATTACH_UNITS || rounds >= MAX_ROUNDS {
+            let read_ms = read.elapsed().as_millis() as u64;
+            tracing::info!(backend = %name, round = rounds, units_missing = left, read_ms, "catch-up round");
+            if attach_now(left, before, rounds) {
                 break;
             }
+            before = left;
             self.apply(&source, target, &gaps, BATCH * 4).await?;
         }
         // The attach: no unit is in flight under the pause, so the source's history is whole.
@@ -292,14 +310,25 @@ impl Job<'_> {
         let mut out = BTreeMap::new();
         for db in dbs {
             let c = self.clients.get(cfg, &source, &db).await.map_err(fail)?;
-            let Some((have, pruned)) = serials(&c, &source).await.map_err(fail)? else { continue };
             // A database created while it was down has no history there: its units create it.
-            let theirs = match self.clients.get(cfg, target, &db).await {
-                Ok(c) => serials(&c, target).await.map_err(fail)?.map(|(t, _)| t).unwrap_or_default(),
+            let t = match self.clients.get(cfg, target, &db).await {
+                Ok(t) => Some(t),
                 Err(e) if exists_on(cfg, target, &db).await.map_err(fail)? => return Err(fail(e)),
-                Err(_) => BTreeSet::new(),
+                Err(_) => None,
             };
-            let newest = theirs.last().copied().unwrap_or(0);
+            // Both at once: under the write pause this read is most of the pause.
+            let (src_key, dst_key) = ((source.name.clone(), db.clone()), (name.clone(), db.clone()));
+            let (ours, theirs) = tokio::join!(serials(&c, &source, self.known.get(&src_key).cloned()), async {
+                match &t {
+                    Some(t) => serials(t, target, self.known.get(&dst_key).cloned()).await,
+                    None => Ok(None),
+                }
+            });
+            let Some((have, pruned)) = ours.map_err(fail)? else { continue };
+            let theirs = theirs.map_err(fail)?.map(|(t, _)| t).unwrap_or_default();
+            self.known.insert(src_key, have.clone());
+            self.known.insert(dst_key, theirs.clone());
+            let newest = theirs.last().map_or(0, |r| r.1);
             if pruned > newest {
                 return Err(CatchUpError::Gap(
                     name.clone(),
@@ -309,16 +338,16 @@ impl Job<'_> {
                     ),
                 ));
             }
-            let floor = have.first().copied().unwrap_or(0);
+            let floor = have.first().map_or(0, |r| r.0);
             if exact {
-                if let Some(extra) = theirs.range(floor..).find(|s| !have.contains(s)) {
+                if let Some(extra) = runs::minus(&theirs, &have).iter().map(|r| r.1).find(|s| *s >= floor) {
                     return Err(CatchUpError::Diverged(
                         name.clone(),
                         format!("it holds unit {extra} of database {db}, which {} does not", source.name),
                     ));
                 }
             }
-            let missing: Vec<u64> = have.iter().filter(|s| !theirs.contains(s)).copied().collect();
+            let missing: Vec<u64> = runs::minus(&have, &theirs).into_iter().flat_map(|(lo, hi)| lo..=hi).collect();
             out.insert(db, Gap { target: theirs, missing });
         }
         Ok((source, out))
@@ -394,15 +423,33 @@ async fn connect(cfg: &crate::config::Config, b: &Backend, db: &str) -> Result<C
         .map_err(|e| format!("{}: {}", b.name, cluster::pg_error(&e)))
 }
 
-/// A database's serials on `b` and the newest serial pruned there (None: no history there).
-async fn serials(c: &Client, b: &Backend) -> Result<Option<(BTreeSet<u64>, u64)>, String> {
+/// The runs of serials `b` holds in a database and the newest serial pruned there (None: no
+/// history there). `known`: runs read from it before, so only what can have been added since
+/// is read (a unit is only ever added to a history, or pruned when old).
+async fn serials(c: &Client, b: &Backend, known: Option<Vec<Run>>) -> Result<Option<(Vec<Run>, u64)>, String> {
     let err = |e: tokio_postgres::Error| format!("{}: {}", b.name, cluster::pg_error(&e));
     if !c.query_one(schema::EXISTS, &[]).await.map_err(err)?.get::<_, bool>(0) {
         return Ok(None);
     }
-    let rows = c.query("SELECT serial FROM chorus.history", &[]).await.map_err(err)?;
-    let pruned: i64 = c.query_one(schema::PRUNED, &[]).await.map_err(err)?.get(0);
-    Ok(Some((rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect(), pruned as u64)))
+    let read = async {
+        match known.filter(|k| !k.is_empty()) {
+            None => Ok(c
+                .query(schema::RUNS, &[])
+                .await?
+                .iter()
+                .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64))
+                .collect()),
+            Some(k) => {
+                let newest = k.last().map_or(0, |r| r.1) as i64;
+                let (lo, hi): (Vec<i64>, Vec<i64>) = runs::gaps(&k).iter().map(|g| (g.0 as i64, g.1 as i64)).unzip();
+                let rows = c.query(schema::SINCE, &[&newest, &lo, &hi]).await?;
+                Ok(runs::merge(&k, rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect()))
+            }
+        }
+    };
+    let (held, pruned) = tokio::join!(read, c.query_one(schema::PRUNED, &[]));
+    let (held, pruned): (Vec<Run>, i64) = (held.map_err(err)?, pruned.map_err(err)?.get(0));
+    Ok(Some((held, pruned as u64)))
 }
 
 async fn exists_on(cfg: &crate::config::Config, b: &Backend, db: &str) -> Result<bool, String> {
@@ -422,8 +469,8 @@ impl Job<'_> {
         let cfg = &self.shared.cfg;
         let (t, s) =
             (self.clients.get(cfg, target, db).await.map_err(fail)?, self.clients.get(cfg, source, db).await.map_err(fail)?);
-        let theirs = sequences(&t, target).await.map_err(fail)?;
-        let ours = sequences(&s, source).await.map_err(fail)?;
+        let (theirs, ours) = tokio::join!(sequences(&t, target), sequences(&s, source));
+        let (theirs, ours) = (theirs.map_err(fail)?, ours.map_err(fail)?);
         if theirs == ours {
             return Ok(());
         }
@@ -441,4 +488,19 @@ async fn sequences(c: &Client, b: &Backend) -> Result<Vec<(String, Option<i64>)>
         .await
         .map_err(|e| format!("{}: {}", b.name, cluster::pg_error(&e)))?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pause_is_taken_when_few_are_left_when_progress_stops_or_when_rounds_run_out() {
+        assert!(!attach_now(12_000, usize::MAX, 1), "a long backlog is applied while clients write");
+        assert!(!attach_now(5_000, 4_000, 3), "no progress, but too many for the pause");
+        assert!(!attach_now(900, 1_200, 4), "still shrinking");
+        assert!(attach_now(ATTACH_UNITS, 1_000, 5));
+        assert!(attach_now(300, 220, 26), "writes as fast as it applies: the backlog stays");
+        assert!(attach_now(5_000, 4_000, MAX_ROUNDS));
+    }
 }
