@@ -430,9 +430,18 @@ impl Job {
     }
 
     async fn run(&mut self) -> Result<(), JoinError> {
+        let (exporters, log) = self.detach().await?;
+        self.copy(exporters, &log).await?;
+        self.replay_to_near_head(&log).await?;
+        let (lead, snaps, ms) = self.attach().await?;
+        self.verify(lead, snaps, ms).await
+    }
+
+    /// 1. The starting point, under a write pause: a detached donor, or an exported snapshot
+    ///    per database, with the diff log on.
+    async fn detach(&mut self) -> Result<(Vec<Exporter>, Arc<DiffLog>), JoinError> {
         let shared = self.shared.clone();
         let (donor, newcomer) = (self.plan.donor.clone(), self.plan.newcomer.clone());
-        // 1. The starting point: a detached donor, or an exported snapshot, with the log on.
         self.phase(Phase::Detaching);
         let mut exporters: Vec<Exporter> = Vec::new();
         if self.plan.method == Method::Snapshot {
@@ -486,9 +495,16 @@ impl Job {
         metrics::histogram!("chorus_join_pause_seconds", "step" => "detach").record(ms / 1000.0);
         self.update(|p| p.detach_pause_ms = Some(ms));
         started?;
+        Ok((exporters, log))
+    }
 
-        // 2. Dump and restore, roles first. pg_dump takes the schema and the small tables; the
-        //    largest tables' rows go straight from the donor into the newcomer (see copy.rs).
+    /// 2. Dump and restore, roles first, from the donor into the newcomer; its sequences set
+    ///    to their values at the starting point. pg_dump takes the schema and the small
+    ///    tables; the largest tables' rows go straight from the donor into the newcomer (see
+    ///    copy.rs).
+    async fn copy(&mut self, exporters: Vec<Exporter>, log: &Arc<DiffLog>) -> Result<(), JoinError> {
+        let shared = self.shared.clone();
+        let (donor, newcomer) = (self.plan.donor.clone(), self.plan.newcomer.clone());
         self.phase(Phase::Dumping);
         let t = self.plan.tools.clone();
         let cfg = shared.cfg.clone();
@@ -555,8 +571,12 @@ impl Job {
                 c.batch_execute(&sql).await.map_err(db_err(format!("set the sequences of {db} on {}", newcomer.name)))?;
             }
         }
+        Ok(())
+    }
 
-        // 3. Replay into the newcomer (and the donor) until both are close to the head.
+    /// 3. Replays the log into the newcomer (and the donor) until both are close to the head.
+    async fn replay_to_near_head(&mut self, log: &Arc<DiffLog>) -> Result<(), JoinError> {
+        let newcomer = self.plan.newcomer.clone();
         self.phase(Phase::Replaying);
         self.start_replayer(newcomer.clone(), log.clone());
         loop {
@@ -568,8 +588,14 @@ impl Job {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        Ok(())
+    }
 
-        // 4. Attach: pause, replay the tail, both in sync, resume.
+    /// 4. Attach: pause, replay the tail, both in sync, resume. Returns the lead the newcomer
+    ///    is compared with, the snapshots to compare (none with `skip_verify`) and the pause.
+    async fn attach(&mut self) -> Result<(Arc<Backend>, Option<crate::verify::Snapshots>, f64), JoinError> {
+        let shared = self.shared.clone();
+        let (donor, newcomer) = (self.plan.donor.clone(), self.plan.newcomer.clone());
         self.phase(Phase::Attaching);
         let lead =
             shared.cluster.in_sync().into_iter().next().ok_or_else(|| JoinError::Setup("no in-sync backend left".into()))?;
@@ -619,8 +645,13 @@ impl Job {
         attached?;
         self.log = None;
         cluster::spawn_health_check(shared.cfg.clone(), shared.cluster.clone(), newcomer.clone(), shared.stop.clone());
+        Ok((lead, snaps, ms))
+    }
 
-        // 5. Compare the newcomer with the lead before it answers clients.
+    /// 5. Compares the newcomer with the lead before it answers reads.
+    async fn verify(&mut self, lead: Arc<Backend>, snaps: Option<crate::verify::Snapshots>, ms: f64) -> Result<(), JoinError> {
+        let shared = self.shared.clone();
+        let newcomer = self.plan.newcomer.clone();
         if let Some(s) = snaps {
             self.phase(Phase::Verifying);
             let report = s.finish(Duration::from_secs_f64(ms / 1000.0)).await.map_err(|e| JoinError::Setup(e.to_string()))?;

@@ -582,6 +582,130 @@ impl Router {
         Ok((Prepared { class, analysis: Some(a), base, extra }, rewritten))
     }
 
+    /// Reads the extended-protocol messages at the head of `cbuf` (up to a Sync or Flush, or
+    /// the first message of another kind) and notes what they do; Chorus's rewrites are
+    /// prepared, nothing is consumed. `Err`: the batch waits (for the catalog).
+    fn scan_extended(
+        &mut self,
+        cbuf: &BytesMut,
+        codec: &FrameCodec,
+        ctx: &mut RouteCtx<'_>,
+    ) -> Result<Result<Scan, Dispatch>, ProtocolError> {
+        let mut sc = Scan::new();
+        while let Some((tag, len)) = codec.peek(&cbuf[sc.off..])? {
+            let (off, body) = (sc.off, &cbuf[sc.off + 5..sc.off + len]);
+            match tag {
+                PARSE => {
+                    if let Some(d) = self.scan_parse(&mut sc, body, (off, len), ctx)? {
+                        return Ok(Err(d));
+                    }
+                }
+                BIND => self.scan_bind(&mut sc, body, (off, len))?,
+                CLOSE => {
+                    message::target_name(body)?;
+                    sc.session_state = true;
+                }
+                DESCRIBE => {
+                    let (kind, name) = message::target_name(body)?;
+                    if kind == b'S' {
+                        let p = self.statement(&sc, name);
+                        sc.trims.push(p.filter(|p| !p.extra.is_empty()).map(|p| p.base as u16));
+                    }
+                }
+                EXECUTE => {
+                    message::execute_portal(body)?;
+                }
+                FLUSH => sc.flushed = true,
+                SYNC => sc.synced = true,
+                _ => break, // a message outside the extended protocol ends this part
+            }
+            sc.off += len;
+            if sc.synced || sc.flushed {
+                break;
+            }
+        }
+        Ok(Ok(sc))
+    }
+
+    /// The statement `name` as this batch or an earlier one prepared it.
+    fn statement<'s>(&'s self, sc: &'s Scan, name: &[u8]) -> Option<&'s Prepared> {
+        if name.is_empty() {
+            sc.parsed_unnamed.as_ref().or(self.unnamed.as_ref().map(|u| &u.0))
+        } else {
+            sc.parsed_named.iter().rev().find(|(n, _)| &**n == name).map(|(_, p)| p).or_else(|| self.named.get(name))
+        }
+    }
+
+    /// A Parse at `at` (offset, length): analysed, rewritten where Chorus fills in values.
+    /// `Some`: the batch waits for the catalog first.
+    fn scan_parse(
+        &mut self,
+        sc: &mut Scan,
+        body: &[u8],
+        at: (usize, usize),
+        ctx: &mut RouteCtx<'_>,
+    ) -> Result<Option<Dispatch>, ProtocolError> {
+        let (name, sql) = message::parse_fields(body)?;
+        if self.fail_next.is_none() && guard_read(classify(sql), sql, ctx).writes && ctx.must_wait_for_catalog() {
+            return Ok(Some(Dispatch::NeedsCatalog));
+        }
+        let (p, rewritten) = self.prepare(body, ctx)?;
+        if let Some(sql) = rewritten {
+            let mut f = BytesMut::new();
+            message::parse_with_text(&mut f, body, &sql)?;
+            sc.replaced.push((at.0, at.1, f));
+        }
+        if let Some(a) = &p.analysis {
+            if sc.refusal.is_none() {
+                sc.refusal = self.refusal(a, ctx);
+            }
+            sc.ddl |= a.ddl;
+        }
+        sc.has_parse = true;
+        sc.class = sc.class.then(p.class);
+        if name.is_empty() {
+            sc.parsed_unnamed = Some(p);
+        } else {
+            sc.session_state = true;
+            sc.parsed_named.push((name.into(), p));
+        }
+        sc.first_sql.get_or_insert(at);
+        Ok(None)
+    }
+
+    /// A Bind at `at` (offset, length): what its statement does, the locks a write needs, the
+    /// values Chorus adds as parameters.
+    fn scan_bind(&mut self, sc: &mut Scan, body: &[u8], at: (usize, usize)) -> Result<(), ProtocolError> {
+        let (_, stmt) = message::bind_names(body)?;
+        sc.has_bind = true;
+        if stmt.is_empty() && sc.parsed_unnamed.is_none() {
+            sc.uses_old_unnamed = true;
+        }
+        let p = self.statement(sc, stmt).cloned().unwrap_or_else(Prepared::unknown);
+        sc.class = sc.class.then(p.class);
+        sc.hash_rows &= p.analysis.as_ref().is_some_and(|a| a.hash_rows);
+        let (from, to) = (at.0 + 5, at.0 + at.1);
+        match &p.analysis {
+            Some(a) if p.class.writes => sc.writes.push((a.clone(), from, to)),
+            None if p.class.writes => {
+                sc.writes.push((Arc::new(Analysis { class: Class::UNKNOWN, global: true, ..Analysis::default() }), from, to))
+            }
+            _ => {}
+        }
+        if let Some((format, chosen)) = p.analysis.as_ref().and_then(|a| a.copy_fill.as_ref()) {
+            sc.copy_filler = Some(CopyFiller::new(format.clone(), chosen.clone(), self.values()));
+        }
+        if !p.extra.is_empty() {
+            let values = self.values();
+            let extra: Vec<String> = p.extra.iter().map(|&v| values.text(v)).collect();
+            let mut f = BytesMut::new();
+            message::bind_with_extra(&mut f, body, &extra)?;
+            sc.replaced.push((at.0, at.1, f));
+        }
+        sc.first_sql.get_or_insert(at);
+        Ok(())
+    }
+
     fn extended(
         &mut self,
         cbuf: &mut BytesMut,
@@ -589,197 +713,37 @@ impl Router {
         ctx: &mut RouteCtx<'_>,
         next_seq: &mut u64,
     ) -> Result<Option<Dispatch>, ProtocolError> {
-        let mut off = 0;
-        let mut class = Class { empty: true, ..Class::default() };
-        let mut session_state = false;
-        let mut parsed_unnamed: Option<Prepared> = None;
-        let mut parsed_named: Vec<(Box<[u8]>, Prepared)> = Vec::new();
-        let mut uses_old_unnamed = false;
-        let (mut has_parse, mut has_bind) = (false, false);
-        let mut synced = false;
-        let mut flushed = false;
-        let mut first_sql: Option<(usize, usize)> = None;
-        // Frames Chorus rewrites: (offset, length, new frame).
-        let mut replaced: Vec<(usize, usize, BytesMut)> = Vec::new();
-        // Binds of writes, to lock for: (analysis, bind body range).
-        let mut writes: Vec<(Arc<Analysis>, usize, usize)> = Vec::new();
-        let mut refusal: Option<String> = None;
-        let mut trims: Vec<Option<u16>> = Vec::new();
-        let (mut hash_rows, mut ddl) = (true, false);
-        let mut copy_filler: Option<CopyFiller> = None;
-        while let Some((tag, len)) = codec.peek(&cbuf[off..])? {
-            let body = &cbuf[off + 5..off + len];
-            match tag {
-                PARSE => {
-                    let (name, sql) = message::parse_fields(body)?;
-                    if self.fail_next.is_none() && guard_read(classify(sql), sql, ctx).writes && ctx.must_wait_for_catalog() {
-                        return Ok(Some(Dispatch::NeedsCatalog));
-                    }
-                    let (p, rewritten) = self.prepare(body, ctx)?;
-                    if let Some(sql) = rewritten {
-                        let mut f = BytesMut::new();
-                        message::parse_with_text(&mut f, body, &sql)?;
-                        replaced.push((off, len, f));
-                    }
-                    if let Some(a) = &p.analysis {
-                        if refusal.is_none() {
-                            refusal = self.refusal(a, ctx);
-                        }
-
-                        ddl |= a.ddl;
-                    }
-                    has_parse = true;
-                    class = class.then(p.class);
-                    if name.is_empty() {
-                        parsed_unnamed = Some(p);
-                    } else {
-                        session_state = true;
-                        parsed_named.push((name.into(), p));
-                    }
-                    first_sql.get_or_insert((off, len));
-                }
-                BIND => {
-                    let (_, stmt) = message::bind_names(body)?;
-                    has_bind = true;
-                    let p = if stmt.is_empty() {
-                        parsed_unnamed.clone().or_else(|| {
-                            uses_old_unnamed = true;
-                            self.unnamed.as_ref().map(|u| u.0.clone())
-                        })
-                    } else {
-                        parsed_named
-                            .iter()
-                            .rev()
-                            .find(|(n, _)| &**n == stmt)
-                            .map(|(_, p)| p.clone())
-                            .or_else(|| self.named.get(stmt).cloned())
-                    };
-                    let p = p.unwrap_or_else(Prepared::unknown);
-                    class = class.then(p.class);
-                    hash_rows &= p.analysis.as_ref().is_some_and(|a| a.hash_rows);
-                    match &p.analysis {
-                        Some(a) if p.class.writes => writes.push((a.clone(), off + 5, off + len)),
-                        None if p.class.writes => writes.push((
-                            Arc::new(Analysis { class: Class::UNKNOWN, global: true, ..Analysis::default() }),
-                            off + 5,
-                            off + len,
-                        )),
-                        _ => {}
-                    }
-                    if let Some((format, chosen)) = p.analysis.as_ref().and_then(|a| a.copy_fill.as_ref()) {
-                        copy_filler = Some(CopyFiller::new(format.clone(), chosen.clone(), self.values()));
-                    }
-                    if !p.extra.is_empty() {
-                        let values = self.values();
-                        let extra: Vec<String> = p.extra.iter().map(|&v| values.text(v)).collect();
-                        let mut f = BytesMut::new();
-                        message::bind_with_extra(&mut f, body, &extra)?;
-                        replaced.push((off, len, f));
-                    }
-                    first_sql.get_or_insert((off, len));
-                }
-                CLOSE => {
-                    message::target_name(body)?;
-                    session_state = true;
-                }
-                DESCRIBE => {
-                    let (kind, name) = message::target_name(body)?;
-                    if kind == b'S' {
-                        let p = if name.is_empty() {
-                            parsed_unnamed.as_ref().or(self.unnamed.as_ref().map(|u| &u.0))
-                        } else {
-                            parsed_named.iter().rev().find(|(n, _)| &**n == name).map(|(_, p)| p).or_else(|| self.named.get(name))
-                        };
-                        trims.push(p.filter(|p| !p.extra.is_empty()).map(|p| p.base as u16));
-                    }
-                }
-                EXECUTE => {
-                    message::execute_portal(body)?;
-                }
-                FLUSH => flushed = true,
-                SYNC => synced = true,
-                _ => break, // a message outside the extended protocol ends this part
-            }
-            off += len;
-            if synced || flushed {
-                break;
-            }
-        }
+        let mut sc = match self.scan_extended(cbuf, codec, ctx)? {
+            Ok(s) => s,
+            Err(d) => return Ok(Some(d)),
+        };
+        let (off, class, synced) = (sc.off, sc.class, sc.synced);
         if off == 0 {
             return Ok(None);
         }
-        let foreign_next = !synced && !flushed && codec.peek(&cbuf[off..])?.is_some();
+        let foreign_next = !synced && !sc.flushed && codec.peek(&cbuf[off..])?.is_some();
         // The rest of the batch is on its way while part of a message is: wait for it (the
         // whole batch decides where it goes). Whole messages and nothing more is all the client
         // has sent for now: PostgreSQL runs them as they arrive, and so they go on, as a batch
         // that a later Sync ends.
         let partial = off < cbuf.len();
-        if !synced && !flushed && !foreign_next && partial && off < BATCH_EARLY && self.batch.is_none() {
+        if !synced && !sc.flushed && !foreign_next && partial && off < BATCH_EARLY && self.batch.is_none() {
             return Ok(None);
         }
-        if synced && class.tx == TxEffect::End && self.tx_open && !ctx.idle && self.batch.is_none() && !self.recorded {
-            return Ok(Some(Dispatch::NeedsIdle));
+        if let Some(d) = self.at_transaction_end(cbuf, &sc, ctx) {
+            return Ok(Some(d));
         }
-        // A batch that is only the COMMIT: recorded first. One with more in it is recorded
-        // once it has completed (see docs/operations.md on the history's windows).
-        if synced && class.tx == TxEffect::End && self.tx_open && self.batch.is_none() && ctx.record_due && !self.recorded {
-            let only_commit = writes.is_empty()
-                && first_sql.is_some_and(|(o, l)| {
-                    cbuf[o] == PARSE && message::parse_fields(&cbuf[o + 5..o + l]).is_ok_and(|(_, sql)| crate::sql::commits(sql))
-                });
-            if only_commit {
-                self.recorded = true;
-                return Ok(Some(Dispatch::Record));
-            }
-        }
-        if synced && self.batch.is_none() {
-            if let Some(d) = self.tx_failed_reply(class, ctx) {
-                if matches!(d, Dispatch::Reply(_)) {
-                    cbuf.advance(off);
-                }
-                return Ok(Some(d));
-            }
-        }
-        let mut failure = refusal;
         let barrier = synced && self.batch.is_none() && self.wants_barrier(class);
-        if failure.is_none() && (!writes.is_empty() || barrier) {
-            if let Some((code, msg)) = self.fail_next.take().filter(|_| !writes.is_empty()) {
-                failure = Some(rewrite::error_statement(code, &msg));
-            } else {
-                let plans: Vec<(&Analysis, Option<&[u8]>)> = writes.iter().map(|(a, s, e)| (&**a, Some(&cbuf[*s..*e]))).collect();
-                match self.lock(&plans, barrier, ctx) {
-                    Acquire::Granted => {}
-                    Acquire::Wait => return Ok(Some(Dispatch::NeedsLocks)),
-                    Acquire::Deadlock => failure = Some(deadlock_statement()),
-                }
-            }
-        }
-        if let Some(sql) = failure {
-            if !synced || self.batch.is_some() {
-                // Part of a batch is on its way already, or the rest may follow: this part
-                // becomes Chorus's error statement in extended form. Every backend fails it
-                // alike and, as PostgreSQL does after an error, skips the client's messages
-                // up to the Sync, which answers the whole batch.
-                cbuf.advance(off);
-                let mut buf = BytesMut::new();
-                message::extended_statement(&mut buf, &sql, synced);
-                return Ok(Some(self.fail_batch(buf.freeze(), synced, ctx, next_seq)));
-            }
-            // The whole batch fails at its first message, on every backend alike.
-            cbuf.advance(off);
-            let mut buf = BytesMut::new();
-            message::query_msg(&mut buf, &sql);
-            return Ok(Some(self.send_query(buf.freeze(), Class::SESSION, false, false, None, false, ctx, next_seq)));
+        if let Some(d) = self.refuse_or_lock(cbuf, &mut sc, barrier, ctx, next_seq) {
+            return Ok(Some(d));
         }
         // A Parse without Bind prepares for later use: every backend must have it.
-        if has_parse && !has_bind {
-            session_state = true;
-        }
+        let session_state = sc.session_state || (sc.has_parse && !sc.has_bind);
         let read = (class.read_only || class.empty) && !session_state;
         let targets = match self.batch {
             Some(b) => b.targets & ctx.alive,
             None if synced && read && !self.tx_open && ctx.policy == ReadPolicy::One => {
-                let pool = match (uses_old_unnamed, &self.unnamed) {
+                let pool = match (sc.uses_old_unnamed, &self.unnamed) {
                     (true, Some((_, t))) if t & ctx.alive != 0 => t & ctx.alive,
                     _ => ctx.alive,
                 };
@@ -787,79 +751,148 @@ impl Router {
             }
             None => ctx.alive,
         };
-        let bytes = if replaced.is_empty() {
+        let bytes = if sc.replaced.is_empty() {
             cbuf.split_to(off).freeze()
         } else {
-            let orig = cbuf.split_to(off);
-            let mut out = BytesMut::with_capacity(off + 256);
-            let mut at = 0;
-            for (o, l, f) in &replaced {
-                out.extend_from_slice(&orig[at..*o]);
-                out.extend_from_slice(f);
-                at = o + l;
-            }
-            out.extend_from_slice(&orig[at..]);
-            if let Some((o, l)) = &mut first_sql {
-                // Point at the first frame in the new bytes: it starts at the same place.
-                let shift: isize =
-                    replaced.iter().filter(|(ro, _, _)| ro < o).map(|(_, rl, f)| f.len() as isize - *rl as isize).sum();
-                *o = (*o as isize + shift) as usize;
-                if let Some((_, _, f)) = replaced.iter().find(|(ro, _, _)| ro == o) {
-                    *l = f.len();
-                }
-            }
-            out.freeze()
+            splice(cbuf.split_to(off), &sc.replaced, &mut sc.first_sql)
         };
         self.track_statements(&bytes, codec);
-        for (name, p) in parsed_named {
+        for (name, p) in sc.parsed_named.drain(..) {
             self.named.insert(name, p);
         }
         let (seq, request) = match self.batch {
             Some(b) => (b.seq, None),
             None => {
-                // (A batch that only prepares runs nothing: no unit to wrap.)
-                let begin_seq = (class.writes && !writes.is_empty() && !self.tx_open).then(|| take_seq(next_seq));
-                let seq = take_seq(next_seq);
-                let sql = match first_sql {
-                    Some((o, l)) => bytes.slice(o..o + l),
-                    None => bytes.slice(0..0),
+                let r = Scanned {
+                    class,
+                    read,
+                    synced,
+                    has_bind: sc.has_bind,
+                    hash_rows: sc.hash_rows,
+                    ddl: sc.ddl,
+                    writes: !sc.writes.is_empty(),
                 };
-                let retry = (synced && targets.count_ones() == 1 && read && !self.tx_open).then(|| bytes.clone());
-                let hash_rows = hash_rows && has_bind && class.writes;
-                let logged = !(synced && read && !self.tx_open);
-                let writes = class.writes;
-                let per_server = class.per_server;
-                let lead_answers = !read;
-                let request = NewRequest {
-                    seq,
-                    targets,
-                    writes,
-                    sql,
-                    retry,
-                    hash_rows,
-                    ddl,
-                    trims,
-                    internal: false,
-                    logged,
-                    per_server,
-                    lead_answers,
-                    begin_seq,
-                };
-                (seq, Some(request))
+                let request = self.new_request(r, &bytes, sc.first_sql, targets, std::mem::take(&mut sc.trims), next_seq);
+                (request.seq, Some(request))
             }
         };
         self.batch = if synced { None } else { Some(OpenBatch { seq, targets }) };
         if barrier {
             self.barrier = Barrier::Held(seq);
         }
-        if let Some(p) = parsed_unnamed {
+        if let Some(p) = sc.parsed_unnamed {
             self.unnamed = Some((p, targets));
         }
         self.apply_tx(class);
         if class.copy_in {
-            self.copy = Some(CopyIn { seq, targets, extended: true, ended: false, filler: copy_filler });
+            self.copy = Some(CopyIn { seq, targets, extended: true, ended: false, filler: sc.copy_filler });
         }
         Ok(Some(Dispatch::Send { bytes, targets, request }))
+    }
+
+    /// A synced batch that ends the transaction: it waits until the session is idle
+    /// elsewhere, or (only the COMMIT) the unit is recorded first, or a failed transaction's
+    /// answer is given without the backends.
+    fn at_transaction_end(&mut self, cbuf: &mut BytesMut, sc: &Scan, ctx: &RouteCtx<'_>) -> Option<Dispatch> {
+        if !sc.synced || self.batch.is_some() {
+            return None;
+        }
+        let ends = sc.class.tx == TxEffect::End && self.tx_open && !self.recorded;
+        if ends && !ctx.idle {
+            return Some(Dispatch::NeedsIdle);
+        }
+        // A batch that is only the COMMIT: recorded first. One with more in it is recorded
+        // once it has completed (see docs/operations.md on the history's windows).
+        if ends && ctx.record_due {
+            let only_commit = sc.writes.is_empty()
+                && sc.first_sql.is_some_and(|(o, l)| {
+                    cbuf[o] == PARSE && message::parse_fields(&cbuf[o + 5..o + l]).is_ok_and(|(_, sql)| crate::sql::commits(sql))
+                });
+            if only_commit {
+                self.recorded = true;
+                return Some(Dispatch::Record);
+            }
+        }
+        let d = self.tx_failed_reply(sc.class, ctx)?;
+        if matches!(d, Dispatch::Reply(_)) {
+            cbuf.advance(sc.off);
+        }
+        Some(d)
+    }
+
+    /// The batch's refusal, the error Chorus was asked to give, or its write locks: `Some`
+    /// when it does not go as sent (it waits for locks, or fails on every backend alike).
+    fn refuse_or_lock(
+        &mut self,
+        cbuf: &mut BytesMut,
+        sc: &mut Scan,
+        barrier: bool,
+        ctx: &mut RouteCtx<'_>,
+        next_seq: &mut u64,
+    ) -> Option<Dispatch> {
+        let mut failure = sc.refusal.take();
+        if failure.is_none() && (!sc.writes.is_empty() || barrier) {
+            if let Some((code, msg)) = self.fail_next.take().filter(|_| !sc.writes.is_empty()) {
+                failure = Some(rewrite::error_statement(code, &msg));
+            } else {
+                let plans: Vec<(&Analysis, Option<&[u8]>)> =
+                    sc.writes.iter().map(|(a, s, e)| (&**a, Some(&cbuf[*s..*e]))).collect();
+                match self.lock(&plans, barrier, ctx) {
+                    Acquire::Granted => {}
+                    Acquire::Wait => return Some(Dispatch::NeedsLocks),
+                    Acquire::Deadlock => failure = Some(deadlock_statement()),
+                }
+            }
+        }
+        let sql = failure?;
+        cbuf.advance(sc.off);
+        let mut buf = BytesMut::new();
+        if !sc.synced || self.batch.is_some() {
+            // Part of a batch is on its way already, or the rest may follow: this part
+            // becomes Chorus's error statement in extended form. Every backend fails it
+            // alike and, as PostgreSQL does after an error, skips the client's messages
+            // up to the Sync, which answers the whole batch.
+            message::extended_statement(&mut buf, &sql, sc.synced);
+            return Some(self.fail_batch(buf.freeze(), sc.synced, ctx, next_seq));
+        }
+        // The whole batch fails at its first message, on every backend alike.
+        message::query_msg(&mut buf, &sql);
+        Some(self.send_query(buf.freeze(), Class::SESSION, false, false, None, false, ctx, next_seq))
+    }
+
+    /// The request a synced or first part of a batch makes (a batch's later parts go with it).
+    fn new_request(
+        &mut self,
+        r: Scanned,
+        bytes: &Bytes,
+        first_sql: Option<(usize, usize)>,
+        targets: u64,
+        trims: Vec<Option<u16>>,
+        next_seq: &mut u64,
+    ) -> NewRequest {
+        // (A batch that only prepares runs nothing: no unit to wrap.)
+        let begin_seq = (r.class.writes && r.writes && !self.tx_open).then(|| take_seq(next_seq));
+        let seq = take_seq(next_seq);
+        let sql = match first_sql {
+            Some((o, l)) => bytes.slice(o..o + l),
+            None => bytes.slice(0..0),
+        };
+        let alone = r.synced && r.read && !self.tx_open;
+        NewRequest {
+            seq,
+            targets,
+            writes: r.class.writes,
+            sql,
+            retry: (alone && targets.count_ones() == 1).then(|| bytes.clone()),
+            hash_rows: r.hash_rows && r.has_bind && r.class.writes,
+            ddl: r.ddl,
+            trims,
+            internal: false,
+            logged: !alone,
+            per_server: r.class.per_server,
+            lead_answers: !r.read,
+            begin_seq,
+        }
     }
 
     /// Sends Chorus's error statement (extended form, `bytes`) in place of part of a batch.
@@ -956,6 +989,93 @@ impl Router {
             }
         }
     }
+}
+
+/// What `Router::scan_extended` found in the messages at the head of the client's buffer.
+struct Scan {
+    /// Bytes scanned.
+    off: usize,
+    class: Class,
+    /// The messages leave something in the session (named statements, a Close).
+    session_state: bool,
+    parsed_unnamed: Option<Prepared>,
+    parsed_named: Vec<(Box<[u8]>, Prepared)>,
+    /// A Bind of the unnamed statement that an earlier batch parsed.
+    uses_old_unnamed: bool,
+    has_parse: bool,
+    has_bind: bool,
+    synced: bool,
+    flushed: bool,
+    /// The first Parse or Bind: (offset, length).
+    first_sql: Option<(usize, usize)>,
+    /// Frames Chorus rewrites: (offset, length, new frame).
+    replaced: Vec<(usize, usize, BytesMut)>,
+    /// Binds of writes, to lock for: (analysis, bind body range).
+    writes: Vec<(Arc<Analysis>, usize, usize)>,
+    refusal: Option<String>,
+    trims: Vec<Option<u16>>,
+    hash_rows: bool,
+    ddl: bool,
+    copy_filler: Option<CopyFiller>,
+}
+
+impl Scan {
+    fn new() -> Scan {
+        Scan {
+            off: 0,
+            class: Class { empty: true, ..Class::default() },
+            session_state: false,
+            parsed_unnamed: None,
+            parsed_named: Vec::new(),
+            uses_old_unnamed: false,
+            has_parse: false,
+            has_bind: false,
+            synced: false,
+            flushed: false,
+            first_sql: None,
+            replaced: Vec::new(),
+            writes: Vec::new(),
+            refusal: None,
+            trims: Vec::new(),
+            hash_rows: true,
+            ddl: false,
+            copy_filler: None,
+        }
+    }
+}
+
+/// What `Router::new_request` needs of a scan once the batch's targets are chosen.
+struct Scanned {
+    class: Class,
+    read: bool,
+    synced: bool,
+    has_bind: bool,
+    hash_rows: bool,
+    ddl: bool,
+    /// It binds a write (and so may need Chorus's BEGIN around it).
+    writes: bool,
+}
+
+/// The scanned bytes with Chorus's rewritten frames in place; `first_sql` moved to where
+/// the first frame now is.
+fn splice(orig: BytesMut, replaced: &[(usize, usize, BytesMut)], first_sql: &mut Option<(usize, usize)>) -> Bytes {
+    let mut out = BytesMut::with_capacity(orig.len() + 256);
+    let mut at = 0;
+    for (o, l, f) in replaced {
+        out.extend_from_slice(&orig[at..*o]);
+        out.extend_from_slice(f);
+        at = o + l;
+    }
+    out.extend_from_slice(&orig[at..]);
+    if let Some((o, l)) = first_sql {
+        // Point at the first frame in the new bytes: it starts at the same place.
+        let shift: isize = replaced.iter().filter(|(ro, _, _)| ro < o).map(|(_, rl, f)| f.len() as isize - *rl as isize).sum();
+        *o = (*o as isize + shift) as usize;
+        if let Some((_, _, f)) = replaced.iter().find(|(ro, _, _)| ro == o) {
+            *l = f.len();
+        }
+    }
+    out.freeze()
 }
 
 /// A statement the lexical pass calls a read, checked against what the database's catalog
