@@ -217,6 +217,14 @@ async fn a_gap_past_the_retention_or_a_diverged_backend_needs_a_join() {
         assert!(Instant::now() < deadline, "nothing was pruned");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The history's size on each in-sync backend, read at each pruning pass.
+    let metrics = raw_http(&s, &get("/metrics", Some(chorus_testkit::ADMIN_TOKEN))).await;
+    for b in ["pg1", "pg2"] {
+        let line = format!("chorus_history_size_bytes{{backend=\"{b}\",database=\"postgres\"}} ");
+        let size: f64 =
+            metrics.lines().find_map(|l| l.strip_prefix(&line)).unwrap_or_else(|| panic!("{metrics}")).parse().unwrap();
+        assert!(size >= 8192.0, "{b}: {size}");
+    }
     s.servers[2].restart().await.unwrap();
     // The automatic attempt, once it answers: refused in one line, and it stays down.
     let refused =

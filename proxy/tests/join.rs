@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn pgbench_bin() -> std::path::PathBuf {
     chorus_testkit::default_bin_dir().unwrap().join("pgbench")
@@ -313,36 +312,6 @@ async fn chorus_killed_mid_join_and_restarted() {
     assert_all_in_sync_and_equal(&s, 2);
     s.assert_identical().await;
     s.chorus.stop();
-}
-
-async fn raw_http(s: &Setup, request: &str) -> String {
-    let url = s.chorus.admin_url();
-    let addr = url.trim_start_matches("http://");
-    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-    c.write_all(request.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-fn get(path: &str, token: Option<&str>) -> String {
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    format!("GET {path} HTTP/1.1\r\nHost: chorus\r\n{auth}Connection: close\r\n\r\n")
-}
-
-/// Sums every sample of a counter in Prometheus text; checks that each sample line parses.
-fn counter(text: &str, name: &str) -> f64 {
-    let mut total = 0.0;
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line}"));
-        let v: f64 = value.parse().unwrap_or_else(|_| panic!("not a number in: {line}"));
-        let metric = series.split('{').next().unwrap();
-        assert!(metric.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad name: {line}");
-        if metric == name {
-            total += v;
-        }
-    }
-    total
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,10 +24,13 @@ pub fn spawn(cfg: Arc<Config>, cluster: Arc<Cluster>, history: Arc<History>, sto
             for db in history.ready_databases() {
                 for b in cluster.in_sync() {
                     match prune(&cfg, &b.host, b.port, &db).await {
-                        Ok(0) => {}
-                        Ok(n) => {
-                            metrics::counter!("chorus_history_pruned_total").increment(n);
-                            tracing::debug!(database = %db, backend = %b.name, entries = n, "history pruned");
+                        Ok((n, size)) => {
+                            metrics::gauge!("chorus_history_size_bytes", "backend" => b.name.clone(), "database" => db.clone())
+                                .set(size as f64);
+                            if n > 0 {
+                                metrics::counter!("chorus_history_pruned_total").increment(n);
+                                tracing::debug!(database = %db, backend = %b.name, entries = n, "history pruned");
+                            }
                         }
                         Err(e) => tracing::warn!(database = %db, backend = %b.name, error = %e, "history pruning failed"),
                     }
@@ -37,9 +40,13 @@ pub fn spawn(cfg: Arc<Config>, cluster: Arc<Cluster>, history: Arc<History>, sto
     });
 }
 
-async fn prune(cfg: &Config, host: &str, port: u16, db: &str) -> Result<u64, String> {
-    let c = Login::health(cfg, host, port, db, "chorus-history").connect().await.map_err(|e| crate::cluster::pg_error(&e))?;
+/// Prunes one database's history on one backend: the entries deleted, and the history's
+/// size on disk afterwards (table, index and TOAST).
+async fn prune(cfg: &Config, host: &str, port: u16, db: &str) -> Result<(u64, u64), String> {
+    let err = |e: tokio_postgres::Error| crate::cluster::pg_error(&e);
+    let c = Login::health(cfg, host, port, db, "chorus-history").connect().await.map_err(err)?;
     let secs = cfg.history_retention.as_secs_f64();
-    let n: i64 = c.query_one(schema::PRUNE, &[&secs]).await.map_err(|e| crate::cluster::pg_error(&e))?.get(0);
-    Ok(n as u64)
+    let n: i64 = c.query_one(schema::PRUNE, &[&secs]).await.map_err(err)?.get(0);
+    let size: i64 = c.query_one(schema::SIZE, &[]).await.map_err(err)?.get(0);
+    Ok((n as u64, size as u64))
 }

@@ -61,5 +61,8 @@ pub const PRUNE: &str = "WITH gone AS (
 )
 SELECT count(*) FROM gone";
 
+/// The history's size on disk: table, index and TOAST.
+pub const SIZE: &str = "SELECT pg_total_relation_size('chorus.history')";
+
 /// What a unit's record sends: one statement, prepared unnamed, run with three parameters.
 pub const RECORD: &str = "SELECT chorus.record($1, $2, $3)";
