@@ -172,6 +172,10 @@ pub struct Config {
     /// How long history entries are kept once every in-sync backend has them.
     #[serde(default = "defaults::history_retention", deserialize_with = "duration")]
     pub history_retention: Duration,
+    /// The most the history's entries may take in each database, in bytes (0: no limit):
+    /// the oldest are pruned first, whatever their age.
+    #[serde(default)]
+    pub history_retention_bytes: u64,
     /// The largest unit (its statements and data, in bytes) the history keeps; a bigger
     /// transaction is rolled back with 54000.
     #[serde(default = "defaults::history_unit_max")]

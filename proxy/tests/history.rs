@@ -221,3 +221,56 @@ async fn clients_cannot_forge_history_entries() {
     let (ok, out) = s.chorus.verify();
     assert!(ok, "{out}");
 }
+
+/// `history_retention_bytes`: the oldest entries go once the newer ones fill the limit, long
+/// before their age would prune them; the newest stay, and `chorus.pruned` notes the newest
+/// serial removed (a backend that lacks it needs a join).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_is_pruned_to_its_size_limit() {
+    let limit = 64 * 1024;
+    let extra = format!("history_retention = \"2m\"\nhistory_retention_bytes = {limit}");
+    let s = Setup::with(2, ChorusOptions { extra, ..Default::default() }).await;
+    let c = s.client().await;
+    c.batch_execute("CREATE TABLE notes (id int PRIMARY KEY, body text)").await.unwrap();
+    // 200 units of about 1 KB each (random text: it does not compress), some 200 KB.
+    for i in 0..200 {
+        c.execute(
+            "INSERT INTO notes VALUES ($1, (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 32)))",
+            &[&i],
+        )
+        .await
+        .unwrap();
+    }
+    let newest: i64 = {
+        let l = s.servers[0].local_client("postgres").await.unwrap();
+        l.query_one("SELECT max(serial) FROM chorus.history", &[]).await.unwrap().get(0)
+    };
+    // Pruning runs every 12 s at this retention (its age is far off): the first pass is awaited.
+    let sql = format!(
+        "SELECT count(*) FROM chorus.history HAVING (SELECT sum(pg_column_size(unit)) FROM chorus.history) <= {limit} \
+         AND (SELECT upto FROM chorus.pruned) > 0"
+    );
+    for srv in &s.servers {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        let kept: i64 = loop {
+            let l = srv.local_client("postgres").await.unwrap();
+            if let Some(r) = l.query_opt(&sql, &[]).await.unwrap() {
+                break r.get(0);
+            }
+            assert!(std::time::Instant::now() < deadline, "never pruned to {limit} bytes on port {}", srv.port());
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        // About 60 entries of about 1 KB fit: the newest ones, the newest of all among them.
+        assert!((30..200).contains(&kept), "{kept} entries kept");
+        let l = srv.local_client("postgres").await.unwrap();
+        let (top, upto): (i64, i64) = {
+            let r = l.query_one("SELECT max(serial), (SELECT upto FROM chorus.pruned) FROM chorus.history", &[]).await.unwrap();
+            (r.get(0), r.get(1))
+        };
+        assert_eq!(top, newest, "the newest entry stays");
+        let below: i64 = l.query_one("SELECT count(*) FROM chorus.history WHERE serial <= $1", &[&upto]).await.unwrap().get(0);
+        assert_eq!(below, 0, "every entry up to the noted serial is gone");
+    }
+    let (ok, out) = s.chorus.verify();
+    assert!(ok, "verify: {out}");
+}

@@ -1,4 +1,5 @@
-//! Pruning: entries older than `history_retention` are deleted on every in-sync backend, the
+//! Pruning: entries older than `history_retention` (and, with `history_retention_bytes`, the
+//! oldest beyond that many bytes of entries) are deleted on every in-sync backend, the
 //! newest entry of each database always kept (it carries the serial a restarted Chorus goes
 //! on from). Each backend prunes its own copy directly: the schema is Chorus's, outside the
 //! data that `verify` compares, and a unit's entry is the same wherever it is.
@@ -46,7 +47,12 @@ async fn prune(cfg: &Config, host: &str, port: u16, db: &str) -> Result<(u64, u6
     let err = |e: tokio_postgres::Error| crate::cluster::pg_error(&e);
     let c = Login::health(cfg, host, port, db, "chorus-history").connect().await.map_err(err)?;
     let secs = cfg.history_retention.as_secs_f64();
-    let n: i64 = c.query_one(schema::PRUNE, &[&secs]).await.map_err(err)?.get(0);
+    let n: i64 = match i64::try_from(cfg.history_retention_bytes).unwrap_or(i64::MAX) {
+        0 => c.query_one(schema::PRUNE, &[&secs]).await,
+        bytes => c.query_one(schema::PRUNE_BYTES, &[&secs, &bytes]).await,
+    }
+    .map_err(err)?
+    .get(0);
     let size: i64 = c.query_one(schema::SIZE, &[]).await.map_err(err)?.get(0);
     Ok((n as u64, size as u64))
 }

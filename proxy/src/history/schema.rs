@@ -61,6 +61,19 @@ pub const PRUNE: &str = "WITH gone AS (
 )
 SELECT count(*) FROM gone";
 
+/// As `PRUNE`, and also the oldest entries beyond the newest `$2` bytes of entries.
+pub const PRUNE_BYTES: &str = "WITH sized AS (
+  SELECT serial, at, sum(pg_column_size(unit)) OVER (ORDER BY serial DESC) AS newer FROM chorus.history
+), gone AS (
+  DELETE FROM chorus.history h USING sized s
+  WHERE h.serial = s.serial AND (s.at < now() - make_interval(secs => $1) OR s.newer > $2)
+    AND h.serial < (SELECT max(serial) FROM chorus.history) RETURNING h.serial
+), noted AS (
+  INSERT INTO chorus.pruned (upto) SELECT max(serial) FROM gone HAVING count(*) > 0
+  ON CONFLICT (one) DO UPDATE SET upto = greatest(chorus.pruned.upto, excluded.upto)
+)
+SELECT count(*) FROM gone";
+
 /// The history's size on disk: table, index and TOAST.
 pub const SIZE: &str = "SELECT pg_total_relation_size('chorus.history')";
 
