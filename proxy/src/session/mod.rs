@@ -615,6 +615,12 @@ impl Session {
         Ok(())
     }
 
+    /// Routing waits for the requests in flight (a membership change, a COMMIT that needs
+    /// the session idle, a reconnect, a wrapped write's COMMIT) and none is left.
+    fn held_may_go(&self) -> bool {
+        (self.membership_wait || self.idle_wait || self.reconnect_due || self.wrap_open) && self.pending.is_empty()
+    }
+
     fn handle(&mut self, ev: Events) -> Result<(), End> {
         for (i, why) in ev.backend_failed {
             self.lost_conn(i, why, None)?;
@@ -624,7 +630,7 @@ impl Session {
         }
         if ev.backend_data {
             self.on_backend_data()?;
-            if (self.membership_wait || self.idle_wait || self.reconnect_due || self.wrap_open) && self.pending.is_empty() {
+            if self.held_may_go() {
                 self.on_client_data()?;
             }
         }
@@ -652,11 +658,7 @@ impl Session {
         // event answered the last one: a reply, a backend's timeout (the timer), a lost
         // connection. (Found when a COMMIT waited for a stopped backend's timeout and then
         // for nothing, holding its locks.)
-        if !ev.backend_data
-            && (self.membership_wait || self.idle_wait || self.reconnect_due || self.wrap_open)
-            && self.pending.is_empty()
-            && !self.cbuf.is_empty()
-        {
+        if !ev.backend_data && self.held_may_go() && !self.cbuf.is_empty() {
             self.on_client_data()?;
         }
         if ev.shutdown {
