@@ -29,11 +29,6 @@ pub enum ApplyError {
 /// the backend never waits for Chorus to read while Chorus is still writing.
 const PIPELINE: usize = 64;
 
-/// Applies entry `serial` (`raw`, as stored) to `target` over a connection of its own.
-pub async fn apply(cfg: &Config, history: &History, target: Arc<Backend>, serial: u64, raw: &[u8]) -> Result<(), ApplyError> {
-    Applier::new(cfg, history, target).apply(serial, raw).await
-}
-
 /// Applies entries to one backend, keeping one connection per user and startup parameters,
 /// so a catch-up of thousands of units logs in a handful of times. Before each unit the
 /// connection's session is reset (DISCARD ALL) and rebuilt as the unit's session was; the

@@ -5,10 +5,13 @@
 //! Only serials from the newest of the backends' oldest entries on are compared: below it,
 //! pruning may have removed an entry on one backend and not yet on another.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::apply::{apply, ApplyError};
+use tokio_postgres::Client;
+
+use super::apply::{Applier, ApplyError};
+use super::runs::{self, Run};
 use super::{schema, History};
 use crate::cluster::{Backend, BackendState, Cluster, Login};
 use crate::config::Config;
@@ -99,21 +102,17 @@ pub async fn settle(cfg: &Config, b: &Backend) -> Result<(), String> {
     Ok(())
 }
 
-/// One backend's serials in `db` (None: it has no history there).
-async fn serials(cfg: &Config, b: &Backend, db: &str) -> Result<Option<BTreeSet<u64>>, String> {
-    let c =
-        Login::health(cfg, &b.host, b.port, db, "chorus-recovery").connect().await.map_err(|e| crate::cluster::pg_error(&e))?;
+/// One backend's serials in `db` as runs (None: it has no history there).
+async fn serials(c: &Client) -> Result<Option<Vec<Run>>, String> {
     let exists: bool = c.query_one(schema::EXISTS, &[]).await.map_err(|e| crate::cluster::pg_error(&e))?.get(0);
     if !exists {
         return Ok(None);
     }
-    let rows = c.query("SELECT serial FROM chorus.history", &[]).await.map_err(|e| crate::cluster::pg_error(&e))?;
-    Ok(Some(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect()))
+    let rows = c.query(schema::RUNS, &[]).await.map_err(|e| crate::cluster::pg_error(&e))?;
+    Ok(Some(rows.iter().map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64)).collect()))
 }
 
-async fn entry(cfg: &Config, b: &Backend, db: &str, serial: u64) -> Result<Vec<u8>, String> {
-    let c =
-        Login::health(cfg, &b.host, b.port, db, "chorus-recovery").connect().await.map_err(|e| crate::cluster::pg_error(&e))?;
+async fn entry(c: &Client, serial: u64) -> Result<Vec<u8>, String> {
     let row = c
         .query_one("SELECT unit FROM chorus.history WHERE serial = $1", &[&(serial as i64)])
         .await
@@ -121,35 +120,48 @@ async fn entry(cfg: &Config, b: &Backend, db: &str, serial: u64) -> Result<Vec<u
     Ok(row.get(0))
 }
 
+async fn connect(cfg: &Config, b: &Backend, db: &str) -> Result<Client, String> {
+    Login::health(cfg, &b.host, b.port, db, "chorus-recovery").connect().await.map_err(|e| crate::cluster::pg_error(&e))
+}
+
 async fn recover_database(cfg: &Config, cluster: &Cluster, history: &History, db: &str, done: &mut Recovered) {
-    let mut held: BTreeMap<usize, (Arc<Backend>, BTreeSet<u64>)> = BTreeMap::new();
+    // Per backend: its connection (kept for the entries read from it) and its serials.
+    let mut held: BTreeMap<usize, (Arc<Backend>, Client, Vec<Run>)> = BTreeMap::new();
     for b in cluster.in_sync() {
-        match serials(cfg, &b, db).await {
-            Ok(Some(s)) => {
-                held.insert(b.idx, (b, s));
+        let read = async {
+            let c = connect(cfg, &b, db).await?;
+            Ok::<_, String>(serials(&c).await?.map(|s| (c, s)))
+        };
+        match read.await {
+            Ok(Some((c, s))) => {
+                held.insert(b.idx, (b, c, s));
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(database = %db, backend = %b.name, error = %e, "cannot read the update history"),
         }
     }
-    done.newest = done.newest.max(held.values().filter_map(|(_, s)| s.last().copied()).max().unwrap_or(0));
-    let plan = missing(held.iter().map(|(i, (_, s))| (*i, s)));
+    done.newest = done.newest.max(held.values().filter_map(|(_, _, s)| s.last().map(|r| r.1)).max().unwrap_or(0));
+    let plan = missing(held.iter().map(|(i, (_, _, s))| (*i, &s[..])));
     let mut given: BTreeMap<usize, Arc<Backend>> = BTreeMap::new();
+    let mut appliers: BTreeMap<usize, Applier> = BTreeMap::new();
     for (idx, serial) in plan {
-        let Some((target, _)) = held.get(&idx) else { continue };
+        let Some((target, _, _)) = held.get(&idx) else { continue };
         if !target.is_in_sync() {
             continue;
         }
-        let source = held.values().find(|(b, s)| s.contains(&serial) && b.is_in_sync()).map(|(b, _)| b.clone());
-        let Some(source) = source else { continue };
-        let raw = match entry(cfg, &source, db, serial).await {
+        let Some((source, c, _)) = held.values().find(|(b, _, s)| runs::contains(s, serial) && b.is_in_sync()) else {
+            continue;
+        };
+        let raw = match entry(c, serial).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(database = %db, backend = %source.name, serial, error = %e, "cannot read a history entry");
                 continue;
             }
         };
-        match apply(cfg, history, target.clone(), serial, &raw).await {
+        let source = source.clone();
+        let applier = appliers.entry(idx).or_insert_with(|| Applier::new(cfg, history, target.clone()));
+        match applier.apply(serial, &raw).await {
             Ok(()) => {
                 done.units += 1;
                 given.insert(target.idx, source.clone());
@@ -168,7 +180,7 @@ async fn recover_database(cfg: &Config, cluster: &Cluster, history: &History, db
     // A unit whose statements ran on a backend that then lost it advanced that backend's
     // sequences: applied again, it drew other values. Such a backend is not identical.
     for (idx, source) in given {
-        let Some((target, _)) = held.get(&idx) else { continue };
+        let Some((target, _, _)) = held.get(&idx) else { continue };
         match (sequences(cfg, target, db).await, sequences(cfg, &source, db).await) {
             (Ok(t), Ok(s)) if t == s => {}
             (Ok(t), Ok(s)) => {
@@ -198,17 +210,13 @@ async fn sequences(cfg: &Config, b: &Backend, db: &str) -> Result<BTreeMap<Strin
 
 /// Per backend, the serials others hold and it lacks, in serial order, from the newest of the
 /// backends' oldest entries on.
-fn missing<'a>(held: impl Iterator<Item = (usize, &'a BTreeSet<u64>)> + Clone) -> Vec<(usize, u64)> {
-    let floor = held.clone().filter_map(|(_, s)| s.first().copied()).max().unwrap_or(0);
-    let all: BTreeSet<u64> = held.clone().flat_map(|(_, s)| s.range(floor..).copied()).collect();
-    let mut out = Vec::new();
-    for serial in all {
-        for (i, s) in held.clone() {
-            if !s.contains(&serial) {
-                out.push((i, serial));
-            }
-        }
-    }
+fn missing<'a>(held: impl Iterator<Item = (usize, &'a [Run])> + Clone) -> Vec<(usize, u64)> {
+    let floor = held.clone().filter_map(|(_, s)| s.first().map(|r| r.0)).max().unwrap_or(0);
+    let all = runs::from(&held.clone().fold(Vec::new(), |acc, (_, s)| runs::union(&acc, s)), floor);
+    let mut out: Vec<(usize, u64)> = held
+        .flat_map(|(i, s)| runs::minus(&all, s).into_iter().flat_map(move |(lo, hi)| (lo..=hi).map(move |x| (i, x))))
+        .collect();
+    out.sort_unstable_by_key(|&(i, serial)| (serial, i));
     out
 }
 
@@ -218,13 +226,12 @@ mod tests {
 
     #[test]
     fn what_is_missing_is_what_another_holds_above_the_common_floor() {
-        let a: BTreeSet<u64> = [3, 4, 5, 7, 9].into();
-        let b: BTreeSet<u64> = [5, 7].into();
-        let c: BTreeSet<u64> = [4, 5, 9, 10].into();
-        let got = missing([(0, &a), (1, &b), (2, &c)].into_iter());
+        let a: &[Run] = &[(3, 5), (7, 7), (9, 9)];
+        let b: &[Run] = &[(5, 5), (7, 7)];
+        let c: &[Run] = &[(4, 5), (9, 10)];
+        let got = missing([(0, a), (1, b), (2, c)].into_iter());
         // Floor 5: serials 3 and 4 may have been pruned on b.
         assert_eq!(got, vec![(2, 7), (1, 9), (0, 10), (1, 10)]);
-        let empty: BTreeSet<u64> = BTreeSet::new();
-        assert_eq!(missing([(0, &a), (1, &empty)].into_iter()).len(), 5, "an empty history lacks everything");
+        assert_eq!(missing([(0, a), (1, &[][..])].into_iter()).len(), 5, "an empty history lacks everything");
     }
 }

@@ -36,13 +36,16 @@ pub fn gaps(known: &[Run]) -> Vec<Run> {
 }
 
 /// `known` with `serials` added (in any order, repeats allowed).
-pub fn merge(known: &[Run], mut serials: Vec<u64>) -> Vec<Run> {
-    serials.sort_unstable();
-    serials.dedup();
-    let mut all: Vec<Run> = known.to_vec();
-    all.extend(serials.into_iter().map(|s| (s, s)));
+pub fn merge(known: &[Run], serials: Vec<u64>) -> Vec<Run> {
+    let added: Vec<Run> = serials.into_iter().map(|s| (s, s)).collect();
+    union(known, &added)
+}
+
+/// The serials in `a` or in `b` (each in any order, overlaps allowed), as sorted runs apart.
+pub fn union(a: &[Run], b: &[Run]) -> Vec<Run> {
+    let mut all: Vec<Run> = a.iter().chain(b).copied().collect();
     all.sort_unstable();
-    let mut out: Vec<Run> = Vec::with_capacity(known.len() + 1);
+    let mut out: Vec<Run> = Vec::with_capacity(all.len().min(a.len() + 1));
     for (lo, hi) in all {
         match out.last_mut() {
             Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
@@ -50,6 +53,17 @@ pub fn merge(known: &[Run], mut serials: Vec<u64>) -> Vec<Run> {
         }
     }
     out
+}
+
+/// The serials of `a` from `floor` on.
+pub fn from(a: &[Run], floor: u64) -> Vec<Run> {
+    a.iter().filter(|r| r.1 >= floor).map(|&(lo, hi)| (lo.max(floor), hi)).collect()
+}
+
+/// Whether `a` holds `serial`.
+pub fn contains(a: &[Run], serial: u64) -> bool {
+    let i = a.partition_point(|r| r.1 < serial);
+    a.get(i).is_some_and(|r| r.0 <= serial)
 }
 
 #[cfg(test)]
@@ -74,5 +88,10 @@ mod tests {
         assert_eq!(merge(&[], vec![2, 1]), vec![(1, 2)]);
         assert_eq!(merge(&[(1, 2)], vec![]), vec![(1, 2)]);
         assert_eq!(merge(&[(1, 2), (4, 4)], vec![3]), vec![(1, 4)]);
+        assert_eq!(union(&[(5, 9), (1, 2)], &[(3, 3), (8, 12)]), vec![(1, 3), (5, 12)]);
+        assert_eq!(from(&[(1, 3), (5, 9)], 4), vec![(5, 9)]);
+        assert_eq!(from(&[(1, 3), (5, 9)], 6), vec![(6, 9)]);
+        assert!(contains(&[(1, 3), (5, 9)], 5) && contains(&[(1, 3)], 3));
+        assert!(!contains(&[(1, 3), (5, 9)], 4) && !contains(&[], 1) && !contains(&[(1, 3)], 10));
     }
 }
