@@ -27,7 +27,7 @@ fn pgbench_load(s: &Setup, seconds: u32, extra: &[&str]) -> Child {
     let conn = s.chorus.conn_str(APP_USER, "postgres");
     let t = seconds.to_string();
     Command::new(pgbench_bin())
-        .args(["-n", "-b", "tpcb-like", "-c", "8", "-j", "2", "-R", "100", "-T", &t])
+        .args(["-n", "-b", "tpcb-like", "-c", "8", "-j", "2", "-R", "100", "-T", &t, "--verbose-errors"])
         .args(extra)
         .arg(&conn)
         .stdout(Stdio::piped())
@@ -44,10 +44,15 @@ fn finish(child: Child) -> String {
     s
 }
 
-/// pgbench saw no failed transaction and no aborted client.
-fn assert_clean(out: &str) {
-    assert!(out.contains("number of failed transactions: 0"), "{out}");
-    assert!(!out.contains("aborted"), "{out}");
+/// pgbench saw no failed transaction and no aborted client (its errors, `--verbose-errors`,
+/// and Chorus's warnings shown when it did).
+fn assert_clean(out: &str, s: &Setup) {
+    let clean = out.contains("number of failed transactions: 0") && !out.contains("aborted");
+    if !clean {
+        let log = s.chorus.log();
+        let warnings: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect();
+        panic!("{out}\nChorus's warnings and errors:\n{}", warnings.join("\n"));
+    }
 }
 
 async fn wait_for_rows(s: &Setup, sql: &str, at_least: i64) {
@@ -110,7 +115,7 @@ async fn join_under_pgbench(method: &str) {
     // The join happened under load: pgbench is still running.
     assert!(load.try_wait().unwrap().is_none(), "pgbench ended before the join did; the test proves nothing");
     let out = finish(load);
-    assert_clean(&out);
+    assert_clean(&out, &s);
     assert_all_in_sync_and_equal(&s, 3);
     s.servers.push(newcomer);
     assert_identical(&s.refs(), "postgres").await;
@@ -209,7 +214,7 @@ async fn upgrade_from_15_to_18_without_downtime() {
     assert!(pg18_info["version"].as_str().unwrap_or_default().starts_with("18") || pg18_info["version"] == "", "{list:?}");
     assert!(load.try_wait().unwrap().is_none(), "pgbench ended before the upgrade did; the test proves nothing");
     let out = finish(load);
-    assert_clean(&out);
+    assert_clean(&out, &s);
     // Every transaction pgbench counted is in the history of the new server.
     let processed: i64 = out
         .lines()
