@@ -106,7 +106,8 @@ async fn join_under_pgbench(method: &str) {
     let mut s = Setup::new(2).await;
     pgbench_init(&s, "2");
     let newcomer = PgServer::start(PgOptions::default()).await.unwrap();
-    let mut load = pgbench_load(&s, 30, &[]);
+    // Long enough to cover the join when the suite runs side by side on two cores.
+    let mut load = pgbench_load(&s, 60, &[]);
     wait_for_rows(&s, "SELECT count(*) FROM pgbench_history", 50).await;
     let port = newcomer.port().to_string();
     let (ok, out) = s.chorus.chorusctl(&["join", "pg3", "--host", "127.0.0.1", "--port", &port, "--method", method]);
@@ -174,8 +175,13 @@ async fn join_into_a_cluster_of_one() {
         })
     };
     wait_for_rows(&s, "SELECT count(*) FROM items", 1050).await;
+    // A session that said BEGIN before the join and writes after it goes on, with the new
+    // backend (nothing of its transaction had reached a backend: it got 40001 before).
+    let begun = s.client().await;
+    begun.batch_execute("BEGIN").await.unwrap();
     let (ok, out) = s.chorus.chorusctl(&["join", "pg2", "--host", "127.0.0.1", "--port", &port]);
     assert!(ok, "{out}\n{}", s.chorus.log());
+    begun.batch_execute("INSERT INTO items (name) VALUES ('begun before the join'); COMMIT").await.unwrap();
     let more: i64 = c.query_one("SELECT count(*) FROM items", &[]).await.unwrap().get(0);
     wait_for_rows(&s, "SELECT count(*) FROM items", more + 50).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -184,6 +190,15 @@ async fn join_into_a_cluster_of_one() {
     assert_all_in_sync_and_equal(&s, 2);
     s.servers.push(newcomer);
     assert_identical(&s.refs(), "postgres").await;
+    let l = s.servers[1].local_client("postgres").await.unwrap();
+    let names: Vec<String> = l
+        .query("SELECT name FROM items WHERE name = 'begun before the join'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(names, vec!["begun before the join".to_string()], "the newcomer holds the row");
 }
 
 /// A PostgreSQL 18 backend joins a PostgreSQL 15 cluster under load; the 15s are removed; the
@@ -199,7 +214,8 @@ async fn upgrade_from_15_to_18_without_downtime() {
     pgbench_init(&s, "2");
     let pg18 = PgServer::start(PgOptions { bin_dir: Some(bin18), ..PgOptions::default() }).await.unwrap();
     assert!(pg18.version().starts_with("18"), "{}", pg18.version());
-    let mut load = pgbench_load(&s, 30, &[]);
+    // Long enough to cover the join when the suite runs side by side on two cores.
+    let mut load = pgbench_load(&s, 60, &[]);
     wait_for_rows(&s, "SELECT count(*) FROM pgbench_history", 50).await;
     let port = pg18.port().to_string();
     let (ok, out) = s.chorus.chorusctl(&["join", "pg18", "--host", "127.0.0.1", "--port", &port]);
