@@ -171,6 +171,23 @@ fn own_statement(cell: &'static std::sync::OnceLock<Bytes>, name: &str, sql: &st
     .clone()
 }
 
+/// The runs of serials a database's history holds (it must have one). `known`: runs read from
+/// it before, so only what can have been added since is read (a unit is only ever added to a
+/// history, or pruned when old).
+pub async fn read_runs(c: &tokio_postgres::Client, known: Option<&[runs::Run]>) -> Result<Vec<runs::Run>, tokio_postgres::Error> {
+    match known.filter(|k| !k.is_empty()) {
+        None => {
+            Ok(c.query(schema::RUNS, &[]).await?.iter().map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64)).collect())
+        }
+        Some(k) => {
+            let newest = k.last().map_or(0, |r| r.1) as i64;
+            let (lo, hi): (Vec<i64>, Vec<i64>) = runs::gaps(k).iter().map(|g| (g.0 as i64, g.1 as i64)).unzip();
+            let rows = c.query(schema::SINCE, &[&newest, &lo, &hi]).await?;
+            Ok(runs::merge(k, rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect()))
+        }
+    }
+}
+
 /// `BEGIN`, `COMMIT` and `ROLLBACK` for units Chorus wraps.
 pub fn begin_frame() -> Bytes {
     static F: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();

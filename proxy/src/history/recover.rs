@@ -108,8 +108,7 @@ async fn serials(c: &Client) -> Result<Option<Vec<Run>>, String> {
     if !exists {
         return Ok(None);
     }
-    let rows = c.query(schema::RUNS, &[]).await.map_err(|e| crate::cluster::pg_error(&e))?;
-    Ok(Some(rows.iter().map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64)).collect()))
+    super::read_runs(c, None).await.map(Some).map_err(|e| crate::cluster::pg_error(&e))
 }
 
 async fn entry(c: &Client, serial: u64) -> Result<Vec<u8>, String> {

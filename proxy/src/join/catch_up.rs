@@ -431,23 +431,7 @@ async fn serials(c: &Client, b: &Backend, known: Option<Vec<Run>>) -> Result<Opt
     if !c.query_one(schema::EXISTS, &[]).await.map_err(err)?.get::<_, bool>(0) {
         return Ok(None);
     }
-    let read = async {
-        match known.filter(|k| !k.is_empty()) {
-            None => Ok(c
-                .query(schema::RUNS, &[])
-                .await?
-                .iter()
-                .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64))
-                .collect()),
-            Some(k) => {
-                let newest = k.last().map_or(0, |r| r.1) as i64;
-                let (lo, hi): (Vec<i64>, Vec<i64>) = runs::gaps(&k).iter().map(|g| (g.0 as i64, g.1 as i64)).unzip();
-                let rows = c.query(schema::SINCE, &[&newest, &lo, &hi]).await?;
-                Ok(runs::merge(&k, rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect()))
-            }
-        }
-    };
-    let (held, pruned) = tokio::join!(read, c.query_one(schema::PRUNED, &[]));
+    let (held, pruned) = tokio::join!(crate::history::read_runs(c, known.as_deref()), c.query_one(schema::PRUNED, &[]));
     let (held, pruned): (Vec<Run>, i64) = (held.map_err(err)?, pruned.map_err(err)?.get(0));
     Ok(Some((held, pruned as u64)))
 }
