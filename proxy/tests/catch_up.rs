@@ -25,7 +25,7 @@ async fn await_state(s: &Setup, name: &str, state: &str, secs: u64) -> Duration 
 /// pgbench tpcb-like through Chorus at `rate` TPS for `secs` seconds, 8 clients.
 fn pgbench_load(s: &Setup, rate: u32, secs: u32) -> Child {
     Command::new("pgbench")
-        .args(["-n", "-c", "8", "-j", "2", "-R", &rate.to_string(), "-T", &secs.to_string()])
+        .args(["-n", "-c", "8", "-j", "2", "-R", &rate.to_string(), "-T", &secs.to_string(), "--verbose-errors"])
         .arg(s.chorus.conn_str(APP_USER, "postgres"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -432,3 +432,36 @@ async fn insert_select_from_a_series_numbers_rows_alike() {
     assert_in_sync(&s);
     s.assert_identical().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unnamed_statement_a_read_parsed_on_one_backend_is_bound_on_all() {
+    let (s, d) = setup().await;
+    let script = |mut r: Raw| async move {
+        // A read outside a transaction runs on one backend, and so does its Parse. Prepared
+        // statements open and end transactions (a simple Query would destroy the unnamed
+        // statement); in between, the unnamed statement is bound again without a Parse, where
+        // every backend runs it (REPEATABLE READ), then where the lead alone does.
+        let named = |name: &str| [bind("", name), execute(), SYNC.to_vec()].concat();
+        r.send(&[parse("", "SELECT count(*) FROM t"), bind("", ""), execute(), SYNC.to_vec()].concat()).await;
+        let mut out = r.until_ready().await;
+        r.send(
+            &[parse("rr", "BEGIN ISOLATION LEVEL REPEATABLE READ"), parse("rc", "BEGIN"), parse("c", "COMMIT"), SYNC.to_vec()]
+                .concat(),
+        )
+        .await;
+        out.extend(r.until_ready().await);
+        for begin in ["rr", "rc"] {
+            for name in [begin, "", "c"] {
+                r.send(&named(name)).await;
+                out.extend(r.until_ready().await);
+            }
+        }
+        out
+    };
+    let (through, direct) = both(&s, &d, script).await;
+    assert_eq!(through, direct);
+    let round = ["2", "C", "Z", "2", "D", "C", "Z", "2", "C", "Z"];
+    assert_eq!(direct, [&["1", "2", "D", "C", "Z", "1", "1", "1", "Z"][..], &round, &round].concat());
+    assert_in_sync(&s);
+    s.assert_identical().await;
+}

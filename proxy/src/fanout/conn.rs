@@ -39,6 +39,10 @@ pub struct BackendConn {
     /// Since when the backend has taken none of the frames queued for it while that queue is
     /// past the high-water mark (the session stops reading its client then).
     pub stalled_since: Option<std::time::Instant>,
+    /// The session's default isolation on this server (`default_transaction_isolation` as the
+    /// login left it: server, database, role and startup settings) is REPEATABLE READ or
+    /// SERIALIZABLE, or could not be read.
+    pub strict_default: bool,
 }
 
 /// How a session's connection ended on the backend's side.
@@ -135,6 +139,7 @@ pub async fn connect(
                 message::PARAMETER_STATUS => param_frames.push(frame),
                 message::BACKEND_KEY_DATA => key = message::backend_key_data(frame.body()).map_err(io)?,
                 message::READY_FOR_QUERY => {
+                    let strict_default = strict_default(&mut stream, &mut rbuf, &mut codec).await?;
                     let conn = BackendConn {
                         backend: backend.clone(),
                         stream,
@@ -147,6 +152,7 @@ pub async fn connect(
                         outcome: Outcome::new(),
                         ended: None,
                         stalled_since: None,
+                        strict_default,
                     };
                     return Ok(Login { conn, params: param_frames });
                 }
@@ -215,6 +221,33 @@ pub async fn run_script(conn: &mut BackendConn, frames: &[Bytes], timeout: Durat
         }
     }
     Ok(())
+}
+
+/// Reads the login's default isolation (the routing of reads inside transactions depends on
+/// it, and no ParameterStatus reports it). Anything but a clear READ COMMITTED or READ
+/// UNCOMMITTED counts as strict.
+async fn strict_default(stream: &mut TcpStream, rbuf: &mut BytesMut, codec: &mut FrameCodec) -> Result<bool, LoginError> {
+    let mut q = BytesMut::new();
+    message::query_msg(&mut q, "SHOW default_transaction_isolation");
+    stream.write_all(&q).await.map_err(io)?;
+    let mut strict = true;
+    loop {
+        let f = read_frame(stream, rbuf, codec).await?;
+        match f.tag {
+            message::DATA_ROW => {
+                let value = message::data_row_first(f.body()).unwrap_or_default();
+                strict = !matches!(value, b"read committed" | b"read uncommitted");
+            }
+            message::ERROR_RESPONSE if message::error_fields(f.body()).severity == "FATAL" => {
+                return Err(LoginError::Io(format!(
+                    "backend ended the connection after login: {}",
+                    message::error_fields(f.body()).message
+                )));
+            }
+            message::READY_FOR_QUERY => return Ok(strict),
+            _ => {}
+        }
+    }
 }
 
 async fn read_frame(stream: &mut TcpStream, rbuf: &mut BytesMut, codec: &mut FrameCodec) -> Result<Frame, LoginError> {

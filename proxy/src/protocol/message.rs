@@ -209,6 +209,17 @@ pub fn bind_param_count(body: &[u8]) -> Result<i16, ProtocolError> {
     take_i16(&mut b)
 }
 
+/// The first column of a DataRow body, in place; None for NULL or a malformed row.
+pub fn data_row_first(body: &[u8]) -> Option<&[u8]> {
+    let mut b = body;
+    if take_i16(&mut b).ok()? < 1 || b.len() < 4 {
+        return None;
+    }
+    let len = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let len = usize::try_from(len).ok()?;
+    b.get(4..4 + len)
+}
+
 /// A Bind's parameters, read in place.
 pub struct BindView<'a> {
     pub formats: Vec<i16>,

@@ -119,6 +119,9 @@ struct Request {
     sql: Bytes,
     /// The whole request, kept when a single backend serves a read so another can retry it.
     retry: Option<Bytes>,
+    /// A read the lead runs alone inside a transaction: an error there aborts the transaction
+    /// on the lead only, and the other backends' transactions are aborted after it.
+    lead_read: bool,
     first_done_at: Option<Instant>,
     sent_at: Instant,
 }
@@ -421,6 +424,7 @@ impl Session {
         epoch: u64,
     ) -> Session {
         let locks = shared.order.owner();
+        let strict_default = conns.iter().any(|c| c.strict_default);
         let catalog = shared.catalogs.slot(&target.database);
         shared.catalogs.refresh(&catalog, target.clone());
         // A child token of its own: polling a cancellation future takes its token's mutex on
@@ -437,7 +441,7 @@ impl Session {
             conns,
             pending: VecDeque::new(),
             next_seq: 1,
-            router: Router::default(),
+            router: Router::new(strict_default),
             locks,
             lock_wait: None,
             catalog,
@@ -585,6 +589,7 @@ impl Session {
             match res {
                 Ok(conn) => {
                     tracing::debug!(backend = %b.name, "session joined a backend that entered the in-sync set");
+                    self.router.learn_login_default(conn.strict_default);
                     // The backend's own old place when it had one (a reconnection keeps its
                     // priority); otherwise appended, never put in another backend's place: an
                     // index is a priority and the backends a session started with keep theirs.
@@ -998,6 +1003,7 @@ impl Session {
                 quiet: false,
                 record: false,
                 trims: r.trims.into(),
+                lead_read: self.router.is_lead_read(r.seq),
                 sql: r.sql,
                 retry: r.retry,
                 again: (r.targets.count_ones() > 1 && !r.internal && !self.router.tx_open && !self.router.copy_in_progress())
@@ -1460,6 +1466,9 @@ impl Session {
         if req.wrapped {
             self.close_wrap(req, winner);
         }
+        if req.lead_read && winner.status == b'E' {
+            self.follow_lead_abort(req);
+        }
         if self.pending.is_empty() {
             self.router.settle(winner.status);
             if standalone {
@@ -1605,7 +1614,12 @@ impl Session {
                 return Err(End::Fatal(frame));
             }
         }
-        let at_risk = self.conns[i].queue.front().copied().filter(|_| self.locks.holds_any());
+        // (A read the lead ran alone changed nothing: it runs again on another backend.)
+        let at_risk = self.conns[i]
+            .queue
+            .front()
+            .copied()
+            .filter(|&seq| self.locks.holds_any() && !self.pending.iter().any(|r| r.seq == seq && r.lead_read));
         tracing::debug!(backend = %self.conns[i].backend.name, reason = %why, "a backend connection of the session ended");
         self.conns[i].ended = Some(fanout::Ended { code, frame: fatal, at_risk, why: why.clone() });
         if !self.conns.iter().enumerate().any(|(j, c)| j != i && c.alive) {
@@ -1712,6 +1726,24 @@ impl Session {
     fn abort_transaction(&mut self, why: &str) {
         let targets = self.alive_mask();
         let stmt = crate::sql::rewrite::error_statement("40001", why);
+        let mut q = BytesMut::new();
+        message::query_msg(&mut q, &stmt);
+        let bytes = q.freeze();
+        let seq = self.send_own(targets, &bytes);
+        self.pending.push_back(Request::internal(seq, targets, bytes));
+    }
+
+    /// The lead alone ran a read inside a transaction and its transaction is now aborted (the
+    /// read failed, or the transaction had failed before): the others' transactions are
+    /// aborted too, before anything else reaches them (routing waited for this outcome), so
+    /// that what the client sends next (COMMIT, ROLLBACK, ROLLBACK TO SAVEPOINT, another
+    /// statement) has the same outcome on every backend.
+    fn follow_lead_abort(&mut self, req: &Request) {
+        let targets = self.alive_mask() & !req.targets;
+        if targets == 0 {
+            return;
+        }
+        let stmt = crate::sql::rewrite::error_statement("25P02", "the transaction failed on the lead backend of this session");
         let mut q = BytesMut::new();
         message::query_msg(&mut q, &stmt);
         let bytes = q.freeze();
@@ -1834,6 +1866,7 @@ impl Request {
             trims: VecDeque::new(),
             sql,
             retry: None,
+            lead_read: false,
             first_done_at: None,
             sent_at: Instant::now(),
         }

@@ -201,10 +201,22 @@ pub struct Router {
     parse_frames: HashMap<Box<[u8]>, Bytes>,
     unit_statements: Vec<(Box<[u8]>, Option<Bytes>)>,
     unnamed: Option<(Prepared, u64)>,
+    /// The unnamed statement's Parse frame as sent, to prepare it where it is missing.
+    unnamed_frame: Option<Bytes>,
     /// The transaction's timestamp, chosen at its first use.
     tx_time: Option<String>,
-    /// The session's default isolation is REPEATABLE READ or SERIALIZABLE.
+    /// The session's default isolation is REPEATABLE READ or SERIALIZABLE (or may be).
     strict_default: bool,
+    /// The default isolation the session got at login (server, database, role and startup
+    /// settings, read from the backends): what RESET and DISCARD ALL bring back.
+    login_strict: bool,
+    /// The open transaction is (or may be) REPEATABLE READ or SERIALIZABLE: every statement
+    /// of it goes to every backend.
+    tx_strict: bool,
+    /// The newest request the lead runs alone inside a transaction, while it is in flight:
+    /// what goes to the other backends waits for its outcome (an error there aborts the
+    /// transaction on the lead alone, and the others follow before anything else reaches them).
+    lead_read: Option<u64>,
     /// A plain BEGIN the client was already told about, sent with the next unit.
     deferred_begin: Option<Bytes>,
     barrier: Barrier,
@@ -225,6 +237,20 @@ pub struct Router {
 const BATCH_EARLY: usize = 64 * 1024;
 
 impl Router {
+    /// A session's router; `login_strict`: its default isolation at login is strict.
+    pub fn new(login_strict: bool) -> Router {
+        Router { strict_default: login_strict, login_strict, ..Router::default() }
+    }
+
+    /// A backend the session connects to later reports its login default: a strict one on
+    /// any backend makes the session's default strict.
+    pub fn learn_login_default(&mut self, strict: bool) {
+        if strict {
+            self.login_strict = true;
+            self.strict_default = true;
+        }
+    }
+
     /// Cuts and routes the next dispatch unit from `cbuf`. None when more bytes are needed.
     pub fn next(
         &mut self,
@@ -286,6 +312,9 @@ impl Router {
                 Ok(Some(Dispatch::Ignored))
             }
             QUERY => {
+                // A simple Query destroys the unnamed statement, on every backend it reaches.
+                self.unnamed = None;
+                self.unnamed_frame = None;
                 let sql = message::query_sql(&cbuf[5..len])?;
                 let class = guard_read(classify(sql), sql, ctx);
                 if let Some(d) = self.tx_failed_reply(class, ctx) {
@@ -301,6 +330,9 @@ impl Router {
                     self.apply_tx(class);
                     return Ok(Some(Dispatch::Reply(Bytes::from_static(BEGIN_REPLY))));
                 }
+                if self.must_wait_for_lead(class, ctx) {
+                    return Ok(Some(Dispatch::NeedsIdle));
+                }
                 // (The unit's record, just sent, travels with the COMMIT: no wait for it.)
                 if class.tx == TxEffect::End && self.tx_open && !ctx.idle && !self.recorded {
                     return Ok(Some(Dispatch::NeedsIdle));
@@ -313,10 +345,14 @@ impl Router {
                 if class.writes && self.fail_next.is_none() && ctx.must_wait_for_catalog() {
                     return Ok(Some(Dispatch::NeedsCatalog));
                 }
+                self.note_isolation(class, sql);
                 let plan = class.writes.then(|| analyze_query_cached(sql, ctx.catalog().as_deref()));
                 Ok(Some(self.standalone(cbuf, len, class, plan, ctx, next_seq)))
             }
             FUNCTION_CALL => {
+                if self.must_wait_for_lead(Class::UNKNOWN, ctx) {
+                    return Ok(Some(Dispatch::NeedsIdle));
+                }
                 let plan = Arc::new(Analysis { class: Class::UNKNOWN, global: true, ..Analysis::default() });
                 Ok(Some(self.standalone(cbuf, len, Class::UNKNOWN, Some(plan), ctx, next_seq)))
             }
@@ -333,7 +369,46 @@ impl Router {
             self.recorded = false;
             self.tx_time = None;
             self.barrier = Barrier::None;
+            self.tx_strict = false;
         }
+    }
+
+    /// The lead alone, for a statement proven read-only inside a READ COMMITTED transaction
+    /// (the contract's routing table): such a statement changes nothing on the other backends,
+    /// and READ COMMITTED takes a new snapshot for every statement, so they stay in step. The
+    /// lead has every write of the transaction (G6). A REPEATABLE READ or SERIALIZABLE
+    /// transaction, or one whose isolation Chorus cannot be sure of, sends everything to all.
+    fn lead_alone(&self, class: Class, ctx: &RouteCtx<'_>) -> Option<u64> {
+        let plain_read = (class.read_only || class.empty) && class.tx == TxEffect::None && !class.copy_in;
+        if !self.tx_open || self.tx_strict || self.barrier != Barrier::None || self.deferred_begin.is_some() || !plain_read {
+            return None;
+        }
+        let lead = ctx.alive.trailing_zeros() as usize;
+        // A backend that joined and is not checked yet takes writes only.
+        ctx.conns.get(lead).filter(|c| c.backend.serves_reads())?;
+        Some(1u64 << lead)
+    }
+
+    /// A write that may change the session's isolation without Chorus reading how (a
+    /// `set_config` call, a DO block naming it) makes the session count as strict until it
+    /// sets its isolation in a way Chorus reads.
+    fn note_isolation(&mut self, class: Class, sql: &[u8]) {
+        if class.writes && class.iso == Isolation::Unchanged && crate::sql::mentions_isolation(sql) {
+            self.strict_default = true;
+            self.tx_strict |= self.tx_open;
+        }
+    }
+
+    /// A unit that the lead would not run alone while the lead alone runs a read: it waits
+    /// for that read's outcome.
+    fn must_wait_for_lead(&self, class: Class, ctx: &RouteCtx<'_>) -> bool {
+        self.lead_read.is_some() && !ctx.idle && self.batch.is_none() && self.lead_alone(class, ctx).is_none()
+    }
+
+    /// The request the lead ran alone inside a transaction (its ending in an error aborts the
+    /// transaction there only).
+    pub fn is_lead_read(&self, seq: u64) -> bool {
+        self.lead_read == Some(seq)
     }
 
     /// The next write fails with this error instead of running.
@@ -407,6 +482,9 @@ impl Router {
     /// Request `seq` is complete: a COPY it started is over whatever the client sends next.
     /// Returns whether it was a snapshot barrier, which the session now lifts.
     pub fn request_done(&mut self, seq: u64) -> bool {
+        if self.lead_read == Some(seq) {
+            self.lead_read = None;
+        }
         let barrier = self.barrier == Barrier::Held(seq);
         if barrier {
             self.barrier = Barrier::None;
@@ -519,10 +597,11 @@ impl Router {
         // batch's request on the batch's backends.
         let open = self.batch.take();
         let read = class.read_only || class.empty;
+        let lead = if open.is_none() { self.lead_alone(class, ctx) } else { None };
         let targets = match open {
             Some(b) => b.targets & ctx.alive,
             None if read && !self.tx_open && ctx.policy == ReadPolicy::One => least_busy(ctx.alive, ctx),
-            None => ctx.alive,
+            None => lead.unwrap_or(ctx.alive),
         };
         let begin_seq = (open.is_none() && class.writes && !self.tx_open).then(|| take_seq(next_seq));
         let seq = open.map_or_else(|| take_seq(next_seq), |b| b.seq);
@@ -537,7 +616,12 @@ impl Router {
         if open.is_some() {
             return Dispatch::Send { bytes, targets, request: None };
         }
-        let retry = (targets.count_ones() == 1 && read && !self.tx_open).then(|| bytes.clone());
+        if lead.is_some() {
+            self.lead_read = Some(seq);
+        }
+        // A read on one backend that fails before it answered runs again on another (inside
+        // a transaction every backend holds the same transaction).
+        let retry = (targets.count_ones() == 1 && read && (!self.tx_open || lead.is_some())).then(|| bytes.clone());
         Dispatch::Send {
             bytes: bytes.clone(),
             targets,
@@ -650,6 +734,7 @@ impl Router {
             return Ok(Some(Dispatch::NeedsCatalog));
         }
         let (p, rewritten) = self.prepare(body, ctx)?;
+        self.note_isolation(p.class, sql);
         if let Some(sql) = rewritten {
             let mut f = BytesMut::new();
             message::parse_with_text(&mut f, body, &sql)?;
@@ -730,16 +815,13 @@ impl Router {
         if !synced && !sc.flushed && !foreign_next && partial && off < BATCH_EARLY && self.batch.is_none() {
             return Ok(None);
         }
-        if let Some(d) = self.at_transaction_end(cbuf, &sc, ctx) {
-            return Ok(Some(d));
-        }
-        let barrier = synced && self.batch.is_none() && self.wants_barrier(class);
-        if let Some(d) = self.refuse_or_lock(cbuf, &mut sc, barrier, ctx, next_seq) {
-            return Ok(Some(d));
-        }
         // A Parse without Bind prepares for later use: every backend must have it.
         let session_state = sc.session_state || (sc.has_parse && !sc.has_bind);
         let read = (class.read_only || class.empty) && !session_state;
+        let lead = (synced && read && self.batch.is_none()).then(|| self.lead_alone(class, ctx)).flatten();
+        if lead.is_none() && self.must_wait_for_lead(class, ctx) {
+            return Ok(Some(Dispatch::NeedsIdle));
+        }
         let targets = match self.batch {
             Some(b) => b.targets & ctx.alive,
             None if synced && read && !self.tx_open && ctx.policy == ReadPolicy::One => {
@@ -749,8 +831,18 @@ impl Router {
                 };
                 least_busy(pool, ctx)
             }
-            None => ctx.alive,
+            None => lead.unwrap_or(ctx.alive),
         };
+        if let Some(d) = self.at_transaction_end(cbuf, &sc, ctx) {
+            return Ok(Some(d));
+        }
+        if let Some(d) = self.prepare_unnamed_where_missing(&sc, targets, next_seq) {
+            return Ok(Some(d));
+        }
+        let barrier = synced && self.batch.is_none() && self.wants_barrier(class);
+        if let Some(d) = self.refuse_or_lock(cbuf, &mut sc, barrier, ctx, next_seq) {
+            return Ok(Some(d));
+        }
         let bytes = if sc.replaced.is_empty() {
             cbuf.split_to(off).freeze()
         } else {
@@ -771,6 +863,7 @@ impl Router {
                     hash_rows: sc.hash_rows,
                     ddl: sc.ddl,
                     writes: !sc.writes.is_empty(),
+                    lead: lead.is_some(),
                 };
                 let request = self.new_request(r, &bytes, sc.first_sql, targets, std::mem::take(&mut sc.trims), next_seq);
                 (request.seq, Some(request))
@@ -788,6 +881,27 @@ impl Router {
             self.copy = Some(CopyIn { seq, targets, extended: true, ended: false, filler: sc.copy_filler });
         }
         Ok(Some(Dispatch::Send { bytes, targets, request }))
+    }
+
+    /// A batch binds the unnamed statement an earlier batch parsed on fewer backends than
+    /// this one goes to (a read ran on one backend): Chorus's own Parse of it, with a Sync,
+    /// goes to those that lack it first, so that every backend answers the Bind alike.
+    fn prepare_unnamed_where_missing(&mut self, sc: &Scan, targets: u64, next_seq: &mut u64) -> Option<Dispatch> {
+        if !sc.uses_old_unnamed || self.batch.is_some() {
+            return None;
+        }
+        let (Some((_, has)), Some(frame)) = (&mut self.unnamed, &self.unnamed_frame) else { return None };
+        let missing = targets & !*has;
+        if missing == 0 {
+            return None;
+        }
+        *has |= missing;
+        let mut b = BytesMut::with_capacity(frame.len() + message::SYNC_MSG.len());
+        b.extend_from_slice(frame);
+        b.extend_from_slice(message::SYNC_MSG);
+        let bytes = b.freeze();
+        let request = NewRequest::own(take_seq(next_seq), missing, bytes.clone(), true);
+        Some(Dispatch::Send { bytes, targets: missing, request: Some(request) })
     }
 
     /// A synced batch that ends the transaction: it waits until the session is idle
@@ -878,12 +992,15 @@ impl Router {
             None => bytes.slice(0..0),
         };
         let alone = r.synced && r.read && !self.tx_open;
+        if r.lead {
+            self.lead_read = Some(seq);
+        }
         NewRequest {
             seq,
             targets,
             writes: r.class.writes,
             sql,
-            retry: (alone && targets.count_ones() == 1).then(|| bytes.clone()),
+            retry: ((alone || r.lead) && targets.count_ones() == 1).then(|| bytes.clone()),
             hash_rows: r.hash_rows && r.has_bind && r.class.writes,
             ddl: r.ddl,
             trims,
@@ -922,7 +1039,9 @@ impl Router {
                 }
                 PARSE => {
                     if let Ok((name, _)) = message::parse_fields(&bytes[off + 5..off + len]) {
-                        if !name.is_empty() {
+                        if name.is_empty() {
+                            self.unnamed_frame = Some(bytes.slice(off..off + len));
+                        } else {
                             self.unit_statements.push((name.into(), Some(bytes.slice(off..off + len))));
                         }
                     }
@@ -968,23 +1087,30 @@ impl Router {
         match class.iso {
             Isolation::SessionStrict => self.strict_default = true,
             Isolation::SessionLoose => self.strict_default = false,
+            Isolation::SessionReset => self.strict_default = self.login_strict,
             _ => {}
         }
         match class.tx {
             TxEffect::Begin => {
                 self.tx_open = true;
                 self.tx_time = None;
-                let strict = class.iso == Isolation::TxStrict || (self.strict_default && class.iso == Isolation::Unchanged);
-                self.barrier = if strict { Barrier::Pending } else { Barrier::None };
+                // BEGIN ISOLATION LEVEL READ COMMITTED under a strict default counts as
+                // strict: only speed is lost.
+                self.tx_strict = class.iso == Isolation::TxStrict || self.strict_default;
+                self.barrier = if self.tx_strict { Barrier::Pending } else { Barrier::None };
             }
             TxEffect::End => {
                 self.tx_open = false;
                 self.tx_time = None;
                 self.barrier = Barrier::None;
+                self.tx_strict = false;
             }
             TxEffect::None => {
-                if class.iso == Isolation::TxStrict && self.tx_open && self.barrier == Barrier::None {
-                    self.barrier = Barrier::Pending;
+                if class.iso == Isolation::TxStrict && self.tx_open {
+                    self.tx_strict = true;
+                    if self.barrier == Barrier::None {
+                        self.barrier = Barrier::Pending;
+                    }
                 }
             }
         }
@@ -1054,6 +1180,8 @@ struct Scanned {
     ddl: bool,
     /// It binds a write (and so may need Chorus's BEGIN around it).
     writes: bool,
+    /// The lead runs it alone (a read inside a READ COMMITTED transaction).
+    lead: bool,
 }
 
 /// The scanned bytes with Chorus's rewritten frames in place; `first_sql` moved to where

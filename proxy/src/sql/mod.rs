@@ -43,8 +43,10 @@ pub enum Isolation {
     TxStrict,
     /// The session's default becomes REPEATABLE READ or SERIALIZABLE.
     SessionStrict,
-    /// The session's default becomes READ COMMITTED (or is reset).
+    /// The session's default becomes READ COMMITTED or READ UNCOMMITTED.
     SessionLoose,
+    /// The session's default goes back to what it was at login (RESET, DISCARD ALL, DEFAULT).
+    SessionReset,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -295,6 +297,8 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
         Class { tx: TxEffect::End, ..Class::SESSION }
     } else if eq(kw, "prepare") && !eq(second, "transaction") {
         Class::SESSION
+    } else if eq(kw, "discard") && eq(second, "all") {
+        Class { iso: Isolation::SessionReset, ..Class::SESSION }
     } else if eq(kw, "declare") && reads {
         // A cursor's query takes the snapshot.
         Class { data: true, ..Class::SESSION }
@@ -509,7 +513,7 @@ fn is_per_server(w: &[u8]) -> bool {
 /// pass over their words costs nothing on the hot path.
 fn isolation(stmt: &[u8], reset: bool) -> Isolation {
     let mut lx = Lexer::new(stmt);
-    let (mut strict, mut loose, mut session, mut transaction, mut all) = (false, false, false, false, false);
+    let (mut strict, mut loose, mut session, mut transaction, mut all, mut default) = (false, false, false, false, false, false);
     while let Some(t) = lx.next() {
         if let Tok::Word(s, e) = t {
             let w = &stmt[s..e];
@@ -518,29 +522,47 @@ fn isolation(stmt: &[u8], reset: bool) -> Isolation {
             session |= eq(w, "characteristics") || eq(w, "default_transaction_isolation");
             transaction |= eq(w, "transaction") || eq(w, "isolation") || eq(w, "begin") || eq(w, "start");
             all |= eq(w, "all");
+            default |= eq(w, "default");
         }
     }
     if reset && (session || all) {
-        return Isolation::SessionLoose;
+        return Isolation::SessionReset;
     }
     match (session, strict, loose) {
         (true, true, _) => Isolation::SessionStrict,
         (true, false, true) => Isolation::SessionLoose,
+        (true, false, false) if default => Isolation::SessionReset,
         (false, true, _) if transaction => Isolation::TxStrict,
-        // default_transaction_isolation = 'serializable' spelled as one quoted string.
+        // default_transaction_isolation = 'serializable' spelled as one quoted string, and
+        // SET transaction_isolation = '...' inside a transaction.
         _ => {
             let text = String::from_utf8_lossy(stmt).to_ascii_lowercase();
+            let strict = text.contains("repeatable") || text.contains("serializable");
             if text.contains("default_transaction_isolation") {
-                if text.contains("repeatable") || text.contains("serializable") {
+                if strict {
                     Isolation::SessionStrict
-                } else {
+                } else if text.contains("committed") {
                     Isolation::SessionLoose
+                } else {
+                    // A value Chorus does not read (DEFAULT spelled oddly, a parameter):
+                    // counted as strict, which only costs speed.
+                    Isolation::SessionStrict
                 }
+            } else if text.contains("transaction_isolation") && strict {
+                Isolation::TxStrict
             } else {
                 Isolation::Unchanged
             }
         }
     }
+}
+
+/// Whether a statement Chorus did not read as a SET or BEGIN may still change the session's
+/// isolation (`set_config('default_transaction_isolation', ...)`, a DO block): the session
+/// then counts as strict. Called for writes only, whose analysis costs far more.
+pub fn mentions_isolation(sql: &[u8]) -> bool {
+    // set_config's setting may be a parameter.
+    [&b"isolation"[..], b"set_config"].iter().any(|needle| sql.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle)))
 }
 
 /// A COPY TO STDOUT reads unless its query could write.
@@ -882,8 +904,17 @@ mod tests {
         assert_eq!(c("SET default_transaction_isolation = 'serializable'").iso, Isolation::SessionStrict);
         assert_eq!(c("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ").iso, Isolation::SessionStrict);
         assert_eq!(c("SET default_transaction_isolation TO 'read committed'").iso, Isolation::SessionLoose);
-        assert_eq!(c("RESET ALL").iso, Isolation::SessionLoose);
+        assert_eq!(c("RESET ALL").iso, Isolation::SessionReset);
+        assert_eq!(c("reset default_transaction_isolation").iso, Isolation::SessionReset);
+        assert_eq!(c("DISCARD ALL").iso, Isolation::SessionReset);
+        assert_eq!(c("SET default_transaction_isolation TO DEFAULT").iso, Isolation::SessionReset);
+        assert_eq!(c("SET transaction_isolation = 'repeatable read'").iso, Isolation::TxStrict);
+        assert_eq!(c("set session transaction_isolation to 'serializable'").iso, Isolation::TxStrict);
+        assert_eq!(c("SET default_transaction_isolation = $1").iso, Isolation::SessionStrict);
+        assert_eq!(c("DISCARD PLANS").iso, Isolation::Unchanged);
         assert_eq!(c("SET search_path = x").iso, Isolation::Unchanged);
+        assert!(mentions_isolation(b"select set_config('default_transaction_ISOLATION', 'serializable', false)"));
+        assert!(!mentions_isolation(b"update t set a = 1"));
         assert!(c("BEGIN ISOLATION LEVEL SERIALIZABLE; SELECT 1").data);
         assert!(!c("BEGIN; SET x = 1").data);
     }
