@@ -18,6 +18,8 @@ work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
+# A Chorus that ejected a backend at startup would be measured over fewer backends.
+in_sync() { if grep -q "backend ejected" "$work/$1.log"; then echo "chorus $1 ejected a backend: $(grep ejected "$work/$1.log")" >&2; exit 1; fi; }
 start_chorus() { # name port backends...
   local name=$1 port=$2; shift 2
   { echo "listen = \"127.0.0.1:$port\""; echo "data_dir = \"$work/$name\""; echo "health_check_database = \"bench\""
@@ -26,7 +28,7 @@ start_chorus() { # name port backends...
   } >"$work/$name.toml"
   CHORUS_LOG=warn "${CHORUS_BIN:-target/release/chorus}" --config "$work/$name.toml" 2>"$work/$name.log" &
   pids+=($!)
-  for _ in $(seq 100); do psql -h 127.0.0.1 -p "$port" -U postgres -d bench -qAtc 'select 1' >/dev/null 2>&1 && return; sleep 0.1; done
+  for _ in $(seq 100); do psql -h 127.0.0.1 -p "$port" -U postgres -d bench -qAtc 'select 1' >/dev/null 2>&1 && { in_sync "$name"; return; }; sleep 0.1; done
   echo "chorus $name did not start: $(cat "$work/$name.log")" >&2; exit 1
 }
 start_chorus one 6441 "$PG_A"

@@ -19,6 +19,8 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 declare -A pid_of port_of
+# A Chorus that ejected a backend at startup would be measured over fewer backends.
+in_sync() { if grep -q "backend ejected" "$work/$1.log"; then echo "chorus $1 ejected a backend: $(grep ejected "$work/$1.log")" >&2; exit 1; fi; }
 start() { # name port binary
   local name=$1 port=$2 bin=$3
   printf 'listen = "127.0.0.1:%s"\ndata_dir = "%s"\nhealth_check_database = "bench"\n[auth]\nmethod = "trust"\n[[users]]\nname = "postgres"\n[[backends]]\nname = "pg1"\nhost = "127.0.0.1"\nport = %s\n[[backends]]\nname = "pg2"\nhost = "127.0.0.1"\nport = %s\n' \
@@ -27,7 +29,7 @@ start() { # name port binary
   pids+=($!)
   pid_of[$name]=$!
   port_of[$name]=$port
-  for _ in $(seq 100); do up "$port" && return; sleep 0.1; done
+  for _ in $(seq 100); do up "$port" && { in_sync "$name"; return; }; sleep 0.1; done
   echo "chorus $name did not start: $(cat "$work/$name.log")" >&2
   exit 1
 }

@@ -12,3 +12,10 @@ fi
 if ! psql -h 127.0.0.1 -p "$PG_A" -U postgres -d bench -qAtc "select 1 from pgbench_branches limit 1" >/dev/null 2>&1; then
   pgbench -i -s 10 -q -h 127.0.0.1 -p "${PGPOOL:-55520}" -U postgres bench
 fi
+# Every Chorus a bench starts has a new data directory, so a new history key and serials:
+# histories left by earlier runs (and the rows other targets wrote to one server alone) would
+# make its startup recovery eject a backend, and the bench would measure one backend. Each
+# run starts without them.
+for p in "$PG_A" "$PG_B"; do
+  psql -h 127.0.0.1 -p "$p" -U postgres -d bench -qAtc 'DROP SCHEMA IF EXISTS chorus CASCADE' >/dev/null
+done

@@ -274,3 +274,54 @@ async fn the_history_is_pruned_to_its_size_limit() {
     let (ok, out) = s.chorus.verify();
     assert!(ok, "verify: {out}");
 }
+
+/// A session records its units with the record's statement prepared once per connection;
+/// whatever the client drops (DEALLOCATE ALL, DISCARD ALL, the statement by its name, in
+/// either protocol) is prepared again before the next record: every unit is recorded, on
+/// every backend alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_records_statement_survives_what_a_client_drops() {
+    let s = Setup::new(2).await;
+    let c = s.client().await;
+    c.batch_execute("CREATE TABLE r (v int)").await.unwrap();
+    let before: i64 = s.servers[0]
+        .local_client("postgres")
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM chorus.history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let drops = ["SELECT 1", "DEALLOCATE ALL", "DISCARD ALL", "DEALLOCATE chorus_history_record", "DISCARD ALL"];
+    for (i, drop) in drops.iter().enumerate() {
+        let i = i as i32;
+        c.execute("INSERT INTO r VALUES ($1)", &[&i]).await.unwrap();
+        c.batch_execute(&format!("BEGIN; INSERT INTO r VALUES ({i}); COMMIT")).await.unwrap();
+        // The statement by name exists where a record prepared it (the first DEALLOCATE ALL
+        // dropped it, the next record prepared it again).
+        if i == 4 {
+            // In the extended protocol this time.
+            let e = c.execute("DEALLOCATE chorus_history_record", &[]).await;
+            assert!(e.is_ok(), "{e:?}");
+        } else {
+            c.simple_query(drop).await.unwrap();
+        }
+    }
+    c.batch_execute("INSERT INTO r VALUES (100); BEGIN; INSERT INTO r VALUES (101); COMMIT").await.unwrap();
+    assert_eq!(rows(&s.servers[0], "r").await, 12);
+    for srv in &s.servers {
+        let n: i64 = srv
+            .local_client("postgres")
+            .await
+            .unwrap()
+            .query_one("SELECT count(*) FROM chorus.history", &[])
+            .await
+            .unwrap()
+            .get(0);
+        // (The last Query is one unit: its BEGIN takes the INSERT before it into its block.)
+        assert_eq!(n - before, 11, "every unit recorded on port {}", srv.port());
+    }
+    s.assert_identical().await;
+    let (ok, out) = s.chorus.verify();
+    assert!(ok, "{out}");
+}

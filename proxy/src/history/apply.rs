@@ -127,7 +127,7 @@ impl<'a> Applier<'a> {
             plan.push(step(r.frames.clone(), r.hash_rows, check));
         }
         let mut rec = BytesMut::new();
-        self.history.record_frames(serial, raw, &mut rec);
+        self.history.record_frames(serial, raw, &mut rec, false);
         plan.push(step(rec.freeze(), false, Check::Success));
         if unit.shape != Shape::Standalone {
             plan.push(step(commit_with(flush), false, Check::Success));

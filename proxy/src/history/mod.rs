@@ -83,15 +83,24 @@ impl History {
     }
 
     /// The frames that record unit `serial` (`entry`, encoded) on a backend: a named
-    /// statement prepared afresh, bound with the key, then Sync.
-    pub fn record_frames(&self, serial: u64, entry: &[u8], out: &mut BytesMut) {
+    /// statement prepared afresh (unless `prepared`: every target has it from an earlier
+    /// record), bound with the key, then Sync.
+    pub fn record_frames(&self, serial: u64, entry: &[u8], out: &mut BytesMut, prepared: bool) {
         let s = serial.to_string();
-        message::prepared_call(
-            out,
-            RECORD_STATEMENT,
-            schema::RECORD,
-            &[(false, s.as_bytes()), (true, entry), (false, self.key.as_bytes())],
-        );
+        let params = [(false, s.as_bytes()), (true, entry), (false, self.key.as_bytes())];
+        if prepared {
+            message::bound_call(out, RECORD_STATEMENT, &params);
+        } else {
+            message::prepared_call(out, RECORD_STATEMENT, schema::RECORD, &params);
+        }
+    }
+
+    /// Whether a client's request may drop the record's prepared statement on the backends
+    /// (DEALLOCATE, DISCARD, a Close naming it): the next record prepares it again. A byte
+    /// scan that may say yes too often, never too rarely.
+    pub fn may_drop_record_statement(request: &[u8]) -> bool {
+        const WORDS: [&[u8]; 3] = [b"dealloc", b"discard", RECORD_STATEMENT.as_bytes()];
+        WORDS.iter().any(|w| request.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
     }
 
     /// Whether `database` has its history on every in-sync backend (checked at a session's
@@ -219,7 +228,7 @@ mod tests {
         }
         let h = History::with_key("k".into(), 1 << 20);
         let mut out = BytesMut::new();
-        h.record_frames(42, b"entry", &mut out);
+        h.record_frames(42, b"entry", &mut out, false);
         let mut tags = Vec::new();
         let mut at = 0;
         while let Some((tag, len)) = codec.peek(&out[at..]).unwrap() {
@@ -228,6 +237,13 @@ mod tests {
         }
         assert_eq!(at, out.len());
         assert_eq!(tags, b"CPBES");
+        out.clear();
+        h.record_frames(42, b"entry", &mut out, true);
+        assert_eq!(out[0], b'B', "prepared before: Bind, Execute, Sync only");
+        assert!(History::may_drop_record_statement(b"Q\0\0\0\x10DEALLOCATE ALL\0"));
+        assert!(History::may_drop_record_statement(b"discard all"));
+        assert!(History::may_drop_record_statement(b"C\0\0\0\x1aSchorus_history_record\0"));
+        assert!(!History::may_drop_record_statement(b"UPDATE t SET v = 1"));
     }
 
     #[test]

@@ -374,6 +374,11 @@ pub fn prepared_call(buf: &mut BytesMut, name: &str, sql: &str, params: &[(bool,
         put_cstr(b, sql.as_bytes());
         b.put_i16(0);
     });
+    bound_call(buf, name, params);
+}
+
+/// Bind, Execute and Sync of the named statement `name`, prepared before on the connection.
+pub fn bound_call(buf: &mut BytesMut, name: &str, params: &[(bool, &[u8])]) {
     put_frame(buf, BIND, |b| {
         put_cstr(b, b"");
         put_cstr(b, name.as_bytes());

@@ -247,6 +247,9 @@ pub struct Session {
     /// The unit wrote; it was recorded in the history; requests of it a record covers.
     unit_writes: bool,
     unit_recorded: bool,
+    /// Connections (by index) where the record's named statement is prepared: a record there
+    /// is Bind, Execute and Sync alone.
+    record_prepared: u64,
     recorded_upto: usize,
     /// A write Chorus wrapped in its own transaction is under way: nothing else is routed
     /// until its COMMIT is answered (COPY data and the rest of its batch excepted).
@@ -478,6 +481,7 @@ impl Session {
             history: None,
             unit_writes: false,
             unit_recorded: false,
+            record_prepared: 0,
             recorded_upto: 0,
             wrap_open: false,
             wrap_held: None,
@@ -595,6 +599,7 @@ impl Session {
                     // index is a priority and the backends a session started with keep theirs.
                     if let Some(old) = self.conns.iter().position(|c| !c.alive && c.backend.idx == b.idx) {
                         self.conns[old] = conn;
+                        self.record_prepared &= !(1u64 << old);
                         continue;
                     }
                     if self.conns.len() >= 64 {
@@ -1016,6 +1021,9 @@ impl Session {
             if r.logged {
                 self.settings.observe(&bytes);
             }
+            if !r.internal && self.record_prepared != 0 && crate::history::History::may_drop_record_statement(&bytes) {
+                self.record_prepared = 0;
+            }
             self.unit.request(r.seq, r.hash_rows, r.logged, &bytes, self.shared.difflog.active());
             if wrap.is_some() {
                 if let Some(p) = self.pending.back_mut() {
@@ -1026,6 +1034,13 @@ impl Session {
             }
         } else {
             self.unit.more(&bytes, self.shared.difflog.active());
+            // The rest of an extended batch (COPY data is no statement).
+            if self.record_prepared != 0
+                && !self.router.copy_in_progress()
+                && crate::history::History::may_drop_record_statement(&bytes)
+            {
+                self.record_prepared = 0;
+            }
         }
         for i in bits(targets) {
             self.conns[i].out.push(bytes.clone());
@@ -1446,8 +1461,13 @@ impl Session {
             }
         }
         self.unit.outcome(req.seq, winner);
-        if req.record && winner.error.is_some() {
-            self.tell_record_failed(winner);
+        if req.record {
+            if winner.error.is_some() {
+                self.record_prepared = 0;
+                self.tell_record_failed(winner);
+            } else {
+                self.record_prepared |= req.targets;
+            }
         }
         // A unit that completed unrecorded is recorded right after, its locks held until
         // then; the client's ReadyForQuery waits for the record, so its next unit cannot

@@ -150,7 +150,7 @@ impl Session {
             let mut raw = BytesMut::new();
             entry.encode(&mut raw);
             let serial = h.next_serial();
-            h.record_frames(serial, &raw, &mut bytes);
+            h.record_frames(serial, &raw, &mut bytes, targets & !self.record_prepared == 0);
             metrics::counter!("chorus_history_units_total").increment(1);
             metrics::counter!("chorus_history_bytes_total").increment(raw.len() as u64);
         }
