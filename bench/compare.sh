@@ -10,6 +10,8 @@
 # Chorus runs from target/release (built here) on ports 6441 (one backend) and 6442 (two).
 # BASELINE_BIN=/path/to/an/older/chorus adds target "before2" (that binary over both servers,
 # port 6443), to compare a change with the code before it in the same run.
+# Two builds with the update history on cannot share the servers (their serials collide):
+# BASELINE_BIN must be a build without it (bbe8979 or older).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 builtin=${1:-select-only} secs=${2:-10} clients=${3:-8} rounds=${4:-3}

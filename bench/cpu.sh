@@ -7,6 +7,8 @@
 #
 #   bench/cpu.sh [builtin] [seconds] [clients] [rounds]        (default select-only 10 8 5)
 #   BASELINE_BIN=/path/to/older/chorus bench/cpu.sh            (adds target "before")
+# Two builds with the update history on cannot share the servers (their serials collide):
+# BASELINE_BIN must be a build without it (bbe8979 or older).
 #
 # Prints one line per run and, per target, the medians: TPS, and µs of Chorus CPU (user,
 # system, total) per transaction.

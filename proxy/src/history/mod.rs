@@ -99,8 +99,7 @@ impl History {
     /// (DEALLOCATE, DISCARD, a Close naming it): the next record prepares it again. A byte
     /// scan that may say yes too often, never too rarely.
     pub fn may_drop_record_statement(request: &[u8]) -> bool {
-        const WORDS: [&[u8]; 3] = [b"dealloc", b"discard", RECORD_STATEMENT.as_bytes()];
-        WORDS.iter().any(|w| request.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
+        crate::sql::contains_any_word(request, &[b"dealloc", b"discard", RECORD_STATEMENT.as_bytes()])
     }
 
     /// Whether `database` has its history on every in-sync backend (checked at a session's

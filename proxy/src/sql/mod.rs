@@ -562,7 +562,16 @@ fn isolation(stmt: &[u8], reset: bool) -> Isolation {
 /// then counts as strict. Called for writes only, whose analysis costs far more.
 pub fn mentions_isolation(sql: &[u8]) -> bool {
     // set_config's setting may be a parameter.
-    [&b"isolation"[..], b"set_config"].iter().any(|needle| sql.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle)))
+    contains_any_word(sql, &[b"isolation", b"set_config"])
+}
+
+/// Whether `text` holds one of `words` (ASCII, lower case), in any case. One pass: a word's
+/// first letter is checked before the rest (this runs on every write).
+pub fn contains_any_word(text: &[u8], words: &[&[u8]]) -> bool {
+    text.iter().enumerate().any(|(i, b)| {
+        let b = b.to_ascii_lowercase();
+        words.iter().any(|w| w[0] == b && text.get(i..i + w.len()).is_some_and(|x| x.eq_ignore_ascii_case(w)))
+    })
 }
 
 /// A COPY TO STDOUT reads unless its query could write.
