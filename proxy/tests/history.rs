@@ -11,10 +11,15 @@ mod common;
 use common::*;
 use futures::SinkExt;
 
-/// Rows of `table` on `srv` (a local superuser connection).
-async fn rows(srv: &PgServer, table: &str) -> i64 {
+/// A number `sql` reads on `srv` (a local superuser connection).
+async fn local_i64(srv: &PgServer, sql: &str) -> i64 {
     let c = srv.local_client("postgres").await.unwrap();
-    c.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().get(0)
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Rows of `table` on `srv`.
+async fn rows(srv: &PgServer, table: &str) -> i64 {
+    local_i64(srv, &format!("SELECT count(*) FROM {table}")).await
 }
 
 /// Waits until `table` on `srv` exists and has `n` rows (every 10 ms, for at most 20 s).
@@ -208,14 +213,7 @@ async fn clients_cannot_forge_history_entries() {
     for name in ["pg1", "pg2"] {
         assert_eq!(s.chorus.states().get(name).map(String::as_str), Some("in_sync"));
     }
-    let top: i64 = s.servers[0]
-        .local_client("postgres")
-        .await
-        .unwrap()
-        .query_one("SELECT coalesce(max(serial), 0) FROM chorus.history", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let top = local_i64(&s.servers[0], "SELECT coalesce(max(serial), 0) FROM chorus.history").await;
     assert!(top < 999_999, "no forged entry");
     s.assert_identical().await;
     let (ok, out) = s.chorus.verify();
@@ -284,14 +282,7 @@ async fn the_records_statement_survives_what_a_client_drops() {
     let s = Setup::new(2).await;
     let c = s.client().await;
     c.batch_execute("CREATE TABLE r (v int)").await.unwrap();
-    let before: i64 = s.servers[0]
-        .local_client("postgres")
-        .await
-        .unwrap()
-        .query_one("SELECT count(*) FROM chorus.history", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let before = rows(&s.servers[0], "chorus.history").await;
     let drops = ["SELECT 1", "DEALLOCATE ALL", "DISCARD ALL", "DEALLOCATE chorus_history_record", "DISCARD ALL"];
     for (i, drop) in drops.iter().enumerate() {
         let i = i as i32;
@@ -310,14 +301,7 @@ async fn the_records_statement_survives_what_a_client_drops() {
     c.batch_execute("INSERT INTO r VALUES (100); BEGIN; INSERT INTO r VALUES (101); COMMIT").await.unwrap();
     assert_eq!(rows(&s.servers[0], "r").await, 12);
     for srv in &s.servers {
-        let n: i64 = srv
-            .local_client("postgres")
-            .await
-            .unwrap()
-            .query_one("SELECT count(*) FROM chorus.history", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n = rows(srv, "chorus.history").await;
         // (The last Query is one unit: its BEGIN takes the INSERT before it into its block.)
         assert_eq!(n - before, 11, "every unit recorded on port {}", srv.port());
     }
