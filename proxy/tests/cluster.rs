@@ -109,6 +109,16 @@ fn cluster_sh_up_pgbench_join_remove_verify_down() {
         c
     };
     let up = sh(&mut script("up"));
+    // A failed assertion below still takes the cluster down (its load runs for a day).
+    struct Down<'a>(&'a dyn Fn(&str) -> Command, bool);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            if !self.1 {
+                let _ = (self.0)("down").output();
+            }
+        }
+    }
+    let mut guard = Down(&script, false);
     assert!(up.contains("The cluster is up"), "{up}");
     let env = std::fs::read_to_string(dir.path().join("cluster.env")).unwrap();
     let var = |k: &str| env.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap().to_string();
@@ -145,6 +155,7 @@ fn cluster_sh_up_pgbench_join_remove_verify_down() {
     let want = [("pg1", "in_sync"), ("pg2", "in_sync"), ("pg3", "removed"), ("pg18", "in_sync")];
     assert_eq!(states, want.map(|(a, b)| (a.to_string(), b.to_string())));
     assert!(list[3]["version"].as_str().unwrap().starts_with("18"), "{backends}");
+    guard.1 = true;
     let down = sh(&mut script("down"));
     assert!(down.contains("load: no client error") && down.contains("cluster.sh: down"), "{down}");
     assert!(!Path::new(&dir.path().join("cluster.env")).exists());

@@ -375,6 +375,23 @@ impl PgServer {
             while !children(pid).is_empty() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
+            self.remove_shared_memory();
+        }
+    }
+
+    /// A killed postmaster leaves its System V shared memory segment behind (a restart in the
+    /// same data directory would remove it, a test that ends does not): removed here, so that
+    /// a suite of crash tests does not use up the machine's segment ids. The id is on line 7
+    /// of postmaster.pid ("key id").
+    fn remove_shared_memory(&self) {
+        let Ok(pidfile) = std::fs::read_to_string(self.data().join("postmaster.pid")) else { return };
+        let Some(id) = pidfile.lines().nth(6).and_then(|l| l.split_whitespace().nth(1)).and_then(|x| x.parse::<i32>().ok())
+        else {
+            return;
+        };
+        // SAFETY: IPC_RMID takes no buffer; a segment still attached is only marked for removal.
+        unsafe {
+            libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut());
         }
     }
 

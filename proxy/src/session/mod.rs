@@ -1024,7 +1024,7 @@ impl Session {
             if !r.internal && self.record_prepared != 0 && crate::history::History::may_drop_record_statement(&bytes) {
                 self.record_prepared = 0;
             }
-            self.unit.request(r.seq, r.hash_rows, r.logged, &bytes, self.shared.difflog.active());
+            self.unit.request(r.seq, r.hash_rows, r.logged, r.logged_as.as_ref().unwrap_or(&bytes), self.shared.difflog.active());
             if wrap.is_some() {
                 if let Some(p) = self.pending.back_mut() {
                     p.wrapped = true;

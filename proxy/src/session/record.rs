@@ -76,11 +76,27 @@ impl Session {
     /// Queues Chorus's request `bytes` of the unit to its live targets, as sequence `seq`
     /// (a fresh one if None).
     fn dispatch_own(&mut self, own: Own, bytes: Bytes, targets: u64, seq: Option<u64>) -> Result<(), End> {
+        self.dispatch_request(own, bytes, targets, seq, None)
+    }
+
+    /// As `dispatch_own`, the unit logging `logged_as` in place of the frames sent.
+    fn dispatch_own_logged(&mut self, own: Own, bytes: Bytes, targets: u64, logged_as: Option<Bytes>) -> Result<(), End> {
+        self.dispatch_request(own, bytes, targets, None, logged_as)
+    }
+
+    fn dispatch_request(
+        &mut self,
+        own: Own,
+        bytes: Bytes,
+        targets: u64,
+        seq: Option<u64>,
+        logged_as: Option<Bytes>,
+    ) -> Result<(), End> {
         let seq = seq.unwrap_or_else(|| {
             self.next_seq += 1;
             self.next_seq - 1
         });
-        let request = NewRequest::own(seq, targets, bytes.clone(), !matches!(own, Own::End));
+        let request = NewRequest { logged_as, ..NewRequest::own(seq, targets, bytes.clone(), !matches!(own, Own::End)) };
         self.dispatch(bytes, targets, Some(request))?;
         if let Some(p) = self.pending.back_mut() {
             p.again = None;
@@ -132,6 +148,7 @@ impl Session {
             return false;
         }
         let mut bytes = BytesMut::new();
+        let mut logged_as = None;
         if self.unit.overflow {
             let why = format!(
                 "the transaction is larger than history_unit_max ({} bytes): Chorus cannot keep it in its update history",
@@ -150,11 +167,18 @@ impl Session {
             let mut raw = BytesMut::new();
             entry.encode(&mut raw);
             let serial = h.next_serial();
-            h.record_frames(serial, &raw, &mut bytes, targets & !self.record_prepared == 0);
+            let prepared = targets & !self.record_prepared == 0;
+            h.record_frames(serial, &raw, &mut bytes, prepared);
+            if prepared {
+                // A join's replay runs the record on a connection of its own: logged whole.
+                let mut whole = BytesMut::new();
+                h.record_frames(serial, &raw, &mut whole, false);
+                logged_as = Some(whole.freeze());
+            }
             metrics::counter!("chorus_history_units_total").increment(1);
             metrics::counter!("chorus_history_bytes_total").increment(raw.len() as u64);
         }
-        if self.dispatch_own(Own::Record, bytes.freeze(), targets, None).is_err() {
+        if self.dispatch_own_logged(Own::Record, bytes.freeze(), targets, logged_as).is_err() {
             return false;
         }
         self.unit_recorded = true;

@@ -129,6 +129,9 @@ pub struct NewRequest {
     /// Part of the session's unit of work for the diff log (everything but a read outside a
     /// transaction).
     pub logged: bool,
+    /// What the unit logs in place of the frames sent, when they differ (a record sent as Bind
+    /// alone, its statement prepared on these connections, is logged whole for a replay).
+    pub logged_as: Option<Bytes>,
     /// It reads facts of each server: only success or error is compared, not its rows.
     pub per_server: bool,
     /// The lead's reply goes to the client (anything but a pure read): what the client then
@@ -154,6 +157,7 @@ impl NewRequest {
             trims: Vec::new(),
             internal,
             logged: true,
+            logged_as: None,
             per_server: false,
             lead_answers: true,
             begin_seq: None,
@@ -636,6 +640,7 @@ impl Router {
                 trims: Vec::new(),
                 internal: false,
                 logged: !read || tx_was_open,
+                logged_as: None,
                 per_server: class.per_server,
                 lead_answers: !read,
                 begin_seq,
@@ -1006,6 +1011,7 @@ impl Router {
             trims,
             internal: false,
             logged: !alone,
+            logged_as: None,
             per_server: r.class.per_server,
             lead_answers: !r.read,
             begin_seq,
