@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{sh, Setup, APP_USER};
+use common::{sh, ChorusOptions, Setup, APP_USER};
 
 /// pgbench tables compared on every backend, every column of pgbench_history included
 /// (its mtime comes from CURRENT_TIMESTAMP).
@@ -121,7 +121,9 @@ async fn concurrent_non_commutative_updates_agree() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_killed_under_pgbench_is_dropped_silently_and_stays_down() {
-    let mut s = Setup::new(2).await;
+    // Without the automatic catch-up: a backend that left stays out until asked back (G8).
+    let opts = ChorusOptions { extra: "auto_catch_up = false".into(), ..Default::default() };
+    let mut s = Setup::with(2, opts).await;
     let (ok, out) = pgbench(&s, &["-i", "-s", "1", "-q"]);
     assert!(ok, "{out}");
     let conn = s.chorus.conn_str(APP_USER, "postgres");
