@@ -1021,8 +1021,8 @@ impl Session {
             if r.logged {
                 self.settings.observe(&bytes);
             }
-            if !r.internal && self.record_prepared != 0 && crate::history::History::may_drop_record_statement(&bytes) {
-                self.record_prepared = 0;
+            if !r.internal {
+                self.note_record_statement_drop(&bytes);
             }
             self.unit.request(r.seq, r.hash_rows, r.logged, r.logged_as.as_ref().unwrap_or(&bytes), self.shared.difflog.active());
             if wrap.is_some() {
@@ -1035,11 +1035,8 @@ impl Session {
         } else {
             self.unit.more(&bytes, self.shared.difflog.active());
             // The rest of an extended batch (COPY data is no statement).
-            if self.record_prepared != 0
-                && !self.router.copy_in_progress()
-                && crate::history::History::may_drop_record_statement(&bytes)
-            {
-                self.record_prepared = 0;
+            if !self.router.copy_in_progress() {
+                self.note_record_statement_drop(&bytes);
             }
         }
         for i in bits(targets) {
@@ -1744,8 +1741,13 @@ impl Session {
     /// Aborts the open transaction on every live connection with Chorus's own request (its
     /// replies are compared, never forwarded).
     fn abort_transaction(&mut self, why: &str) {
-        let targets = self.alive_mask();
-        let stmt = crate::sql::rewrite::error_statement("40001", why);
+        self.abort_on(self.alive_mask(), "40001", why);
+    }
+
+    /// Chorus's own failing statement (`code`, `why`) on `targets`: their open transaction
+    /// is aborted.
+    fn abort_on(&mut self, targets: u64, code: &str, why: &str) {
+        let stmt = crate::sql::rewrite::error_statement(code, why);
         let mut q = BytesMut::new();
         message::query_msg(&mut q, &stmt);
         let bytes = q.freeze();
@@ -1760,15 +1762,17 @@ impl Session {
     /// statement) has the same outcome on every backend.
     fn follow_lead_abort(&mut self, req: &Request) {
         let targets = self.alive_mask() & !req.targets;
-        if targets == 0 {
-            return;
+        if targets != 0 {
+            self.abort_on(targets, "25P02", "the transaction failed on the lead backend of this session");
         }
-        let stmt = crate::sql::rewrite::error_statement("25P02", "the transaction failed on the lead backend of this session");
-        let mut q = BytesMut::new();
-        message::query_msg(&mut q, &stmt);
-        let bytes = q.freeze();
-        let seq = self.send_own(targets, &bytes);
-        self.pending.push_back(Request::internal(seq, targets, bytes));
+    }
+
+    /// The client's frames may drop the record's prepared statement: the next record
+    /// prepares it again.
+    fn note_record_statement_drop(&mut self, frames: &[u8]) {
+        if self.record_prepared != 0 && crate::history::History::may_drop_record_statement(frames) {
+            self.record_prepared = 0;
+        }
     }
 
     /// Queues Chorus's own request to `targets`; returns its sequence number (the caller

@@ -334,7 +334,7 @@ impl Router {
                     self.apply_tx(class);
                     return Ok(Some(Dispatch::Reply(Bytes::from_static(BEGIN_REPLY))));
                 }
-                if self.must_wait_for_lead(class, ctx) {
+                if self.lead_read.is_some() && self.must_wait_for_lead(self.lead_alone(class, ctx).is_some(), ctx) {
                     return Ok(Some(Dispatch::NeedsIdle));
                 }
                 // (The unit's record, just sent, travels with the COMMIT: no wait for it.)
@@ -354,7 +354,7 @@ impl Router {
                 Ok(Some(self.standalone(cbuf, len, class, plan, ctx, next_seq)))
             }
             FUNCTION_CALL => {
-                if self.must_wait_for_lead(Class::UNKNOWN, ctx) {
+                if self.must_wait_for_lead(false, ctx) {
                     return Ok(Some(Dispatch::NeedsIdle));
                 }
                 let plan = Arc::new(Analysis { class: Class::UNKNOWN, global: true, ..Analysis::default() });
@@ -403,10 +403,10 @@ impl Router {
         }
     }
 
-    /// A unit that the lead would not run alone while the lead alone runs a read: it waits
-    /// for that read's outcome.
-    fn must_wait_for_lead(&self, class: Class, ctx: &RouteCtx<'_>) -> bool {
-        self.lead_read.is_some() && !ctx.idle && self.batch.is_none() && self.lead_alone(class, ctx).is_none()
+    /// A unit routed elsewhere than the lead alone (`lead_only` false) while the lead alone
+    /// runs a read: it waits for that read's outcome.
+    fn must_wait_for_lead(&self, lead_only: bool, ctx: &RouteCtx<'_>) -> bool {
+        self.lead_read.is_some() && !ctx.idle && self.batch.is_none() && !lead_only
     }
 
     /// The request the lead ran alone inside a transaction (its ending in an error aborts the
@@ -824,7 +824,8 @@ impl Router {
         let session_state = sc.session_state || (sc.has_parse && !sc.has_bind);
         let read = (class.read_only || class.empty) && !session_state;
         let lead = (synced && read && self.batch.is_none()).then(|| self.lead_alone(class, ctx)).flatten();
-        if lead.is_none() && self.must_wait_for_lead(class, ctx) {
+        // (A batch without its Sync goes to every backend: it waits too.)
+        if self.must_wait_for_lead(lead.is_some(), ctx) {
             return Ok(Some(Dispatch::NeedsIdle));
         }
         let targets = match self.batch {
