@@ -65,6 +65,43 @@ pub struct AuthConfig {
     pub method: AuthMethod,
 }
 
+/// Whether clients may, must or cannot use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// SSLRequest answered 'N'; a direct TLS hello is closed on.
+    Disable,
+    /// TLS when the client asks for it, plaintext otherwise.
+    Allow,
+    /// A plaintext startup is refused with 28000.
+    Require,
+}
+
+/// `[tls]`: TLS between clients and Chorus.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Default: `allow` when a certificate is given, `disable` otherwise.
+    #[serde(default)]
+    pub mode: Option<TlsMode>,
+    /// The server certificate chain (PEM), leaf first.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates are verified against; a client that
+    /// presents none is still admitted (authentication stays the password's).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    pub fn mode(&self) -> TlsMode {
+        self.mode.unwrap_or(if self.cert_file.is_some() { TlsMode::Allow } else { TlsMode::Disable })
+    }
+}
+
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
@@ -185,6 +222,8 @@ pub struct Config {
     pub auto_catch_up: bool,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
     #[serde(default)]
     pub users: Vec<UserConfig>,
     #[serde(default)]
@@ -378,6 +417,13 @@ impl Config {
         }
         if self.join_jobs == 0 {
             return bad("join_jobs must be at least 1".into());
+        }
+        let tls = &self.tls;
+        if tls.mode() != TlsMode::Disable && (tls.cert_file.is_none() || tls.key_file.is_none()) {
+            return bad("[tls] mode allow or require needs cert_file and key_file".into());
+        }
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            return bad("[tls] cert_file and key_file go together".into());
         }
         for (key, d) in [
             ("login_timeout", self.login_timeout),

@@ -25,6 +25,8 @@ pub enum SessionError {
     IdleInTransaction(std::time::Duration),
     #[error("replication connections are not supported through Chorus")]
     Replication,
+    #[error("this Chorus requires TLS ([tls] mode = \"require\"): connect with sslmode=require, verify-ca or verify-full")]
+    TlsRequired,
     #[error("terminating connection: a backend joined the cluster and this session holds {0}, which Chorus cannot copy to it; reconnect")]
     Unmovable(&'static str),
     #[error(
@@ -47,7 +49,7 @@ impl SessionError {
         Some(match self {
             SessionError::Protocol(_) => "08P01",
             SessionError::UnsupportedProtocol(..) => "0A000",
-            SessionError::NoUser | SessionError::NoSuchUser(_) => "28000",
+            SessionError::NoUser | SessionError::NoSuchUser(_) | SessionError::TlsRequired => "28000",
             SessionError::AuthFailed(_) => "28P01",
             SessionError::TooManyClients => "53300",
             SessionError::ShuttingDown => "57P03",

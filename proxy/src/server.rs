@@ -26,6 +26,8 @@ pub enum StartError {
     NoBackend(String),
     #[error("update history: {0}")]
     History(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 pub struct Server {
@@ -38,6 +40,8 @@ impl Server {
     /// Opens the cluster state, binds the listener and checks that a backend answers.
     pub async fn start(cfg: Config) -> Result<Server, StartError> {
         let cfg = Arc::new(cfg);
+        // The files first: a bad certificate stops Chorus before it touches a backend.
+        let tls = crate::tls::ServerTls::from_config(&cfg.tls)?.map(Arc::new);
         // Before anything records a metric: handles taken earlier would go nowhere.
         crate::admin::metrics_handle();
         let cluster = Arc::new(Cluster::open(&cfg)?);
@@ -86,7 +90,9 @@ impl Server {
                     .map_err(|source| StartError::Listen { addr: cfg.admin_listen.clone(), source })?,
             )
         };
-        let shared = Arc::new(Shared::new(cfg, cluster, history));
+        let mut shared = Shared::new(cfg, cluster, history);
+        shared.tls = tls;
+        let shared = Arc::new(shared);
         Ok(Server { shared, listener, admin })
     }
 
@@ -119,6 +125,9 @@ impl Server {
             }
         };
         cluster::spawn_health_checks(shared.cfg.clone(), shared.cluster.clone(), shared.stop.clone());
+        if let Some(tls) = &shared.tls {
+            crate::tls::spawn_reload_on_sighup(tls.clone(), shared.stop.clone());
+        }
         if let Some(h) = &shared.history {
             crate::history::prune::spawn(shared.cfg.clone(), shared.cluster.clone(), h.clone(), shared.stop.clone());
             crate::join::catch_up::spawn_watch(shared.clone());

@@ -39,6 +39,8 @@ pub struct Shared {
     /// Failed client logins, answered one at a time per address (`auth_failure_delay`).
     pub auth_failures: crate::session::auth_delay::FailureGates,
     verifiers: HashMap<String, Verifier>,
+    /// TLS toward clients (None: `[tls]` mode `disable`).
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
     /// Client connections open now (the listener counts them).
     pub(crate) clients: AtomicUsize,
 }
@@ -60,6 +62,7 @@ impl Shared {
             stop: CancellationToken::new(),
             auth_failures: Default::default(),
             verifiers,
+            tls: None,
             clients: AtomicUsize::new(0),
         }
     }

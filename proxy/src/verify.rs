@@ -129,8 +129,11 @@ pub async fn run(cfg: &Config, databases: &[String]) -> Result<Report, VerifyErr
     let snaps = prepare(cfg, &backends, databases).await?;
     let (host, port) = split_listen(&cfg.listen)?;
     // The quiesced point: hold the cluster-wide write lock through Chorus while snapshots start.
-    let proxy =
-        connect(&host, port, cfg, &cfg.health_check_database, "chorus-verify").await.map_err(db_err("connect through Chorus"))?;
+    let tls = crate::tls::own_listener(&cfg.tls).map_err(|e| VerifyError::Setup(e.to_string()))?;
+    let proxy = Login::health(cfg, &host, port, &cfg.health_check_database, "chorus-verify")
+        .connect_with(tls)
+        .await
+        .map_err(db_err("connect through Chorus"))?;
     let started = Instant::now();
     proxy
         .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(7302611)")

@@ -35,8 +35,9 @@ impl OutQueue {
         self.bytes == 0
     }
 
-    /// Writes as much as the socket takes; Ready(Ok) once everything is written.
-    pub fn poll_flush(&mut self, stream: &mut TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Writes as much as the socket takes; Ready(Ok) once everything is written (and, over
+    /// TLS, the last record has left the TLS layer's buffer too).
+    pub fn poll_flush<S: AsyncWrite + Unpin>(&mut self, stream: &mut S, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.q.is_empty() {
             let mut slices = [IoSlice::new(&[]); 32];
             let n = self.q.iter().zip(slices.iter_mut()).map(|(b, s)| *s = IoSlice::new(b)).count();
@@ -61,7 +62,7 @@ impl OutQueue {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        Poll::Ready(Ok(()))
+        Pin::new(stream).poll_flush(cx)
     }
 }
 

@@ -36,6 +36,19 @@ impl<'a> Login<'a> {
         Ok(client)
     }
 
+    /// Connects over TLS with `tls` (plaintext when None), driven by a task of its own.
+    pub async fn connect_with(
+        &self,
+        tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let Some(tls) = tls else { return self.connect().await };
+        let mut pg = self.config();
+        pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+        let (client, conn) = pg.connect(tls).await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
     pub fn config(&self) -> tokio_postgres::Config {
         let mut pg = tokio_postgres::Config::new();
         pg.host(self.host)

@@ -3,7 +3,8 @@
 //! Client libraries carry the client side; no maintained crate offers the server side apart
 //! from a framework's socket-bound handler, so this is a small sans-IO state machine. The
 //! verifier (salt, StoredKey, ServerKey) comes from `postgres_protocol::password`, the same
-//! code that makes PostgreSQL-compatible SCRAM secrets. Channel binding is not offered (no TLS).
+//! code that makes PostgreSQL-compatible SCRAM secrets. Over TLS, SCRAM-SHA-256-PLUS binds the
+//! exchange to the TLS channel with `tls-server-end-point` (RFC 5929), as PostgreSQL does.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -11,6 +12,17 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
 pub const MECHANISM: &str = "SCRAM-SHA-256";
+pub const MECHANISM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+
+/// The channel binding an exchange runs under.
+#[derive(Clone, Copy, Debug)]
+pub enum Binding<'a> {
+    /// SCRAM-SHA-256. `plus_offered`: SCRAM-SHA-256-PLUS was offered too, so a client that
+    /// says it could bind but thinks the server cannot ("y") was downgraded by someone.
+    None { plus_offered: bool },
+    /// SCRAM-SHA-256-PLUS with this `tls-server-end-point` data.
+    EndPoint(&'a [u8]),
+}
 
 /// A user's SCRAM secret, derived once from the configured password.
 #[derive(Clone)]
@@ -81,6 +93,8 @@ pub struct ServerExchange {
     client_first_bare: String,
     server_first: String,
     nonce: String,
+    /// What the client-final-message's `c=` must be: the gs2 header and the binding data.
+    channel: String,
 }
 
 fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
@@ -91,15 +105,32 @@ fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
 
 impl ServerExchange {
     /// Takes the client-first-message; returns the exchange and the server-first-message.
-    pub fn start(verifier: &Verifier, client_first: &[u8]) -> Result<(ServerExchange, String), ScramError> {
+    pub fn start(verifier: &Verifier, client_first: &[u8], binding: Binding) -> Result<(ServerExchange, String), ScramError> {
         let text = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
-        // gs2 header: "n,," or "y,," (client could bind but thinks we cannot); "p=" demands binding.
-        let bare = if let Some(b) = text.strip_prefix("n,,").or_else(|| text.strip_prefix("y,,")) {
-            b
+        // The gs2 header: "n,," (the client cannot bind), "y,," (it could, but thinks the
+        // server cannot), "p=tls-server-end-point,," (it binds). No authorization identity.
+        const PLUS: &str = "p=tls-server-end-point,,";
+        let (header, bare) = if let Some(b) = text.strip_prefix("n,,") {
+            ("n,,", b)
+        } else if let Some(b) = text.strip_prefix("y,,") {
+            ("y,,", b)
+        } else if let Some(b) = text.strip_prefix(PLUS) {
+            (PLUS, b)
         } else if text.starts_with("p=") {
             return Err(ScramError::ChannelBinding);
         } else {
             return Err(ScramError::Malformed("bad gs2 header"));
+        };
+        let channel = match (binding, header) {
+            (Binding::EndPoint(data), PLUS) => {
+                let mut c = PLUS.as_bytes().to_vec();
+                c.extend_from_slice(data);
+                B64.encode(c)
+            }
+            (Binding::EndPoint(_), _) => return Err(ScramError::ChannelBinding),
+            (Binding::None { .. }, PLUS) => return Err(ScramError::ChannelBinding),
+            (Binding::None { plus_offered: true }, "y,,") => return Err(ScramError::ChannelBinding),
+            (Binding::None { .. }, h) => B64.encode(h),
         };
         let client_nonce = bare
             .split(',')
@@ -115,6 +146,7 @@ impl ServerExchange {
             client_first_bare: bare.to_string(),
             server_first: server_first.clone(),
             nonce,
+            channel,
         };
         Ok((ex, server_first))
     }
@@ -132,8 +164,7 @@ impl ServerExchange {
                 nonce = Some(r);
             }
         }
-        // "biws" is base64("n,,"), "eSws" is base64("y,,"): no channel binding data.
-        if !matches!(channel, Some("biws") | Some("eSws")) {
+        if channel.is_none_or(|c| !super::constant_time_eq(c.as_bytes(), self.channel.as_bytes())) {
             return Err(ScramError::ChannelBinding);
         }
         if nonce != Some(self.nonce.as_str()) {
@@ -163,10 +194,16 @@ mod tests {
     use super::*;
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
+    const NONE: Binding = Binding::None { plus_offered: false };
+
     fn run(server_password: &str, client_password: &str) -> Result<(), ScramError> {
-        let verifier = Verifier::from_password(server_password);
-        let mut client = ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
-        let (ex, server_first) = ServerExchange::start(&verifier, client.message())?;
+        run_bound(server_password, client_password, ChannelBinding::unsupported(), NONE)
+    }
+
+    fn run_bound(server: &str, client: &str, cb: ChannelBinding, binding: Binding) -> Result<(), ScramError> {
+        let verifier = Verifier::from_password(server);
+        let mut client = ScramSha256::new(client.as_bytes(), cb);
+        let (ex, server_first) = ServerExchange::start(&verifier, client.message(), binding)?;
         client.update(server_first.as_bytes()).unwrap();
         let server_final = ex.finish(client.message())?;
         client.finish(server_final.as_bytes()).expect("client accepts server signature");
@@ -180,6 +217,32 @@ mod tests {
     }
 
     #[test]
+    fn binds_to_the_tls_channel() {
+        let data = [7u8; 32];
+        let plus = Binding::EndPoint(&data);
+        run_bound("s", "s", ChannelBinding::tls_server_end_point(data.to_vec()), plus).unwrap();
+        assert_eq!(
+            run_bound("s", "s", ChannelBinding::tls_server_end_point(vec![8u8; 32]), plus),
+            Err(ScramError::ChannelBinding),
+            "another certificate's hash: a man in the middle"
+        );
+        assert_eq!(run_bound("s", "x", ChannelBinding::tls_server_end_point(data.to_vec()), plus), Err(ScramError::BadProof));
+        // Plain SCRAM-SHA-256 beside PLUS: "n" is fine; "y" means someone hid PLUS from the client.
+        run_bound("s", "s", ChannelBinding::unsupported(), Binding::None { plus_offered: true }).unwrap();
+        assert_eq!(
+            run_bound("s", "s", ChannelBinding::unrequested(), Binding::None { plus_offered: true }),
+            Err(ScramError::ChannelBinding)
+        );
+        run_bound("s", "s", ChannelBinding::unrequested(), NONE).unwrap();
+        assert_eq!(
+            run_bound("s", "s", ChannelBinding::tls_server_end_point(data.to_vec()), NONE),
+            Err(ScramError::ChannelBinding),
+            "PLUS's header under the plain mechanism"
+        );
+        assert_eq!(run_bound("s", "s", ChannelBinding::unsupported(), plus), Err(ScramError::ChannelBinding));
+    }
+
+    #[test]
     fn refuses_a_wrong_password() {
         assert_eq!(run("secret", "Secret"), Err(ScramError::BadProof));
     }
@@ -187,12 +250,13 @@ mod tests {
     #[test]
     fn refuses_malformed_messages() {
         let v = Verifier::from_password("x");
-        assert!(ServerExchange::start(&v, b"garbage").is_err());
-        assert_eq!(ServerExchange::start(&v, b"p=tls-server-end-point,,n=,r=abc").err(), Some(ScramError::ChannelBinding));
-        assert!(ServerExchange::start(&v, b"n,,n=,r=").is_err());
-        let (ex, _) = ServerExchange::start(&v, b"n,,n=,r=abc").unwrap();
+        assert!(ServerExchange::start(&v, b"garbage", NONE).is_err());
+        assert_eq!(ServerExchange::start(&v, b"p=tls-server-end-point,,n=,r=abc", NONE).err(), Some(ScramError::ChannelBinding));
+        assert_eq!(ServerExchange::start(&v, b"p=tls-unique,,n=,r=abc", NONE).err(), Some(ScramError::ChannelBinding));
+        assert!(ServerExchange::start(&v, b"n,,n=,r=", NONE).is_err());
+        let (ex, _) = ServerExchange::start(&v, b"n,,n=,r=abc", NONE).unwrap();
         assert!(ex.finish(b"c=biws,r=wrong").is_err());
-        let (ex, first) = ServerExchange::start(&v, b"n,,n=,r=abc").unwrap();
+        let (ex, first) = ServerExchange::start(&v, b"n,,n=,r=abc", NONE).unwrap();
         let nonce = first.split(',').next().unwrap();
         assert_eq!(ex.finish(format!("c=biws,{nonce},p=AAAA").as_bytes()), Err(ScramError::BadProof));
     }

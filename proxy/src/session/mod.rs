@@ -46,6 +46,7 @@ use crate::protocol::message::{self, Severity};
 use crate::protocol::{FrameCodec, ProtocolError};
 use crate::shared::Shared;
 use crate::sql::catalog::{CatalogSlot, LoadTarget};
+use crate::tls::ClientStream;
 use crate::wire::{shutdown_now, OutQueue};
 
 /// Stop reading backends while this much waits for the client.
@@ -180,7 +181,7 @@ impl Events {
 
 pub struct Session {
     shared: Arc<Shared>,
-    client: TcpStream,
+    client: ClientStream,
     cbuf: BytesMut,
     client_out: OutQueue,
     /// Frames being forwarded to the client that sit next to each other in memory.
@@ -261,8 +262,9 @@ pub struct Session {
 static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Serves one client connection from its first byte to its last.
-pub async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
-    let _ = client.set_nodelay(true);
+pub async fn serve(tcp: TcpStream, shared: Arc<Shared>) {
+    let _ = tcp.set_nodelay(true);
+    let mut client = ClientStream::Plain(tcp);
     // login_timeout bounds what the client must do (startup and authentication); the backend
     // logins that follow have bounds of their own.
     let auth = tokio::time::timeout(shared.cfg.login_timeout, authenticate(&mut client, &shared)).await;
@@ -300,7 +302,7 @@ pub async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
     session.run().await;
 }
 
-async fn tell_and_close(client: &mut TcpStream, e: &SessionError) {
+async fn tell_and_close(client: &mut ClientStream, e: &SessionError) {
     if let Some(code) = e.sqlstate() {
         tracing::info!(sqlstate = code, error = %e, "client refused");
         let mut buf = BytesMut::new();
@@ -314,7 +316,7 @@ type LoggedIn = (Vec<BackendConn>, cancel::CancelGuard, LoadTarget, Vec<(String,
 
 /// The client's part of the login: its startup packet and its password. None for a cancel
 /// request (served already) or a client that left.
-async fn authenticate(client: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<startup::Started>, SessionError> {
+async fn authenticate(client: &mut ClientStream, shared: &Arc<Shared>) -> Result<Option<startup::Started>, SessionError> {
     let Some(params) = startup::read_startup(client, shared).await? else {
         return Ok(None);
     };
@@ -325,7 +327,7 @@ async fn authenticate(client: &mut TcpStream, shared: &Arc<Shared>) -> Result<Op
 }
 
 /// Logs the authenticated client in to every in-sync backend.
-async fn login(client: &mut TcpStream, shared: &Arc<Shared>, st: startup::Started) -> Result<Option<LoggedIn>, SessionError> {
+async fn login(client: &mut ClientStream, shared: &Arc<Shared>, st: startup::Started) -> Result<Option<LoggedIn>, SessionError> {
     let password = shared.cfg.user(&st.user).map(|u| u.password.clone()).unwrap_or_default();
     // Read before the in-sync set: a backend joining in between is picked up at the first request.
     let epoch = shared.cluster.epoch();
@@ -418,7 +420,7 @@ async fn login(client: &mut TcpStream, shared: &Arc<Shared>, st: startup::Starte
 
 impl Session {
     fn new(
-        client: TcpStream,
+        client: ClientStream,
         shared: Arc<Shared>,
         conns: Vec<BackendConn>,
         cancel: cancel::CancelGuard,

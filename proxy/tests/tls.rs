@@ -1,0 +1,269 @@
+//! TLS between clients and Chorus (issue 14, point 1 and 2): libpq's sslmode=verify-full and
+//! channel_binding=require, tokio-postgres and sqlx over rustls, direct TLS negotiation with
+//! ALPN, a plaintext client refused under `mode = "require"`, and the certificate reloaded on
+//! SIGHUP under a pgbench load. Certificates come from a test CA made here with rcgen.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{sh, ChorusOptions, Setup, APP_USER};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A certificate authority and a server certificate it signed, as PEM files in `dir`.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    file: PathBuf,
+}
+
+impl Ca {
+    fn new(dir: &Path, name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, format!("Chorus test CA {name}"));
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let cert = p.self_signed(&key).unwrap();
+        let file = dir.join(format!("{name}.crt"));
+        std::fs::write(&file, cert.pem()).unwrap();
+        Ca { cert, key, file }
+    }
+
+    /// A certificate for localhost and 127.0.0.1 written to `cert` and `key`.
+    fn issue(&self, cert: &Path, key: &Path) {
+        let k = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "localhost");
+        let c = p.signed_by(&k, &self.cert, &self.key).unwrap();
+        std::fs::write(cert, c.pem()).unwrap();
+        std::fs::write(key, k.serialize_pem()).unwrap();
+    }
+}
+
+struct Tls {
+    _dir: tempfile::TempDir,
+    ca: Ca,
+    cert: PathBuf,
+    key: PathBuf,
+    s: Setup,
+}
+
+async fn setup(backends: usize, mode: &str) -> Tls {
+    let dir = tempfile::Builder::new().prefix("chorus-tls-").tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca1");
+    let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+    ca.issue(&cert, &key);
+    let extra = format!("[tls]\nmode = \"{mode}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n", cert.display(), key.display());
+    let s = Setup::with(backends, ChorusOptions { auth: "scram-sha-256", extra }).await;
+    Tls { _dir: dir, ca, cert, key, s }
+}
+
+/// A libpq connection string to Chorus by name (so verify-full checks the name).
+fn libpq(t: &Tls, more: &str) -> String {
+    format!("host=localhost port={} user={} password={} dbname=postgres {more}", t.s.chorus.port(), APP_USER.0, APP_USER.1)
+}
+
+fn psql(conn: &str, sql: &str) -> (bool, String) {
+    sh(Command::new("psql").args(["-X", "-qAt", "-v", "ON_ERROR_STOP=1", "-c", sql, conn]))
+}
+
+fn rustls_client(ca: &Path, alpn: Option<&[u8]>) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    if let Some(a) = alpn {
+        cfg.alpn_protocols = vec![a.to_vec()];
+    }
+    cfg
+}
+
+use rustls::pki_types::pem::PemObject;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libpq_verify_full_with_channel_binding_and_plaintext_refused() {
+    let t = setup(2, "require").await;
+    let verify = format!("sslmode=verify-full sslrootcert={}", t.ca.file.display());
+    // verify-full: the chain and the name are checked; SCRAM-SHA-256-PLUS binds the login to
+    // this TLS channel (channel_binding=require fails unless the server offers and runs it).
+    let (ok, out) =
+        psql(&libpq(&t, &format!("{verify} channel_binding=require")), "CREATE TABLE t (n int); INSERT INTO t VALUES (1)");
+    assert!(ok, "{out}");
+    let (ok, out) = sh(Command::new("psql").args(["-X", "-c", "\\conninfo", &libpq(&t, &verify)]));
+    assert!(ok && out.contains("SSL connection (protocol: TLSv1.3"), "{out}");
+    // Another CA's clients refuse the certificate: the check above was a real one.
+    let other = Ca::new(t._dir.path(), "other");
+    let (ok, out) = psql(&libpq(&t, &format!("sslmode=verify-ca sslrootcert={}", other.file.display())), "SELECT 1");
+    assert!(!ok && out.contains("certificate verify failed"), "{out}");
+    // A plaintext client is refused with 28000, whatever its password.
+    let (ok, out) = psql(&libpq(&t, "sslmode=disable"), "SELECT 1");
+    assert!(!ok && out.contains("requires TLS"), "{out}");
+    let plain =
+        tokio_postgres::connect(&libpq(&t, "sslmode=disable"), tokio_postgres::NoTls).await.err().expect("plaintext accepted");
+    assert_eq!(plain.code(), Some(&tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION), "{plain}");
+    let (ok, out) = psql(&libpq(&t, &format!("{verify} channel_binding=require")), "UPDATE t SET n = n + 1 RETURNING n");
+    assert_eq!((ok, out.trim()), (true, "2"), "{out}");
+    t.s.assert_identical().await;
+    let (ok, out) = t.s.chorus.verify();
+    assert!(ok, "verify: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_and_sqlx_over_rustls() {
+    let t = setup(2, "require").await;
+    // tokio-postgres with tokio-postgres-rustls, channel binding required.
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(rustls_client(&t.ca.file, None));
+    let (c, conn) = tokio_postgres::connect(&libpq(&t, "sslmode=require channel_binding=require"), tls).await.expect("TLS login");
+    tokio::spawn(conn);
+    c.batch_execute("CREATE TABLE t (n int PRIMARY KEY, v text)").await.unwrap();
+    let stmt = c.prepare("INSERT INTO t VALUES ($1, $2)").await.unwrap();
+    for i in 0..200 {
+        c.execute(&stmt, &[&i, &format!("row {i}")]).await.unwrap();
+    }
+    // sqlx with its rustls (ring) feature, verify-full against the test CA.
+    let opts = sqlx::postgres::PgConnectOptions::new()
+        .host("localhost")
+        .port(t.s.chorus.port())
+        .username(APP_USER.0)
+        .password(APP_USER.1)
+        .database("postgres")
+        .ssl_mode(sqlx::postgres::PgSslMode::VerifyFull)
+        .ssl_root_cert(&t.ca.file);
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_with(opts).await.expect("sqlx TLS login");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM t").fetch_one(&pool).await.unwrap();
+    assert_eq!(n, 200);
+    sqlx::query("UPDATE t SET v = v || $1 WHERE n < $2").bind("!").bind(50).execute(&pool).await.unwrap();
+    // A large result crosses many TLS records (of at most 16 KiB each).
+    let big: String =
+        sqlx::query_scalar("SELECT string_agg(v, ',') FROM t, generate_series(1, 200)").fetch_one(&pool).await.unwrap();
+    let per_round: usize = (0..200).map(|i| format!("row {i}").len() + usize::from(i < 50)).sum();
+    assert_eq!(big.len(), 200 * per_round + 200 * 200 - 1);
+    pool.close().await;
+    t.s.assert_identical().await;
+    let (ok, out) = t.s.chorus.verify();
+    assert!(ok, "verify: {out}");
+}
+
+/// PostgreSQL 17's direct negotiation: the TLS hello first, with ALPN `postgresql`; without
+/// that ALPN the connection is refused, and with TLS off a hello is closed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_negotiation_needs_the_postgresql_alpn() {
+    let t = setup(1, "allow").await;
+    let startup = {
+        let mut body = 196_608i32.to_be_bytes().to_vec();
+        for (k, v) in [("user", APP_USER.0), ("database", "postgres")] {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        p.extend_from_slice(&body);
+        p
+    };
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let direct = |alpn: Option<&'static [u8]>| {
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(rustls_client(&t.ca.file, alpn)));
+        let port = t.s.chorus.port();
+        let name = name.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            connector.connect(name, tcp).await
+        }
+    };
+    let mut s = direct(Some(b"postgresql")).await.expect("direct TLS handshake");
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"postgresql"[..]));
+    s.write_all(&startup).await.unwrap();
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[0], b'R', "an authentication request over the direct TLS connection");
+    assert_eq!(i32::from_be_bytes([head[5], head[6], head[7], head[8]]), 10, "AuthenticationSASL");
+    // Without ALPN: the handshake completes, then a FATAL 08P01 and the end.
+    let mut s = direct(None).await.expect("handshake");
+    s.write_all(&startup).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await.expect("not closed");
+    let text = String::from_utf8_lossy(&got);
+    assert!(got.first() == Some(&b'E') && text.contains("08P01") && text.contains("ALPN"), "{text}");
+    // Another protocol's ALPN: rustls refuses the handshake itself.
+    assert!(direct(Some(b"http/1.1")).await.is_err());
+    // Mode allow: a plaintext client is still served.
+    let c = t.s.client().await;
+    assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    assert!(!t.s.chorus.log().contains("panicked"));
+}
+
+/// The certificate replaced and SIGHUP sent while pgbench connects anew for every transaction
+/// over TLS: no client error; new connections get the new certificate; a bad file on the next
+/// reload keeps the loaded one and says so in one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_is_reloaded_on_sighup_under_load() {
+    let t = setup(2, "require").await;
+    let ca2 = Ca::new(t._dir.path(), "ca2");
+    let both = t._dir.path().join("both.crt");
+    std::fs::write(&both, format!("{}{}", t.ca.cert.pem(), ca2.cert.pem())).unwrap();
+    let (ok, out) = sh(Command::new("pgbench").args(["-i", "-q", "-s", "1"]).arg(libpq(&t, "sslmode=require")));
+    assert!(ok, "{out}");
+    let only_new = libpq(&t, &format!("sslmode=verify-full sslrootcert={}", ca2.file.display()));
+    let (ok, out) = psql(&only_new, "SELECT 1");
+    assert!(!ok && out.contains("certificate verify failed"), "the new CA does not sign the loaded certificate yet: {out}");
+    let load = Command::new("pgbench")
+        .args(["-n", "-C", "-c", "4", "-j", "2", "-T", "12", "--verbose-errors"])
+        .arg(libpq(&t, &format!("sslmode=verify-full sslrootcert={}", both.display())))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pgbench");
+    let pid = t.s.chorus.pid().expect("chorus runs") as i32;
+    // Under way: transactions are being recorded.
+    let _: i64 =
+        common::await_row(&t.s.servers[0], "SELECT count(*) FROM pgbench_history HAVING count(*) > 20", &[], "no load").await;
+    ca2.issue(&t.cert, &t.key);
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let reloaded = || t.s.chorus.log().contains("TLS certificate and key reloaded");
+    for _ in 0..200 {
+        if reloaded() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reloaded(), "{}", t.s.chorus.log());
+    let (ok, out) = psql(&only_new, "SELECT 1");
+    assert!(ok, "a new connection sees the new certificate: {out}");
+    // A broken file: the loaded certificate stays, one line says why.
+    std::fs::write(&t.key, "not a key").unwrap();
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let refused = || t.s.chorus.log().matches("TLS files not reloaded").count();
+    for _ in 0..200 {
+        if refused() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(refused(), 1, "{}", t.s.chorus.log());
+    let (ok, out) = psql(&only_new, "SELECT 1");
+    assert!(ok, "the loaded certificate stays in use: {out}");
+    let out = load.wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && !text.contains("error"), "pgbench:\n{text}");
+    let failed =
+        text.lines().find(|l| l.starts_with("number of failed transactions")).unwrap_or("number of failed transactions: 0");
+    assert!(failed.contains(": 0"), "{text}");
+    let processed = text.lines().find(|l| l.starts_with("number of transactions actually processed")).unwrap_or_default();
+    eprintln!("pgbench over TLS, reconnecting each transaction: {processed}; {failed}");
+    t.s.assert_identical().await;
+    let (ok, out) = t.s.chorus.verify();
+    assert!(ok, "verify: {out}");
+}
