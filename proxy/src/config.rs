@@ -123,6 +123,59 @@ pub struct BackendConfig {
     pub name: String,
     pub host: String,
     pub port: u16,
+    /// TLS to this backend (default: `backend_sslmode`).
+    #[serde(default)]
+    pub sslmode: Option<SslMode>,
+    /// CA certificates (PEM) for `verify-ca` and `verify-full` (default: `backend_sslrootcert`).
+    #[serde(default)]
+    pub sslrootcert: Option<PathBuf>,
+}
+
+/// TLS toward a backend, as libpq's `sslmode` (without `allow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plaintext.
+    Disable,
+    /// TLS when the server offers it, without checking its certificate; plaintext otherwise.
+    #[default]
+    Prefer,
+    /// TLS or no connection; the certificate is not checked.
+    Require,
+    /// TLS with a certificate signed by `sslrootcert`'s CAs.
+    VerifyCa,
+    /// As `verify-ca`, and the certificate names the backend's host.
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// How Chorus reaches one backend: its TLS settings, whichever connection it opens (sessions,
+/// health checks, verify, joins, catch-up, the tools' environment).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct BackendTls {
+    pub mode: SslMode,
+    pub rootcert: Option<PathBuf>,
+    /// `allow_cleartext_password`.
+    pub allow_cleartext: bool,
+}
+
+impl BackendTls {
+    /// A server asking for the password in cleartext gets it only over a connection that had
+    /// to be encrypted (`require` and above), or where the operator allowed it.
+    pub fn may_send_cleartext(&self) -> bool {
+        self.allow_cleartext || self.mode >= SslMode::Require
+    }
 }
 
 impl BackendConfig {
@@ -224,6 +277,15 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub tls: TlsConfig,
+    /// TLS toward backends without an `sslmode` of their own, and joined ones.
+    #[serde(default)]
+    pub backend_sslmode: SslMode,
+    #[serde(default)]
+    pub backend_sslrootcert: Option<PathBuf>,
+    /// Send a password to a backend that asks for it in cleartext over a connection whose
+    /// sslmode is below `require`.
+    #[serde(default)]
+    pub allow_cleartext_password: bool,
     #[serde(default)]
     pub users: Vec<UserConfig>,
     #[serde(default)]
@@ -418,6 +480,19 @@ impl Config {
         if self.join_jobs == 0 {
             return bad("join_jobs must be at least 1".into());
         }
+        for b in &self.backends {
+            let t = self.backend_tls(&b.host, b.port);
+            if t.mode >= SslMode::VerifyCa && t.rootcert.is_none() {
+                return bad(format!(
+                    "backend {:?}: sslmode {} needs sslrootcert (or backend_sslrootcert)",
+                    b.name,
+                    t.mode.as_str()
+                ));
+            }
+        }
+        if self.backend_sslmode >= SslMode::VerifyCa && self.backend_sslrootcert.is_none() {
+            return bad(format!("backend_sslmode {} needs backend_sslrootcert", self.backend_sslmode.as_str()));
+        }
         let tls = &self.tls;
         if tls.mode() != TlsMode::Disable && (tls.cert_file.is_none() || tls.key_file.is_none()) {
             return bad("[tls] mode allow or require needs cert_file and key_file".into());
@@ -438,6 +513,17 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The TLS settings for the backend at `host`:`port`: its [[backends]] entry's, falling
+    /// back to `backend_sslmode` and `backend_sslrootcert` (joined backends have no entry).
+    pub fn backend_tls(&self, host: &str, port: u16) -> BackendTls {
+        let entry = self.backends.iter().find(|b| b.host == host && b.port == port);
+        BackendTls {
+            mode: entry.and_then(|b| b.sslmode).unwrap_or(self.backend_sslmode),
+            rootcert: entry.and_then(|b| b.sslrootcert.clone()).or_else(|| self.backend_sslrootcert.clone()),
+            allow_cleartext: self.allow_cleartext_password,
+        }
     }
 
     /// The number of runtime threads to start.

@@ -57,7 +57,13 @@ pub async fn run(n: usize, listen: String, dir: Option<PathBuf>) -> Result<(), S
         backends: servers
             .iter()
             .enumerate()
-            .map(|(i, s)| BackendConfig { name: format!("pg{}", i + 1), host: "127.0.0.1".into(), port: s.port() })
+            .map(|(i, s)| BackendConfig {
+                name: format!("pg{}", i + 1),
+                host: "127.0.0.1".into(),
+                port: s.port(),
+                sslmode: None,
+                sslrootcert: None,
+            })
             .collect(),
         ..Config::parse("backends = []").map_err(|e| e.to_string())?
     };

@@ -42,6 +42,10 @@ impl Server {
         let cfg = Arc::new(cfg);
         // The files first: a bad certificate stops Chorus before it touches a backend.
         let tls = crate::tls::ServerTls::from_config(&cfg.tls)?.map(Arc::new);
+        for b in &cfg.backends {
+            crate::tls::backend::client_config(&cfg.backend_tls(&b.host, b.port))?;
+        }
+        crate::tls::backend::client_config(&cfg.backend_tls("", 0))?;
         // Before anything records a metric: handles taken earlier would go nowhere.
         crate::admin::metrics_handle();
         let cluster = Arc::new(Cluster::open(&cfg)?);
@@ -125,9 +129,7 @@ impl Server {
             }
         };
         cluster::spawn_health_checks(shared.cfg.clone(), shared.cluster.clone(), shared.stop.clone());
-        if let Some(tls) = &shared.tls {
-            crate::tls::spawn_reload_on_sighup(tls.clone(), shared.stop.clone());
-        }
+        crate::tls::spawn_reload_on_sighup(shared.tls.clone(), shared.stop.clone());
         if let Some(h) = &shared.history {
             crate::history::prune::spawn(shared.cfg.clone(), shared.cluster.clone(), h.clone(), shared.stop.clone());
             crate::join::catch_up::spawn_watch(shared.clone());

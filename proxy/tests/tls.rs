@@ -267,3 +267,95 @@ async fn the_certificate_is_reloaded_on_sighup_under_load() {
     let (ok, out) = t.s.chorus.verify();
     assert!(ok, "verify: {out}");
 }
+
+/// Servers for the backend side: `ssl = on`, TCP logins only over TLS, a certificate from `ca`.
+async fn tls_servers(ca: &Ca, dir: &Path, n: usize) -> Vec<common::PgServer> {
+    let (cert, key) = (dir.join("pg.crt"), dir.join("pg.key"));
+    ca.issue(&cert, &key);
+    let pem = (std::fs::read_to_string(&cert).unwrap(), std::fs::read_to_string(&key).unwrap());
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let opts = common::PgOptions { tls: Some(pem.clone()), ssl_only: true, ..Default::default() };
+        out.push(common::PgServer::start(opts).await.expect("start postgres with TLS"));
+    }
+    out
+}
+
+/// TCP sessions on `srv`: (over TLS, in plaintext).
+async fn tcp_sessions(srv: &common::PgServer) -> (i64, i64) {
+    let c = srv.local_client("postgres").await.unwrap();
+    let row = c
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) FROM pg_stat_ssl s \
+             JOIN pg_stat_activity a USING (pid) WHERE a.client_addr IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Backends with `ssl = on` and hostssl-only pg_hba: Chorus connects with verify-full (its
+/// sessions, health checks and verify), a third backend joins over TLS (pg_dump and
+/// pg_restore given the settings through their environment), and verify compares all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_over_tls_with_verify_full_a_join_and_verify() {
+    let dir = tempfile::Builder::new().prefix("chorus-tls-").tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let mut servers = tls_servers(&ca, dir.path(), 3).await;
+    let newcomer = servers.pop().unwrap();
+    let extra = format!("backend_sslmode = \"verify-full\"\nbackend_sslrootcert = \"{}\"\n", ca.file.display());
+    let refs: Vec<&common::PgServer> = servers.iter().collect();
+    let chorus = common::ChorusProcess::start(common::chorus_bin(), &refs, ChorusOptions { auth: "scram-sha-256", extra })
+        .await
+        .expect("chorus over TLS backends");
+    let s = Setup { servers, chorus };
+    let c = s.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (n serial PRIMARY KEY, v text); INSERT INTO t (v) SELECT 'v' || g FROM generate_series(1, 500) g",
+    )
+    .await
+    .unwrap();
+    for srv in &s.servers {
+        let (tls, plain) = tcp_sessions(srv).await;
+        assert!(tls >= 1 && plain == 0, "{tls} TLS and {plain} plaintext sessions on a backend");
+    }
+    let port = newcomer.port().to_string();
+    let (ok, out) = s.chorus.chorusctl(&["join", "pg3", "--host", "127.0.0.1", "--port", &port]);
+    assert!(ok && out.contains("pg3 is in sync"), "join over TLS: {out}\n{}", s.chorus.log());
+    c.execute("UPDATE t SET v = v || '!' WHERE n % 7 = 0", &[]).await.unwrap();
+    assert_eq!(s.chorus.states().get("pg3").map(String::as_str), Some("in_sync"));
+    let (ok, out) = s.chorus.verify();
+    assert!(ok, "verify: {out}");
+    let all: Vec<&common::PgServer> = s.servers.iter().chain([&newcomer]).collect();
+    common::assert_identical(&all, "postgres").await;
+    let (_, plain) = tcp_sessions(&newcomer).await;
+    assert_eq!(plain, 0);
+    // A CA that did not sign the backends' certificates: Chorus does not start.
+    let other = Ca::new(dir.path(), "other");
+    let extra = format!("backend_sslmode = \"verify-ca\"\nbackend_sslrootcert = \"{}\"\n", other.file.display());
+    let refused =
+        common::ChorusProcess::start(common::chorus_bin(), &refs_of(&s), ChorusOptions { auth: "scram-sha-256", extra }).await;
+    let e = refused.err().expect("a backend with an unknown CA's certificate was accepted").to_string();
+    assert!(e.contains("UnknownIssuer") || e.contains("unknown issuer") || e.contains("invalid peer certificate"), "{e}");
+}
+
+fn refs_of(s: &Setup) -> Vec<&common::PgServer> {
+    s.servers.iter().collect()
+}
+
+/// A backend that asks for the password in cleartext over a connection not required to be
+/// encrypted gets no password: Chorus says so in one line; `allow_cleartext_password` lets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleartext_password_is_sent_only_over_tls_or_when_allowed() {
+    let opts = common::PgOptions { host_auth: common::HostAuth::Password, ..Default::default() };
+    let srv = common::PgServer::start(opts).await.unwrap();
+    let refused = common::ChorusProcess::start(common::chorus_bin(), &[&srv], ChorusOptions::default()).await;
+    let e = refused.err().expect("a cleartext password was sent over plaintext").to_string();
+    assert!(e.contains("asks for the password in cleartext and its sslmode is prefer: refused"), "{e}");
+    assert_eq!(e.matches("asks for the password in cleartext").count(), 1, "{e}");
+    let opts = ChorusOptions { auth: "scram-sha-256", extra: "allow_cleartext_password = true\n".into() };
+    let chorus = common::ChorusProcess::start(common::chorus_bin(), &[&srv], opts).await.expect("allowed");
+    let c = chorus.client().await.unwrap();
+    assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+}

@@ -59,11 +59,23 @@ pub struct PgOptions {
     pub max_connections: u32,
     /// Extra `postgresql.conf` lines.
     pub extra_conf: Vec<String>,
+    /// `ssl = on` with this certificate and key (PEM).
+    pub tls: Option<(String, String)>,
+    /// TCP logins only over TLS (`hostssl` lines alone in pg_hba.conf).
+    pub ssl_only: bool,
 }
 
 impl Default for PgOptions {
     fn default() -> Self {
-        PgOptions { bin_dir: None, host_auth: HostAuth::Scram, trust: false, max_connections: 200, extra_conf: Vec::new() }
+        PgOptions {
+            bin_dir: None,
+            host_auth: HostAuth::Scram,
+            trust: false,
+            max_connections: 200,
+            extra_conf: Vec::new(),
+            tls: None,
+            ssl_only: false,
+        }
     }
 }
 
@@ -252,9 +264,10 @@ impl PgServer {
             HostAuth::Password => "password",
             HostAuth::Trust => "trust",
         };
+        let host = if opts.ssl_only { "hostssl" } else { "host" };
         std::fs::write(
             data.join("pg_hba.conf"),
-            format!("local all all trust\nhost all all 127.0.0.1/32 {method}\nhost all all ::1/128 {method}\n"),
+            format!("local all all trust\n{host} all all 127.0.0.1/32 {method}\n{host} all all ::1/128 {method}\n"),
         )?;
         let mut conf = format!(
             "listen_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = {}\nfsync = off\n\
@@ -264,6 +277,12 @@ impl PgServer {
         );
         if auth == HostAuth::Md5 {
             conf.push_str("password_encryption = md5\n");
+        }
+        if let Some((cert, key)) = &opts.tls {
+            std::fs::write(data.join("server.crt"), cert)?;
+            std::fs::write(data.join("server.key"), key)?;
+            std::fs::set_permissions(data.join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
         }
         for l in &opts.extra_conf {
             conf.push_str(l);

@@ -20,32 +20,65 @@ pub struct Login<'a> {
     pub database: &'a str,
     pub application: &'a str,
     pub timeout: Duration,
+    pub tls: crate::config::BackendTls,
 }
 
 impl<'a> Login<'a> {
     /// Chorus's own login as the health check user (health checks, catalog, verify, joins).
     pub fn health(cfg: &'a Config, host: &'a str, port: u16, database: &'a str, application: &'a str) -> Login<'a> {
         let user = cfg.health_user();
-        Login { host, port, user: &user.name, password: &user.password, database, application, timeout: cfg.connect_timeout }
+        Login {
+            host,
+            port,
+            user: &user.name,
+            password: &user.password,
+            database,
+            application,
+            timeout: cfg.connect_timeout,
+            tls: cfg.backend_tls(host, port),
+        }
     }
 
     /// Connects, with the connection driven by a task of its own.
     pub async fn connect(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, conn) = self.config().connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
-        Ok(client)
+        self.open().await.map(|(client, _)| client)
     }
 
-    /// Connects over TLS with `tls` (plaintext when None), driven by a task of its own.
+    /// Connects with the backend's TLS settings; the connection is driven by the task whose
+    /// handle is returned (it ends when the client is dropped).
+    pub async fn open(&self) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+        let mut pg = self.config();
+        let (tls, mode) = crate::tls::backend::connector(&self.tls);
+        pg.ssl_mode(mode);
+        let (client, conn) = pg.connect(tls).await?;
+        Ok((
+            client,
+            tokio::spawn(async move {
+                let _ = conn.await;
+            }),
+        ))
+    }
+
+    /// Connects to Chorus's own listener: over TLS with `tls`, in plaintext when None (the
+    /// backends' TLS settings do not apply there).
     pub async fn connect_with(
         &self,
         tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let Some(tls) = tls else { return self.connect().await };
         let mut pg = self.config();
-        pg.ssl_mode(tokio_postgres::config::SslMode::Require);
-        let (client, conn) = pg.connect(tls).await?;
-        tokio::spawn(conn);
+        let (client, conn) = match tls {
+            Some(tls) => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let (client, conn) = pg.connect(tls).await?;
+                (client, tokio::spawn(async move { drop(conn.await) }))
+            }
+            None => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
+                (client, tokio::spawn(async move { drop(conn.await) }))
+            }
+        };
+        drop(conn);
         Ok(client)
     }
 
@@ -73,17 +106,19 @@ pub async fn probe(cfg: &Config, b: &Backend, timeout: Duration) -> Result<(), S
         database: &cfg.health_check_database,
         application: "chorus-health",
         timeout,
-    }
-    .config();
+        tls: b.tls.clone(),
+    };
     let check = async {
-        let (client, conn) = match pg.connect(tokio_postgres::NoTls).await {
+        if !b.tls.may_send_cleartext() && asks_cleartext(b, &user.name, &cfg.health_check_database).await {
+            return Err(crate::fanout::conn::cleartext_refused(b));
+        }
+        let (client, conn) = match pg.open().await {
             Ok(c) => c,
             // The server answered and refused for lack of resources (too many connections, out
             // of memory): it is up; its clients' logins are their own outcome.
             Err(e) if e.as_db_error().is_some_and(|d| d.code().code().starts_with("53")) => return Ok(()),
             Err(e) => return Err(pg_error(&e)),
         };
-        let conn = tokio::spawn(conn);
         let res = match client.simple_query("SHOW server_version").await {
             Ok(msgs) => {
                 for m in msgs {
@@ -99,10 +134,29 @@ pub async fn probe(cfg: &Config, b: &Backend, timeout: Duration) -> Result<(), S
         let _ = conn.await;
         res
     };
-    match tokio::time::timeout(timeout, check).await {
+    let r = match tokio::time::timeout(timeout, check).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {timeout:?}")),
+    };
+    if r.is_err() {
+        *b.no_cleartext.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
+    r
+}
+
+/// Whether `b` asks `user` for the password in cleartext at login: the first authentication
+/// request read and the connection closed, before tokio-postgres (which would answer it) logs
+/// in. Remembered once a backend is seen not to ask, until a check fails.
+async fn asks_cleartext(b: &Backend, user: &str, db: &str) -> bool {
+    let key = (b.addr.clone(), user.to_string(), db.to_string());
+    if b.no_cleartext.lock().unwrap_or_else(|p| p.into_inner()).as_ref() == Some(&key) {
+        return false;
+    }
+    let asks = crate::fanout::conn::first_auth_request(b, user, db).await == Some(crate::protocol::message::AUTH_CLEARTEXT);
+    if !asks {
+        *b.no_cleartext.lock().unwrap_or_else(|p| p.into_inner()) = Some(key);
+    }
+    asks
 }
 
 /// An on-demand check of `b`, as a session asks when it lost a connection and must tell a
@@ -169,6 +223,18 @@ pub fn pg_error(e: &tokio_postgres::Error) -> String {
             Some(detail) => format!("{} ({}; SQLSTATE {})", d.message(), detail, d.code().code()),
             None => format!("{} (SQLSTATE {})", d.message(), d.code().code()),
         },
-        None => e.to_string(),
+        // tokio-postgres's own text hides the cause ("error performing TLS handshake").
+        None => {
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                let more = c.to_string();
+                if !text.contains(&more) {
+                    text = format!("{text}: {more}");
+                }
+                cause = c.source();
+            }
+            text
+        }
     }
 }

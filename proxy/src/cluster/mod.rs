@@ -47,6 +47,11 @@ pub struct Backend {
     applied: std::sync::atomic::AtomicU64,
     /// See `StateRecord::catch_up`.
     catch_up: AtomicBool,
+    /// How every connection to it is secured.
+    pub tls: crate::config::BackendTls,
+    /// (address, user, database) of the health check's login last seen not to ask for a
+    /// cleartext password (see `health::asks_cleartext`).
+    pub(crate) no_cleartext: Mutex<Option<(String, String, String)>>,
 }
 
 impl Backend {
@@ -106,6 +111,7 @@ impl Backend {
         reason: String,
         added: bool,
         catch_up: bool,
+        tls: crate::config::BackendTls,
     ) -> Backend {
         Backend {
             idx,
@@ -122,6 +128,8 @@ impl Backend {
             last_check: tokio::sync::Mutex::new(None),
             applied: std::sync::atomic::AtomicU64::new(0),
             catch_up: AtomicBool::new(catch_up),
+            tls,
+            no_cleartext: Mutex::new(None),
         }
     }
 }
@@ -157,6 +165,8 @@ fn interrupted(r: &StateRecord) -> (BackendState, String) {
 
 pub struct Cluster {
     backends: RwLock<Arc<Vec<Arc<Backend>>>>,
+    /// The TLS settings of backends that join (they have no [[backends]] entry).
+    joined_tls: crate::config::BackendTls,
     store: Mutex<StateStore>,
     epoch: AtomicU64,
 }
@@ -182,18 +192,25 @@ impl Cluster {
                 ),
             };
             let catch_up = saved.get(&b.name).is_some_and(|r| r.catch_up);
-            backends.push(Arc::new(Backend::new(backends.len(), &b.name, &b.host, b.port, state, reason, false, catch_up)));
+            let tls = cfg.backend_tls(&b.host, b.port);
+            backends.push(Arc::new(Backend::new(backends.len(), &b.name, &b.host, b.port, state, reason, false, catch_up, tls)));
         }
         for (name, r) in &saved {
             if let (Some((host, port)), false) = (&r.address, cfg.backends.iter().any(|b| &b.name == name)) {
                 let (state, reason) = interrupted(r);
-                backends.push(Arc::new(Backend::new(backends.len(), name, host, *port, state, reason, true, r.catch_up)));
+                let tls = cfg.backend_tls(host, *port);
+                backends.push(Arc::new(Backend::new(backends.len(), name, host, *port, state, reason, true, r.catch_up, tls)));
             }
         }
         if backends.len() > MAX_BACKENDS {
             return Err(ClusterError::TooMany);
         }
-        let cluster = Cluster { backends: RwLock::new(Arc::new(backends)), store: Mutex::new(store), epoch: AtomicU64::new(0) };
+        let cluster = Cluster {
+            backends: RwLock::new(Arc::new(backends)),
+            joined_tls: cfg.backend_tls("", 0),
+            store: Mutex::new(store),
+            epoch: AtomicU64::new(0),
+        };
         cluster.persist()?;
         cluster.publish_states();
         Ok(cluster)
@@ -250,7 +267,9 @@ impl Cluster {
                 }
                 // Written to the file below before anything routes by it: a new entry takes no
                 // traffic until it is in sync.
-                let b = Arc::new(Backend::new(guard.len(), name, host, port, BackendState::Joining, String::new(), true, false));
+                let tls = self.joined_tls.clone();
+                let b =
+                    Arc::new(Backend::new(guard.len(), name, host, port, BackendState::Joining, String::new(), true, false, tls));
                 let mut list = (**guard).clone();
                 list.push(b.clone());
                 *guard = Arc::new(list);

@@ -14,12 +14,13 @@ use super::outcome::Outcome;
 use crate::cluster::Backend;
 use crate::protocol::message::{self, AUTH_CLEARTEXT, AUTH_MD5, AUTH_OK, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL};
 use crate::protocol::{Frame, FrameCodec};
+use crate::tls::Stream;
 use crate::wire::OutQueue;
 
 /// A live connection from one session to one backend.
 pub struct BackendConn {
     pub backend: Arc<Backend>,
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes read from the backend and not yet handled.
     pub rbuf: BytesMut,
     /// Frames waiting to be written to the backend.
@@ -87,8 +88,9 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<Login, LoginError> {
     let fut = async {
-        let mut stream = TcpStream::connect(&backend.addr).await.map_err(io)?;
-        stream.set_nodelay(true).map_err(io)?;
+        let tcp = TcpStream::connect(&backend.addr).await.map_err(io)?;
+        tcp.set_nodelay(true).map_err(io)?;
+        let mut stream = crate::tls::backend::negotiate(tcp, &backend.host, &backend.tls).await.map_err(io)?;
         let mut buf = BytesMut::with_capacity(512);
         startup_message(params, &mut buf);
         stream.write_all(&buf).await.map_err(io)?;
@@ -105,6 +107,7 @@ pub async fn connect(
                     buf.clear();
                     match code {
                         AUTH_OK => continue,
+                        AUTH_CLEARTEXT if !backend.tls.may_send_cleartext() => return Err(io(cleartext_refused(&backend))),
                         AUTH_CLEARTEXT => frontend::password_message(password.as_bytes(), &mut buf).map_err(io)?,
                         AUTH_MD5 => {
                             let salt: [u8; 4] =
@@ -113,12 +116,9 @@ pub async fn connect(
                             frontend::password_message(hash.as_bytes(), &mut buf).map_err(io)?;
                         }
                         AUTH_SASL => {
-                            let offers_scram = data.split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256");
-                            if !offers_scram {
-                                return Err(io("backend offers no SASL mechanism Chorus speaks"));
-                            }
-                            let s = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut buf).map_err(io)?;
+                            let (mechanism, binding) = sasl_choice(data, &stream)?;
+                            let s = ScramSha256::new(password.as_bytes(), binding);
+                            frontend::sasl_initial_response(mechanism, s.message(), &mut buf).map_err(io)?;
                             scram = Some(s);
                         }
                         AUTH_SASL_CONTINUE => {
@@ -223,10 +223,51 @@ pub async fn run_script(conn: &mut BackendConn, frames: &[Bytes], timeout: Durat
     Ok(())
 }
 
+/// The authentication method `b` asks `user` of `database` for (its first Authentication
+/// request's code), the connection closed right after; None if it could not be read.
+pub async fn first_auth_request(b: &Backend, user: &str, database: &str) -> Option<i32> {
+    let fut = async {
+        let tcp = TcpStream::connect(&b.addr).await.ok()?;
+        let mut stream = crate::tls::backend::negotiate(tcp, &b.host, &b.tls).await.ok()?;
+        let mut buf = BytesMut::new();
+        let params = [("user".to_string(), user.to_string()), ("database".to_string(), database.to_string())];
+        startup_message(&params, &mut buf);
+        stream.write_all(&buf).await.ok()?;
+        let (mut rbuf, mut codec) = (BytesMut::new(), FrameCodec::new(1 << 16));
+        let frame = read_frame(&mut stream, &mut rbuf, &mut codec).await.ok()?;
+        (frame.tag == message::AUTHENTICATION).then(|| message::authentication(frame.body()).ok().map(|(code, _)| code))?
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut).await.ok().flatten()
+}
+
+/// The one line that says why Chorus did not send a password.
+pub fn cleartext_refused(b: &Backend) -> String {
+    format!(
+        "backend {} asks for the password in cleartext and its sslmode is {}: refused (set sslmode = \"require\" or stronger for it, \
+         or allow_cleartext_password = true)",
+        b.name,
+        b.tls.mode.as_str()
+    )
+}
+
+/// The SASL mechanism to answer with: SCRAM-SHA-256-PLUS bound to the TLS channel when the
+/// server offers it over TLS and its certificate names a hash, SCRAM-SHA-256 otherwise.
+fn sasl_choice(offered: &[u8], stream: &Stream) -> Result<(&'static str, ChannelBinding), LoginError> {
+    let offers = |m: &[u8]| offered.split(|&b| b == 0).any(|x| x == m);
+    let end_point =
+        stream.tls().and_then(|t| t.peer_certificates()).and_then(|c| c.first()).and_then(|c| crate::tls::end_point::hash(c));
+    match end_point {
+        Some(data) if offers(b"SCRAM-SHA-256-PLUS") => Ok(("SCRAM-SHA-256-PLUS", ChannelBinding::tls_server_end_point(data))),
+        Some(_) if offers(b"SCRAM-SHA-256") => Ok(("SCRAM-SHA-256", ChannelBinding::unrequested())),
+        None if offers(b"SCRAM-SHA-256") => Ok(("SCRAM-SHA-256", ChannelBinding::unsupported())),
+        _ => Err(io("backend offers no SASL mechanism Chorus speaks")),
+    }
+}
+
 /// Reads the login's default isolation (the routing of reads inside transactions depends on
 /// it, and no ParameterStatus reports it). Anything but a clear READ COMMITTED or READ
 /// UNCOMMITTED counts as strict.
-async fn strict_default(stream: &mut TcpStream, rbuf: &mut BytesMut, codec: &mut FrameCodec) -> Result<bool, LoginError> {
+async fn strict_default(stream: &mut Stream, rbuf: &mut BytesMut, codec: &mut FrameCodec) -> Result<bool, LoginError> {
     let mut q = BytesMut::new();
     message::query_msg(&mut q, "SHOW default_transaction_isolation");
     stream.write_all(&q).await.map_err(io)?;
@@ -250,7 +291,7 @@ async fn strict_default(stream: &mut TcpStream, rbuf: &mut BytesMut, codec: &mut
     }
 }
 
-async fn read_frame(stream: &mut TcpStream, rbuf: &mut BytesMut, codec: &mut FrameCodec) -> Result<Frame, LoginError> {
+async fn read_frame(stream: &mut Stream, rbuf: &mut BytesMut, codec: &mut FrameCodec) -> Result<Frame, LoginError> {
     use tokio_util::codec::Decoder;
     loop {
         if let Some(f) = codec.decode(rbuf).map_err(io)? {

@@ -69,6 +69,8 @@ fn conn_args(cmd: &mut Command, cfg: &Config, b: &Backend) {
     cmd.arg("-h").arg(&b.host).arg("-p").arg(b.port.to_string()).arg("-U").arg(&user.name).arg("--no-password");
     // The password goes through the environment, never the command line (ps shows that).
     cmd.env("PGPASSWORD", &user.password).env("PGCONNECT_TIMEOUT", cfg.connect_timeout.as_secs().max(1).to_string());
+    // The backend's TLS settings, as libpq reads them.
+    cmd.envs(crate::tls::backend::tool_env(&b.tls));
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
 }
 

@@ -46,7 +46,7 @@ use crate::protocol::message::{self, Severity};
 use crate::protocol::{FrameCodec, ProtocolError};
 use crate::shared::Shared;
 use crate::sql::catalog::{CatalogSlot, LoadTarget};
-use crate::tls::ClientStream;
+use crate::tls::Stream;
 use crate::wire::{shutdown_now, OutQueue};
 
 /// Stop reading backends while this much waits for the client.
@@ -181,7 +181,7 @@ impl Events {
 
 pub struct Session {
     shared: Arc<Shared>,
-    client: ClientStream,
+    client: Stream,
     cbuf: BytesMut,
     client_out: OutQueue,
     /// Frames being forwarded to the client that sit next to each other in memory.
@@ -264,7 +264,7 @@ static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 /// Serves one client connection from its first byte to its last.
 pub async fn serve(tcp: TcpStream, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
-    let mut client = ClientStream::Plain(tcp);
+    let mut client = Stream::Plain(tcp);
     // login_timeout bounds what the client must do (startup and authentication); the backend
     // logins that follow have bounds of their own.
     let auth = tokio::time::timeout(shared.cfg.login_timeout, authenticate(&mut client, &shared)).await;
@@ -302,7 +302,7 @@ pub async fn serve(tcp: TcpStream, shared: Arc<Shared>) {
     session.run().await;
 }
 
-async fn tell_and_close(client: &mut ClientStream, e: &SessionError) {
+async fn tell_and_close(client: &mut Stream, e: &SessionError) {
     if let Some(code) = e.sqlstate() {
         tracing::info!(sqlstate = code, error = %e, "client refused");
         let mut buf = BytesMut::new();
@@ -316,7 +316,7 @@ type LoggedIn = (Vec<BackendConn>, cancel::CancelGuard, LoadTarget, Vec<(String,
 
 /// The client's part of the login: its startup packet and its password. None for a cancel
 /// request (served already) or a client that left.
-async fn authenticate(client: &mut ClientStream, shared: &Arc<Shared>) -> Result<Option<startup::Started>, SessionError> {
+async fn authenticate(client: &mut Stream, shared: &Arc<Shared>) -> Result<Option<startup::Started>, SessionError> {
     let Some(params) = startup::read_startup(client, shared).await? else {
         return Ok(None);
     };
@@ -327,7 +327,7 @@ async fn authenticate(client: &mut ClientStream, shared: &Arc<Shared>) -> Result
 }
 
 /// Logs the authenticated client in to every in-sync backend.
-async fn login(client: &mut ClientStream, shared: &Arc<Shared>, st: startup::Started) -> Result<Option<LoggedIn>, SessionError> {
+async fn login(client: &mut Stream, shared: &Arc<Shared>, st: startup::Started) -> Result<Option<LoggedIn>, SessionError> {
     let password = shared.cfg.user(&st.user).map(|u| u.password.clone()).unwrap_or_default();
     // Read before the in-sync set: a backend joining in between is picked up at the first request.
     let epoch = shared.cluster.epoch();
@@ -414,13 +414,14 @@ async fn login(client: &mut ClientStream, shared: &Arc<Shared>, st: startup::Sta
     tracing::debug!(user = %st.user, backends = conns.len(), "session started");
     let database = st.params.iter().find(|(k, _)| k == "database").map(|(_, v)| v.clone()).unwrap_or_else(|| st.user.clone());
     let lead = &conns[0].backend;
-    let target = LoadTarget { host: lead.host.clone(), port: lead.port, user: st.user.clone(), password, database };
+    let target =
+        LoadTarget { host: lead.host.clone(), port: lead.port, user: st.user.clone(), password, database, tls: lead.tls.clone() };
     Ok(Some((conns, guard, target, st.params, epoch)))
 }
 
 impl Session {
     fn new(
-        client: ClientStream,
+        client: Stream,
         shared: Arc<Shared>,
         conns: Vec<BackendConn>,
         cancel: cancel::CancelGuard,
@@ -533,7 +534,9 @@ impl Session {
         })
         .await;
         for c in &self.conns {
-            shutdown_now(&c.stream);
+            if let Some(tcp) = c.stream.tcp() {
+                shutdown_now(tcp);
+            }
         }
     }
 
@@ -1832,7 +1835,9 @@ impl Session {
         let c = &mut self.conns[i];
         if c.alive {
             c.alive = false;
-            shutdown_now(&c.stream);
+            if let Some(tcp) = c.stream.tcp() {
+                shutdown_now(tcp);
+            }
             c.backend.inflight.fetch_sub(c.queue.len() as u32, Ordering::Relaxed);
             c.rbuf = BytesMut::new();
             c.out = OutQueue::default();

@@ -12,7 +12,7 @@ use crate::protocol::scram::{Binding, ScramError, ServerExchange, MECHANISM, MEC
 use crate::protocol::startup::{self, StartupPacket};
 use crate::protocol::{Frame, FrameCodec, ProtocolError};
 use crate::shared::Shared;
-use crate::tls::{ClientStream, ServerTls, ALPN};
+use crate::tls::{ServerTls, Stream, ALPN};
 
 /// What a client asked for once it is authenticated.
 pub struct Started {
@@ -31,9 +31,9 @@ const TLS_HANDSHAKE: u8 = 0x16;
 /// Reads packets until a real startup arrives, answering SSLRequest with 'S' and running the
 /// TLS handshake when TLS is on ('N' otherwise, and to GSSENCRequest always). Returns None
 /// after handling a CancelRequest (such connections carry nothing else) or a client that left.
-pub async fn read_startup(client: &mut ClientStream, shared: &Shared) -> Result<Option<Vec<(String, String)>>, SessionError> {
+pub async fn read_startup(client: &mut Stream, shared: &Shared) -> Result<Option<Vec<(String, String)>>, SessionError> {
     let tls = shared.tls.as_deref();
-    if let (Some(tls), ClientStream::Plain(tcp)) = (tls, &*client) {
+    if let (Some(tls), Stream::Plain(tcp)) = (tls, &*client) {
         let mut first = [0u8; 1];
         if tcp.peek(&mut first).await? == 1 && first[0] == TLS_HANDSHAKE {
             handshake(client, tls, true).await?;
@@ -88,8 +88,8 @@ pub async fn read_startup(client: &mut ClientStream, shared: &Shared) -> Result<
 /// which must name the `postgresql` ALPN protocol (as PostgreSQL 17 demands), so that a TLS
 /// connection meant for another protocol is never taken for PostgreSQL's. A client offering
 /// ALPN without `postgresql` is refused by rustls itself (no_application_protocol).
-async fn handshake(client: &mut ClientStream, tls: &ServerTls, direct: bool) -> Result<(), SessionError> {
-    let ClientStream::Plain(tcp) = std::mem::replace(client, ClientStream::Closed) else {
+async fn handshake(client: &mut Stream, tls: &ServerTls, direct: bool) -> Result<(), SessionError> {
+    let Stream::Plain(tcp) = std::mem::replace(client, Stream::Closed) else {
         return Err(ProtocolError::Malformed("TLS requested twice").into());
     };
     let loaded = tls.current();
@@ -99,7 +99,7 @@ async fn handshake(client: &mut ClientStream, tls: &ServerTls, direct: bool) -> 
         SessionError::ClientIo(e)
     })?;
     let alpn = stream.get_ref().1.alpn_protocol() == Some(ALPN);
-    *client = ClientStream::Tls(Box::new(stream), loaded.end_point.clone());
+    *client = Stream::Tls(Box::new(stream.into()), loaded.end_point.clone());
     if direct && !alpn {
         return Err(ProtocolError::Malformed("direct TLS connection without ALPN protocol \"postgresql\"").into());
     }
@@ -107,11 +107,7 @@ async fn handshake(client: &mut ClientStream, tls: &ServerTls, direct: bool) -> 
 }
 
 /// Checks the user and authenticates the client by the configured method.
-pub async fn authenticate(
-    client: &mut ClientStream,
-    shared: &Shared,
-    params: Vec<(String, String)>,
-) -> Result<Started, SessionError> {
+pub async fn authenticate(client: &mut Stream, shared: &Shared, params: Vec<(String, String)>) -> Result<Started, SessionError> {
     let user = params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.clone()).ok_or(SessionError::NoUser)?;
     if params.iter().any(|(k, v)| k == "replication" && v != "false" && v != "0" && v != "off") {
         return Err(SessionError::Replication);
@@ -185,7 +181,7 @@ pub async fn authenticate(
     Ok(Started { user, params })
 }
 
-async fn read_password_message(client: &mut ClientStream, rbuf: &mut BytesMut) -> Result<Frame, SessionError> {
+async fn read_password_message(client: &mut Stream, rbuf: &mut BytesMut) -> Result<Frame, SessionError> {
     let mut codec = FrameCodec::new(MAX_AUTH_MESSAGE);
     loop {
         if let Some(frame) = codec.decode(rbuf)? {

@@ -242,6 +242,7 @@ pub struct LoadTarget {
     pub user: String,
     pub password: String,
     pub database: String,
+    pub tls: crate::config::BackendTls,
 }
 
 /// Every database's catalog slot.
@@ -366,10 +367,9 @@ async fn load(t: &LoadTarget, generation: u64) -> Result<Catalog, tokio_postgres
         database: &t.database,
         application: "chorus-catalog",
         timeout: Duration::from_secs(10),
-    }
-    .config();
-    let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
-    let conn = tokio::spawn(conn);
+        tls: t.tls.clone(),
+    };
+    let (client, conn) = pg.open().await?;
     let res = read(&client, generation).await;
     drop(client);
     let _ = conn.await;

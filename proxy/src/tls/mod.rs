@@ -8,9 +8,10 @@
 //! hands with). rustls with the ring provider does the cryptography; nothing here is
 //! hand-made but the reading of a certificate's signature algorithm for channel binding.
 
-mod end_point;
-mod pinned;
+pub mod backend;
+pub(crate) mod end_point;
 pub mod stream;
+mod verifier;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -22,7 +23,7 @@ use rustls::{RootCertStore, ServerConfig};
 
 use crate::config::{TlsConfig, TlsMode};
 
-pub use stream::ClientStream;
+pub use stream::Stream;
 
 /// The ALPN protocol name of PostgreSQL (17 and later), required by direct TLS negotiation.
 pub const ALPN: &[u8] = b"postgresql";
@@ -35,7 +36,9 @@ pub enum TlsError {
     NoCertificate(PathBuf),
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
-    #[error("client CA {path}: {message}")]
+    #[error("sslmode {0} needs sslrootcert")]
+    NoRootCert(&'static str),
+    #[error("CA file {path}: {message}")]
     ClientCa { path: PathBuf, message: String },
 }
 
@@ -91,11 +94,11 @@ impl ServerTls {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let read = |source| TlsError::Read { what, path: path.into(), source };
     let certs = CertificateDer::pem_file_iter(path).map_err(read)?.collect::<Result<Vec<_>, _>>().map_err(read)?;
     if certs.is_empty() {
@@ -140,19 +143,20 @@ pub fn own_listener(cfg: &TlsConfig) -> Result<Option<tokio_postgres_rustls::Mak
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(pinned::Pinned::new(leaf, provider())))
+        .with_custom_certificate_verifier(Arc::new(verifier::Verifier::new(verifier::Check::Pinned(leaf), provider())))
         .with_no_client_auth();
     Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
 }
 
-/// Reloads the certificate on every SIGHUP until Chorus stops. A file that cannot be read
-/// leaves the loaded certificate in use and logs one line.
-pub fn spawn_reload_on_sighup(tls: Arc<ServerTls>, stop: tokio_util::sync::CancellationToken) {
+/// Reloads the certificates on every SIGHUP until Chorus stops: the listener's (`tls`, when
+/// on) and the backends' CA files. A file that cannot be read leaves what was loaded from it
+/// in use and logs one line.
+pub fn spawn_reload_on_sighup(tls: Option<Arc<ServerTls>>, stop: tokio_util::sync::CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGHUP: the TLS certificate is not reloaded");
+            tracing::warn!(error = %e, "cannot watch SIGHUP: TLS certificates are not reloaded");
             return;
         }
     };
@@ -162,9 +166,14 @@ pub fn spawn_reload_on_sighup(tls: Arc<ServerTls>, stop: tokio_util::sync::Cance
                 _ = stop.cancelled() => return,
                 got = hup.recv() => if got.is_none() { return },
             }
-            match tls.reload() {
-                Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
-                Err(e) => tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; the loaded certificate stays in use"),
+            if let Some(tls) = &tls {
+                match tls.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; the loaded certificate stays in use"),
+                }
+            }
+            if let Err(e) = backend::reload() {
+                tracing::error!(error = %e, "SIGHUP: a backend's sslrootcert not reloaded; the loaded one stays in use");
             }
         }
     });

@@ -1,5 +1,5 @@
-//! A client's connection: plain TCP or TLS over it, one type for the session to read and
-//! write, so nothing past the startup negotiation knows which it has.
+//! A connection, a client's or a backend's: plain TCP or TLS over it, one type for the session
+//! to read and write, so nothing past the negotiation knows which it has.
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -9,11 +9,12 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsStream;
 
-pub enum ClientStream {
+pub enum Stream {
     Plain(TcpStream),
-    /// With the `tls-server-end-point` data of the certificate it shook hands with.
+    /// With the `tls-server-end-point` data of the certificate Chorus shook hands with, on a
+    /// client's connection.
     Tls(Box<TlsStream<TcpStream>>, Option<Arc<[u8]>>),
     /// Between the plain stream's hand-over to the TLS handshake and its end; after a failed
     /// handshake. Reads see the end; writes fail.
@@ -24,12 +25,12 @@ fn closed() -> io::Error {
     io::ErrorKind::NotConnected.into()
 }
 
-impl ClientStream {
+impl Stream {
     pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            ClientStream::Plain(s) => Some(s),
-            ClientStream::Tls(s, _) => Some(s.get_ref().0),
-            ClientStream::Closed => None,
+            Stream::Plain(s) => Some(s),
+            Stream::Tls(s, _) => Some(s.get_ref().0),
+            Stream::Closed => None,
         }
     }
 
@@ -40,68 +41,68 @@ impl ClientStream {
     /// The channel binding data (None: not TLS, or a certificate without it).
     pub fn end_point(&self) -> Option<&[u8]> {
         match self {
-            ClientStream::Tls(_, e) => e.as_deref(),
+            Stream::Tls(_, e) => e.as_deref(),
             _ => None,
         }
     }
 
     /// The TLS session's state (None: not TLS).
-    pub fn tls(&self) -> Option<&rustls::ServerConnection> {
+    pub fn tls(&self) -> Option<&rustls::CommonState> {
         match self {
-            ClientStream::Tls(s, _) => Some(s.get_ref().1),
+            Stream::Tls(s, _) => Some(s.get_ref().1),
             _ => None,
         }
     }
 }
 
-impl AsyncRead for ClientStream {
+impl AsyncRead for Stream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ClientStream::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            ClientStream::Closed => Poll::Ready(Ok(())),
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Closed => Poll::Ready(Ok(())),
         }
     }
 }
 
-impl AsyncWrite for ClientStream {
+impl AsyncWrite for Stream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ClientStream::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            ClientStream::Closed => Poll::Ready(Err(closed())),
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Closed => Poll::Ready(Err(closed())),
         }
     }
 
     fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            ClientStream::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-            ClientStream::Closed => Poll::Ready(Err(closed())),
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::Closed => Poll::Ready(Err(closed())),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            ClientStream::Plain(s) => s.is_write_vectored(),
-            ClientStream::Tls(s, _) => s.is_write_vectored(),
-            ClientStream::Closed => false,
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s, _) => s.is_write_vectored(),
+            Stream::Closed => false,
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            ClientStream::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
-            ClientStream::Closed => Poll::Ready(Ok(())),
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Closed => Poll::Ready(Ok(())),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ClientStream::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            ClientStream::Closed => Poll::Ready(Ok(())),
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Closed => Poll::Ready(Ok(())),
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-pub use chorus_testkit::{assert_identical, ChorusOptions, ChorusProcess, PgOptions, PgServer, APP_USER};
+pub use chorus_testkit::{assert_identical, ChorusOptions, ChorusProcess, HostAuth, PgOptions, PgServer, APP_USER};
 
 pub struct Setup {
     pub servers: Vec<PgServer>,
