@@ -19,6 +19,9 @@ struct Cli {
     /// The admin token (or CHORUS_ADMIN_TOKEN).
     #[arg(long, global = true, env = "CHORUS_ADMIN_TOKEN", hide_env_values = true, default_value = "")]
     token: String,
+    /// CA certificate(s) (PEM) to check an https:// admin API's certificate against.
+    #[arg(long, global = true, env = "CHORUS_CACERT")]
+    cacert: Option<std::path::PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -105,12 +108,36 @@ impl Api {
     }
 }
 
+/// The HTTP agent: an https:// admin API is checked against `--cacert` (the web's roots
+/// without it).
+fn agent(cacert: Option<&std::path::Path>) -> Result<ureq::Agent, String> {
+    let mut config = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(600)));
+    if let Some(path) = cacert {
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read --cacert {}: {e}", path.display()))?;
+        let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("--cacert {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("--cacert {} holds no certificate", path.display()));
+        }
+        let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(certs))).build();
+        config = config.tls_config(tls);
+    }
+    Ok(config.build().into())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let agent: ureq::Agent =
-        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(600))).build().into();
-    let api = Api { base: cli.admin.clone(), token: cli.token.clone(), agent };
-    match run(&cli, &api) {
+    let result = agent(cli.cacert.as_deref()).and_then(|agent| {
+        let api = Api { base: cli.admin.clone(), token: cli.token.clone(), agent };
+        run(&cli, &api)
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("chorusctl: {e}");

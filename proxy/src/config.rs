@@ -94,6 +94,14 @@ pub struct TlsConfig {
     /// presents none is still admitted (authentication stays the password's).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Serve the admin API over HTTPS.
+    #[serde(default)]
+    pub admin_https: bool,
+    /// The admin API's own certificate and key (default: `cert_file`, `key_file`).
+    #[serde(default)]
+    pub admin_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub admin_key_file: Option<PathBuf>,
 }
 
 impl TlsConfig {
@@ -499,6 +507,12 @@ impl Config {
         }
         if tls.cert_file.is_some() != tls.key_file.is_some() {
             return bad("[tls] cert_file and key_file go together".into());
+        }
+        if tls.admin_cert_file.is_some() != tls.admin_key_file.is_some() {
+            return bad("[tls] admin_cert_file and admin_key_file go together".into());
+        }
+        if tls.admin_https && tls.admin_cert_file.is_none() && tls.cert_file.is_none() {
+            return bad("[tls] admin_https needs admin_cert_file and admin_key_file, or cert_file and key_file".into());
         }
         for (key, d) in [
             ("login_timeout", self.login_timeout),

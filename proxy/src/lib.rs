@@ -14,6 +14,7 @@ pub mod demo;
 pub mod difflog;
 pub mod error;
 pub mod fanout;
+mod fuzz;
 pub mod history;
 pub mod join;
 pub mod local;

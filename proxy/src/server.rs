@@ -34,6 +34,7 @@ pub struct Server {
     shared: Arc<Shared>,
     listener: TcpListener,
     admin: Option<TcpListener>,
+    admin_tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
 impl Server {
@@ -42,6 +43,7 @@ impl Server {
         let cfg = Arc::new(cfg);
         // The files first: a bad certificate stops Chorus before it touches a backend.
         let tls = crate::tls::ServerTls::from_config(&cfg.tls)?.map(Arc::new);
+        let admin_tls = crate::tls::ServerTls::admin(&cfg.tls)?.map(Arc::new);
         for b in &cfg.backends {
             crate::tls::backend::client_config(&cfg.backend_tls(&b.host, b.port))?;
         }
@@ -97,7 +99,16 @@ impl Server {
         let mut shared = Shared::new(cfg, cluster, history);
         shared.tls = tls;
         let shared = Arc::new(shared);
-        Ok(Server { shared, listener, admin })
+        if let Some(addr) = admin.as_ref().and_then(|l| l.local_addr().ok()) {
+            if admin_tls.is_none() && !addr.ip().is_loopback() {
+                tracing::warn!(
+                    listen = %addr,
+                    "the admin API listens beyond loopback without TLS: its token and answers cross the network in the clear; \
+                     set [tls] admin_https = true"
+                );
+            }
+        }
+        Ok(Server { shared, listener, admin, admin_tls })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -115,10 +126,10 @@ impl Server {
     /// Serves clients until `shutdown` completes, then stops accepting, lets open
     /// transactions finish for up to `shutdown_timeout`, and returns.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let Server { shared, listener, admin } = self;
+        let Server { shared, listener, admin, admin_tls } = self;
         if let Some(l) = admin {
-            tracing::info!(listen = %shared.cfg.admin_listen, "admin API ready");
-            tokio::spawn(crate::admin::serve(shared.clone(), l));
+            tracing::info!(listen = %shared.cfg.admin_listen, https = admin_tls.is_some(), "admin API ready");
+            tokio::spawn(crate::admin::serve(shared.clone(), l, admin_tls.clone()));
         }
         let tracker = TaskTracker::new();
         let workers = match Workers::start(shared.cfg.threads()) {
@@ -129,7 +140,8 @@ impl Server {
             }
         };
         cluster::spawn_health_checks(shared.cfg.clone(), shared.cluster.clone(), shared.stop.clone());
-        crate::tls::spawn_reload_on_sighup(shared.tls.clone(), shared.stop.clone());
+        let reloaded = shared.tls.iter().map(|t| ("clients", t.clone())).chain(admin_tls.map(|t| ("admin API", t))).collect();
+        crate::tls::spawn_reload_on_sighup(reloaded, shared.stop.clone());
         if let Some(h) = &shared.history {
             crate::history::prune::spawn(shared.cfg.clone(), shared.cluster.clone(), h.clone(), shared.stop.clone());
             crate::join::catch_up::spawn_watch(shared.clone());

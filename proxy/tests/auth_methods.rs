@@ -16,8 +16,9 @@ async fn write_through(chorus: &ChorusProcess, servers: &[&PgServer]) {
 async fn md5_client_with_md5_and_cleartext_backends() {
     let a = PgServer::start(PgOptions { host_auth: HostAuth::Md5, ..Default::default() }).await.unwrap();
     let b = PgServer::start(PgOptions { host_auth: HostAuth::Password, ..Default::default() }).await.unwrap();
-    let chorus =
-        ChorusProcess::start(chorus_bin(), &[&a, &b], ChorusOptions { auth: "md5", ..Default::default() }).await.unwrap();
+    // A cleartext password over plaintext needs the operator's yes (tests/tls.rs: refused without it).
+    let opts = ChorusOptions { auth: "md5", extra: "allow_cleartext_password = true\n".into() };
+    let chorus = ChorusProcess::start(chorus_bin(), &[&a, &b], opts).await.unwrap();
     write_through(&chorus, &[&a, &b]).await;
     let bad = format!("host=127.0.0.1 port={} user=app password=nope dbname=postgres", chorus.port());
     let err = tokio_postgres::connect(&bad, tokio_postgres::NoTls).await.err().unwrap();

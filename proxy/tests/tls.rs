@@ -359,3 +359,55 @@ async fn a_cleartext_password_is_sent_only_over_tls_or_when_allowed() {
     let c = chorus.client().await.unwrap();
     assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
 }
+
+/// The admin API over HTTPS with the listener's certificate: chorusctl checks it against
+/// `--cacert`, refuses it without; plain HTTP gets nothing. Without HTTPS on an address
+/// beyond loopback, Chorus warns at startup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_over_https_and_a_warning_without_it() {
+    let dir = tempfile::Builder::new().prefix("chorus-tls-").tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+    ca.issue(&cert, &key);
+    let extra = format!(
+        "[tls]\nmode = \"allow\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nadmin_https = true\n",
+        cert.display(),
+        key.display()
+    );
+    let mut s = Setup::with(1, ChorusOptions { auth: "scram-sha-256", extra }).await;
+    let port = s.chorus.admin_url().rsplit(':').next().unwrap().to_string();
+    let ctl = |args: &[&str]| {
+        let mut cmd = Command::new(common::chorus_bin().with_file_name("chorusctl"));
+        cmd.args(["--admin", &format!("https://localhost:{port}"), "--token", chorus_testkit::ADMIN_TOKEN]).args(args);
+        sh(&mut cmd)
+    };
+    let (ok, out) = ctl(&["--cacert", &ca.file.display().to_string(), "backends"]);
+    assert!(ok && out.contains("pg1") && out.contains("in_sync"), "{out}");
+    let (ok, out) = ctl(&["backends"]);
+    assert!(!ok && out.to_lowercase().contains("certificate"), "the web's roots do not know the test CA: {out}");
+    let (ok, out) = common::sh(Command::new(common::chorus_bin().with_file_name("chorusctl")).args([
+        "--admin",
+        &format!("http://127.0.0.1:{port}"),
+        "--token",
+        chorus_testkit::ADMIN_TOKEN,
+        "backends",
+    ]));
+    assert!(!ok, "plain HTTP answered on the HTTPS port: {out}");
+    assert!(!s.chorus.log().contains("beyond loopback"));
+    // Without HTTPS, on every address: one warning line at startup.
+    s.chorus.stop();
+    let config = std::fs::read_to_string(s.chorus.config_path()).unwrap();
+    let config = config.replace("admin_listen = \"127.0.0.1:", "admin_listen = \"0.0.0.0:").replace("admin_https = true\n", "");
+    std::fs::write(s.chorus.config_path(), config).unwrap();
+    s.chorus.launch().await.unwrap();
+    let warned = || s.chorus.log().matches("the admin API listens beyond loopback without TLS").count();
+    // The client port takes connections from its bind on; "ready" is logged once all is set
+    // (the log holds the first start's lines too).
+    for _ in 0..200 {
+        if s.chorus.log().matches("Chorus is ready").count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(warned(), 1, "{}", s.chorus.log());
+}

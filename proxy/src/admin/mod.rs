@@ -56,7 +56,8 @@ struct Api {
 }
 
 /// Serves the admin API on `listener` until Chorus stops.
-pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
+/// Serves the admin API on `listener`, over HTTPS when `tls` is given.
+pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener, tls: Option<Arc<crate::tls::ServerTls>>) {
     let series = Arc::new(series::Series::default());
     tokio::spawn(series::run(series.clone(), metrics_handle(), shared.stop.clone()));
     let api = Arc::new(Api { shared: shared.clone(), metrics: metrics_handle(), started: Instant::now(), series });
@@ -73,7 +74,15 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
         .merge(page::routes())
         .with_state(api);
     let stop = shared.stop.clone();
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await {
+    let stopped = async move { stop.cancelled().await };
+    let served = match tls {
+        None => axum::serve(listener, app).with_graceful_shutdown(stopped).await,
+        Some(tls) => match crate::tls::https::HttpsListener::new(listener, tls) {
+            Ok(l) => axum::serve(l, app).with_graceful_shutdown(stopped).await,
+            Err(e) => Err(e),
+        },
+    };
+    if let Err(e) = served {
         tracing::error!(error = %e, "admin API stopped");
     }
 }
@@ -241,7 +250,7 @@ async fn remove(State(api): State<Arc<Api>>, Path(name): Path<String>, Query(q):
 }
 
 #[derive(Deserialize, Default)]
-struct VerifyBody {
+pub(crate) struct VerifyBody {
     #[serde(default)]
     databases: Vec<String>,
 }

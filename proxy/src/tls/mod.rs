@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub(crate) mod end_point;
+pub mod https;
 pub mod stream;
 mod verifier;
 
@@ -55,6 +56,7 @@ pub struct Loaded {
 pub struct ServerTls {
     mode: TlsMode,
     files: Files,
+    alpn: &'static [u8],
     current: RwLock<Arc<Loaded>>,
 }
 
@@ -73,8 +75,21 @@ impl ServerTls {
             return Ok(None);
         }
         let files = Files { cert, key, ca: cfg.ca_file.clone() };
-        let loaded = load(&files)?;
-        Ok(Some(ServerTls { mode, files, current: RwLock::new(Arc::new(loaded)) }))
+        let loaded = load(&files, ALPN)?;
+        Ok(Some(ServerTls { mode, files, alpn: ALPN, current: RwLock::new(Arc::new(loaded)) }))
+    }
+
+    /// The admin API's HTTPS (None: `admin_https` is off): its own certificate, or the
+    /// listener's.
+    pub fn admin(cfg: &TlsConfig) -> Result<Option<ServerTls>, TlsError> {
+        if !cfg.admin_https {
+            return Ok(None);
+        }
+        let pair = cfg.admin_cert_file.clone().zip(cfg.admin_key_file.clone());
+        let Some((cert, key)) = pair.or_else(|| cfg.cert_file.clone().zip(cfg.key_file.clone())) else { return Ok(None) };
+        let files = Files { cert, key, ca: None };
+        let loaded = load(&files, b"http/1.1")?;
+        Ok(Some(ServerTls { mode: TlsMode::Require, files, alpn: b"http/1.1", current: RwLock::new(Arc::new(loaded)) }))
     }
 
     pub fn mode(&self) -> TlsMode {
@@ -88,7 +103,7 @@ impl ServerTls {
 
     /// Reads the files again; on any error the loaded ones stay in use.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let loaded = Arc::new(load(&self.files)?);
+        let loaded = Arc::new(load(&self.files, self.alpn)?);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = loaded;
         Ok(())
     }
@@ -107,7 +122,7 @@ pub(crate) fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDe
     Ok(certs)
 }
 
-fn load(files: &Files) -> Result<Loaded, TlsError> {
+fn load(files: &Files, alpn: &[u8]) -> Result<Loaded, TlsError> {
     let chain = certs("certificate file", &files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|source| TlsError::Read {
         what: "key file",
@@ -131,7 +146,7 @@ fn load(files: &Files) -> Result<Loaded, TlsError> {
     };
     let end_point = end_point::hash(&chain[0]).map(Arc::from);
     let mut config = builder.with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Loaded { config: Arc::new(config), end_point })
 }
 
@@ -151,7 +166,7 @@ pub fn own_listener(cfg: &TlsConfig) -> Result<Option<tokio_postgres_rustls::Mak
 /// Reloads the certificates on every SIGHUP until Chorus stops: the listener's (`tls`, when
 /// on) and the backends' CA files. A file that cannot be read leaves what was loaded from it
 /// in use and logs one line.
-pub fn spawn_reload_on_sighup(tls: Option<Arc<ServerTls>>, stop: tokio_util::sync::CancellationToken) {
+pub fn spawn_reload_on_sighup(tls: Vec<(&'static str, Arc<ServerTls>)>, stop: tokio_util::sync::CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -166,10 +181,12 @@ pub fn spawn_reload_on_sighup(tls: Option<Arc<ServerTls>>, stop: tokio_util::syn
                 _ = stop.cancelled() => return,
                 got = hup.recv() => if got.is_none() { return },
             }
-            if let Some(tls) = &tls {
+            for (what, tls) in &tls {
                 match tls.reload() {
-                    Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; the loaded certificate stays in use"),
+                    Ok(()) => tracing::info!(listener = what, "SIGHUP: TLS certificate and key reloaded"),
+                    Err(e) => {
+                        tracing::error!(listener = what, error = %e, "SIGHUP: TLS files not reloaded; the loaded certificate stays in use")
+                    }
                 }
             }
             if let Err(e) = backend::reload() {
