@@ -97,9 +97,11 @@ mod tests {
             packet(196_608, b"user\0\0"),
         ];
         let mut rng = Rng(seed());
+        let mut parsed = 0;
         for _ in 0..cases() {
             let body = mutate(&mut rng, &corpus);
             if let Ok(StartupPacket::Startup { params, .. }) = startup::parse(&body) {
+                parsed += 1;
                 assert!(params.iter().all(|(k, v)| !k.contains('\0') && !v.contains('\0')), "{body:?}");
             }
             let len = u32::from_be_bytes([rng.next() as u8, rng.next() as u8, rng.next() as u8, rng.next() as u8]);
@@ -107,6 +109,7 @@ mod tests {
                 assert!((8..=10_000).contains(&n), "{len}");
             }
         }
+        assert!(parsed > cases() / 20, "{parsed} of {} startup packets parsed", cases());
     }
 
     fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -130,6 +133,7 @@ mod tests {
             frame(b'd', &[7u8; 300]),
         ];
         let mut rng = Rng(seed() ^ 1);
+        let mut frames = 0;
         for _ in 0..cases() {
             let input = mutate(&mut rng, &corpus);
             let max = [64usize, 1024, 1 << 20][rng.below(3)];
@@ -141,6 +145,7 @@ mod tests {
                 assert_eq!(f.data.len(), declared + 1);
                 assert!(f.data.len() <= max);
                 consumed += f.data.len();
+                frames += 1;
                 let body = f.body();
                 let _ = message::error_fields(body);
                 let _ = message::data_row_first(body);
@@ -151,6 +156,7 @@ mod tests {
             }
             assert!(consumed <= input.len());
         }
+        assert!(frames > cases() / 4, "{frames} frames decoded in {} inputs", cases());
     }
 
     #[test]
@@ -167,6 +173,7 @@ mod tests {
             b"c=eSws,r=abc,p=AAAA".to_vec(),
         ];
         let mut rng = Rng(seed() ^ 2);
+        let mut started = 0;
         for _ in 0..cases() {
             let first = mutate(&mut rng, &firsts);
             let binding = match rng.below(3) {
@@ -175,6 +182,7 @@ mod tests {
                 _ => Binding::EndPoint(&data),
             };
             let Ok((ex, server_first)) = ServerExchange::start(&verifier, &first, binding) else { continue };
+            started += 1;
             assert!(server_first.starts_with("r=") && server_first.contains(",s=") && server_first.contains(",i="));
             // Without the password no final message passes: generated ones, including ones
             // that carry the server's nonce.
@@ -185,6 +193,8 @@ mod tests {
             }
             assert!(ex.finish(&last).is_err(), "{:?}", String::from_utf8_lossy(&last));
         }
+        // The mutations keep enough inputs valid to reach the final message's checks.
+        assert!(started > cases() / 20, "{started} of {} exchanges started", cases());
     }
 
     #[test]
@@ -197,14 +207,17 @@ mod tests {
             br#"{}"#.to_vec(),
         ];
         let mut rng = Rng(seed() ^ 3);
+        let mut read = 0;
         for _ in 0..cases() {
             let body = mutate(&mut rng, &corpus);
             if let Ok(req) = serde_json::from_slice::<crate::join::JoinRequest>(&body) {
+                read += 1;
                 // The name is checked before it touches a path or a state file.
                 let _ = crate::config::valid_backend_name(&req.name);
             }
             let _ = serde_json::from_slice::<crate::admin::VerifyBody>(&body);
         }
+        assert!(read > cases() / 100, "{read} of {} join bodies read", cases());
     }
 
     /// Findings, each kept as a case of its own.

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ChorusOptions, Setup, APP_USER};
+use common::{startup_packet, ChorusOptions, Setup, APP_USER};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::Client;
@@ -50,21 +50,6 @@ async fn read_error(stream: &mut TcpStream) -> Option<String> {
 
 fn startup(user: &str) -> Vec<u8> {
     startup_packet(196_608, &[("user", user), ("database", "postgres")])
-}
-
-/// A startup packet of protocol `version` with `params`.
-fn startup_packet(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = version.to_be_bytes().to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    msg.extend_from_slice(&body);
-    msg
 }
 
 /// A logged-in raw connection (through tokio-postgres's SCRAM is more work than needed here,

@@ -43,16 +43,7 @@ impl Raw {
     /// Logs in (trust) and returns the startup messages up to ReadyForQuery.
     async fn connect(port: u16, app: &str) -> (Raw, Vec<Msg>) {
         let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let mut body = 196_608i32.to_be_bytes().to_vec();
-        for (k, v) in [("user", APP_USER.0), ("database", "postgres"), ("application_name", app)] {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut pkt = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        pkt.extend_from_slice(&body);
+        let pkt = common::startup_packet(196_608, &[("user", APP_USER.0), ("database", "postgres"), ("application_name", app)]);
         let mut r = Raw { s, buf: Vec::new() };
         r.send(&pkt).await;
         let msgs = r.until_ready().await;

@@ -90,6 +90,14 @@ fn rustls_client(ca: &Path, alpn: Option<&[u8]>) -> rustls::ClientConfig {
 
 use rustls::pki_types::pem::PemObject;
 
+/// Every backend holds the same rows, and `chorus verify` (over TLS to the listener where it
+/// is on) says so.
+async fn assert_equal(s: &Setup) {
+    s.assert_identical().await;
+    let (ok, out) = s.chorus.verify();
+    assert!(ok, "verify: {out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libpq_verify_full_with_channel_binding_and_plaintext_refused() {
     let t = setup(2, "require").await;
@@ -113,9 +121,7 @@ async fn libpq_verify_full_with_channel_binding_and_plaintext_refused() {
     assert_eq!(plain.code(), Some(&tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION), "{plain}");
     let (ok, out) = psql(&libpq(&t, &format!("{verify} channel_binding=require")), "UPDATE t SET n = n + 1 RETURNING n");
     assert_eq!((ok, out.trim()), (true, "2"), "{out}");
-    t.s.assert_identical().await;
-    let (ok, out) = t.s.chorus.verify();
-    assert!(ok, "verify: {out}");
+    assert_equal(&t.s).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,29 +155,15 @@ async fn tokio_postgres_and_sqlx_over_rustls() {
     let per_round: usize = (0..200).map(|i| format!("row {i}").len() + usize::from(i < 50)).sum();
     assert_eq!(big.len(), 200 * per_round + 200 * 200 - 1);
     pool.close().await;
-    t.s.assert_identical().await;
-    let (ok, out) = t.s.chorus.verify();
-    assert!(ok, "verify: {out}");
+    assert_equal(&t.s).await;
 }
 
 /// PostgreSQL 17's direct negotiation: the TLS hello first, with ALPN `postgresql`; without
-/// that ALPN the connection is refused, and with TLS off a hello is closed on.
+/// that ALPN the connection is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_tls_negotiation_needs_the_postgresql_alpn() {
     let t = setup(1, "allow").await;
-    let startup = {
-        let mut body = 196_608i32.to_be_bytes().to_vec();
-        for (k, v) in [("user", APP_USER.0), ("database", "postgres")] {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        p.extend_from_slice(&body);
-        p
-    };
+    let startup = common::startup_packet(196_608, &[("user", APP_USER.0), ("database", "postgres")]);
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let direct = |alpn: Option<&'static [u8]>| {
         let connector = tokio_rustls::TlsConnector::from(Arc::new(rustls_client(&t.ca.file, alpn)));
@@ -263,9 +255,7 @@ async fn the_certificate_is_reloaded_on_sighup_under_load() {
     assert!(failed.contains(": 0"), "{text}");
     let processed = text.lines().find(|l| l.starts_with("number of transactions actually processed")).unwrap_or_default();
     eprintln!("pgbench over TLS, reconnecting each transaction: {processed}; {failed}");
-    t.s.assert_identical().await;
-    let (ok, out) = t.s.chorus.verify();
-    assert!(ok, "verify: {out}");
+    assert_equal(&t.s).await;
 }
 
 /// Servers for the backend side: `ssl = on`, TCP logins only over TLS, a certificate from `ca`.

@@ -37,7 +37,7 @@ fn err(m: impl Into<String>) -> Error {
 pub const PG_USER: &str = "chorus_pg";
 /// Superuser and application user every test server has.
 pub const SUPERUSER: (&str, &str) = ("postgres", "postgres");
-pub const APP_USER: (&str, &str) = ("app", "secret");
+pub const APP_USER: (&str, &str) = ("app", "app-Pw-4f9c7e");
 
 /// How host (TCP) connections authenticate on a test server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
