@@ -330,6 +330,38 @@ async fn backends_over_tls_with_verify_full_a_join_and_verify() {
     assert!(e.contains("UnknownIssuer") || e.contains("unknown issuer") || e.contains("invalid peer certificate"), "{e}");
 }
 
+/// A backend killed and started again comes back by catch-up over TLS (the applier's logins and
+/// its reads of the histories use the backends' sslmode too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_is_caught_up_over_tls() {
+    let dir = tempfile::Builder::new().prefix("chorus-tls-").tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let servers = tls_servers(&ca, dir.path(), 2).await;
+    let extra = format!("backend_sslmode = \"verify-full\"\nbackend_sslrootcert = \"{}\"\n", ca.file.display());
+    let refs: Vec<&common::PgServer> = servers.iter().collect();
+    let chorus = common::ChorusProcess::start(common::chorus_bin(), &refs, ChorusOptions { auth: "scram-sha-256", extra })
+        .await
+        .expect("chorus over TLS backends");
+    let mut s = Setup { servers, chorus };
+    let c = s.client().await;
+    c.batch_execute("CREATE TABLE t (n int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
+    s.servers[1].kill();
+    // A write finds pg2 gone; the health checks take it out.
+    c.execute("INSERT INTO t SELECT g, 'w' FROM generate_series(101, 300) g", &[]).await.unwrap();
+    s.chorus.wait_state("pg2", "down", Duration::from_secs(30)).await.unwrap();
+    for i in 0..50 {
+        c.execute("UPDATE t SET v = v || '.' WHERE n = $1", &[&(i * 3)]).await.unwrap();
+    }
+    s.servers[1].restart().await.unwrap();
+    s.chorus.wait_state("pg2", "in_sync", Duration::from_secs(60)).await.unwrap();
+    assert!(s.chorus.log().contains("caught up from the update history"), "{}", s.chorus.log());
+    let (_, plain) = tcp_sessions(&s.servers[1]).await;
+    assert_eq!(plain, 0);
+    assert_equal(&s).await;
+}
+
 fn refs_of(s: &Setup) -> Vec<&common::PgServer> {
     s.servers.iter().collect()
 }
@@ -400,4 +432,44 @@ async fn the_admin_api_over_https_and_a_warning_without_it() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(warned(), 1, "{}", s.chorus.log());
+}
+
+/// `ca_file`: a client certificate signed by that CA is accepted, one signed by another CA is
+/// refused at the handshake, and a client without one is admitted on its password alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_are_checked_against_ca_file() {
+    let dir = tempfile::Builder::new().prefix("chorus-tls-").tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let clients = Ca::new(dir.path(), "clients");
+    let stranger = Ca::new(dir.path(), "stranger");
+    let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+    ca.issue(&cert, &key);
+    let extra = format!(
+        "[tls]\nmode = \"require\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n",
+        cert.display(),
+        key.display(),
+        clients.file.display()
+    );
+    let s = Setup::with(1, ChorusOptions { auth: "scram-sha-256", extra }).await;
+    let conn = |more: &str| {
+        format!(
+            "host=localhost port={} user={} password={} dbname=postgres sslmode=verify-full sslrootcert={} {more}",
+            s.chorus.port(),
+            APP_USER.0,
+            APP_USER.1,
+            ca.file.display()
+        )
+    };
+    let client_pair = |signer: &Ca, name: &str| {
+        let (c, k) = (dir.path().join(format!("{name}.crt")), dir.path().join(format!("{name}.key")));
+        signer.issue(&c, &k);
+        std::fs::set_permissions(&k, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        format!("sslcert={} sslkey={}", c.display(), k.display())
+    };
+    let (ok, out) = psql(&conn(&client_pair(&clients, "good")), "SELECT 1");
+    assert!(ok, "a certificate from ca_file's CA: {out}");
+    let (ok, out) = psql(&conn(&client_pair(&stranger, "bad")), "SELECT 1");
+    assert!(!ok && out.contains("alert unknown ca"), "a stranger's certificate: {out}");
+    let (ok, out) = psql(&conn(""), "SELECT 1");
+    assert!(ok, "no certificate, the password decides: {out}");
 }
