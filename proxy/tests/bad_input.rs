@@ -312,3 +312,58 @@ async fn failed_logins_from_one_address_are_answered_one_per_delay() {
         assert!(*at >= delay * (k as u32 + 1), "guess {k} answered after {at:?}");
     }
 }
+
+/// A login through tokio-postgres from a chosen loopback address (127.0.0.x).
+async fn login_from(from: [u8; 4], port: u16, password: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind((std::net::Ipv4Addr::from(from), 0).into()).unwrap();
+    let stream = sock.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.user(APP_USER.0).password(password).dbname("postgres");
+    let (client, conn) = cfg.connect_raw(stream, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// 1,000 wrong passwords from one address are answered one per `auth_failure_delay`, so they
+/// take at least 1,000 delays; meanwhile clients from another address log in at once: their
+/// 20 logins all end while the guesses are still being answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_wrong_passwords_are_slowed_and_other_clients_are_not() {
+    let delay = Duration::from_millis(10);
+    let opts = ChorusOptions { auth: "scram-sha-256", extra: "auth_failure_delay = \"10ms\"\nlogin_timeout = \"60s\"\n".into() };
+    let s = Setup::with(1, opts).await;
+    let port = s.chorus.port();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = std::time::Instant::now();
+    // 25 guessers of 40 guesses each, all from 127.0.0.1.
+    let guessers: Vec<_> = (0..25)
+        .map(|_| {
+            let answered = answered.clone();
+            tokio::spawn(async move {
+                for _ in 0..40 {
+                    let e = login_from([127, 0, 0, 1], port, "wrong").await.err().expect("a wrong password was accepted");
+                    assert_eq!(e.code().map(|c| c.code()), Some("28P01"));
+                    answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    // Until the guessing is under way.
+    while answered.load(std::sync::atomic::Ordering::SeqCst) < 50 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for _ in 0..20 {
+        let c = login_from([127, 0, 0, 2], port, APP_USER.1).await.expect("a good login from another address");
+        assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    }
+    let by_then = answered.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(by_then < 1000, "the good logins waited behind the guesses: {by_then} guesses answered first");
+    for g in guessers {
+        g.await.unwrap();
+    }
+    let took = start.elapsed();
+    assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 1000);
+    assert!(took >= delay * 1000, "1,000 guesses from one address answered in {took:?}");
+    eprintln!("1,000 wrong passwords took {took:?}; 20 good logins from another address ended after {by_then} of them");
+}
