@@ -342,7 +342,7 @@ async fn a_thousand_wrong_passwords_are_slowed_and_other_clients_are_not() {
             let answered = answered.clone();
             tokio::spawn(async move {
                 for _ in 0..40 {
-                    let e = login_from([127, 0, 0, 1], port, "wrong").await.err().expect("a wrong password was accepted");
+                    let Err(e) = login_from([127, 0, 0, 1], port, "wrong").await else { panic!("a wrong password was accepted") };
                     assert_eq!(e.code().map(|c| c.code()), Some("28P01"));
                     answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
