@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{PgOptions, PgServer, Setup, APP_USER};
+use common::{ChorusOptions, PgOptions, PgServer, Setup, APP_USER};
 
 const JAR: &str = "/usr/share/java/postgresql.jar";
 
@@ -26,11 +26,14 @@ fn compile() -> (tempfile::TempDir, PathBuf) {
 }
 
 fn run(classes: &Path, port: u16) -> Vec<String> {
-    let url = format!("jdbc:postgresql://127.0.0.1:{port}/postgres");
+    run_url(classes, &format!("jdbc:postgresql://127.0.0.1:{port}/postgres"))
+}
+
+fn run_url(classes: &Path, url: &str) -> Vec<String> {
     let out = Command::new("java")
         .arg("-cp")
         .arg(format!("{JAR}:{}", classes.display()))
-        .args(["ChorusJdbc", &url, APP_USER.0, APP_USER.1])
+        .args(["ChorusJdbc", url, APP_USER.0, APP_USER.1])
         .output()
         .expect("java");
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -54,6 +57,38 @@ async fn pgjdbc_answers_through_chorus_as_from_postgresql() {
     assert!(got.iter().any(|l| l == "notifications: jch/n0,jch/n1,jch/n2"), "{got:#?}");
     let states = s.chorus.states();
     assert!(states.values().all(|v| v == "in_sync"), "{states:?}\n{}", s.chorus.log());
+    let (ok, out) = s.chorus.verify();
+    assert!(ok, "{out}");
+}
+
+/// The same program over TLS (`[tls] mode = "require"`, pgjdbc's `sslmode=verify-full` with the
+/// test CA as `sslrootcert`): the same lines as from PostgreSQL directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_over_tls_with_verify_full() {
+    let (_keep, classes) = compile();
+    let dir = tempfile::Builder::new().prefix("chorus-tls-").tempdir().unwrap();
+    let ca = common::tls::Ca::new(dir.path(), "ca");
+    let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+    ca.issue(&cert, &key);
+    let extra = format!("[tls]\nmode = \"require\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n", cert.display(), key.display());
+    let s = Setup::with(2, ChorusOptions { auth: "scram-sha-256", extra }).await;
+    let direct = PgServer::start(PgOptions::default()).await.unwrap();
+    let want = tokio::task::block_in_place(|| run(&classes, direct.port()));
+    let url =
+        format!("jdbc:postgresql://localhost:{}/postgres?sslmode=verify-full&sslrootcert={}", s.chorus.port(), ca.file.display());
+    let got = tokio::task::block_in_place(|| run_url(&classes, &url));
+    assert_eq!(got, want, "over TLS through Chorus, then directly");
+    let plain = tokio::task::block_in_place(|| {
+        Command::new("java")
+            .arg("-cp")
+            .arg(format!("{JAR}:{}", classes.display()))
+            .args(["ChorusJdbc", &format!("jdbc:postgresql://127.0.0.1:{}/postgres?sslmode=disable", s.chorus.port())])
+            .args([APP_USER.0, APP_USER.1])
+            .output()
+            .unwrap()
+    });
+    let text = format!("{}{}", String::from_utf8_lossy(&plain.stdout), String::from_utf8_lossy(&plain.stderr));
+    assert!(!plain.status.success() && text.contains("requires TLS"), "plaintext JDBC: {text}");
     let (ok, out) = s.chorus.verify();
     assert!(ok, "{out}");
 }

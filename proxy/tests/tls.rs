@@ -10,40 +10,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::tls::Ca;
 use common::{sh, ChorusOptions, Setup, APP_USER};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A certificate authority and a server certificate it signed, as PEM files in `dir`.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-    file: PathBuf,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, format!("Chorus test CA {name}"));
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let cert = p.self_signed(&key).unwrap();
-        let file = dir.join(format!("{name}.crt"));
-        std::fs::write(&file, cert.pem()).unwrap();
-        Ca { cert, key, file }
-    }
-
-    /// A certificate for localhost and 127.0.0.1 written to `cert` and `key`.
-    fn issue(&self, cert: &Path, key: &Path) {
-        let k = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        p.distinguished_name.push(DnType::CommonName, "localhost");
-        let c = p.signed_by(&k, &self.cert, &self.key).unwrap();
-        std::fs::write(cert, c.pem()).unwrap();
-        std::fs::write(key, k.serialize_pem()).unwrap();
-    }
-}
 
 struct Tls {
     _dir: tempfile::TempDir,
@@ -217,6 +186,10 @@ async fn the_certificate_is_reloaded_on_sighup_under_load() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("pgbench");
+    // A session over TLS opened before the reload: it keeps its TLS session and works after.
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(rustls_client(&t.ca.file, None));
+    let (before, conn) = tokio_postgres::connect(&libpq(&t, "sslmode=require"), tls).await.expect("TLS login");
+    tokio::spawn(conn);
     let pid = t.s.chorus.pid().expect("chorus runs") as i32;
     // Under way: transactions are being recorded.
     let _: i64 =
@@ -247,6 +220,8 @@ async fn the_certificate_is_reloaded_on_sighup_under_load() {
     assert_eq!(refused(), 1, "{}", t.s.chorus.log());
     let (ok, out) = psql(&only_new, "SELECT 1");
     assert!(ok, "the loaded certificate stays in use: {out}");
+    let n: i64 = before.query_one("SELECT count(*) FROM pgbench_branches", &[]).await.expect("the session from before").get(0);
+    assert_eq!(n, 1);
     let out = load.wait_with_output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && !text.contains("error"), "pgbench:\n{text}");

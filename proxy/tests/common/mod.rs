@@ -2,6 +2,8 @@
 #![allow(dead_code, unused_imports)]
 
 use std::path::Path;
+
+pub mod tls;
 use std::time::Duration;
 
 pub use chorus_testkit::{assert_identical, ChorusOptions, ChorusProcess, HostAuth, PgOptions, PgServer, APP_USER};
