@@ -78,6 +78,18 @@ async fn libpq_verify_full_with_channel_binding_and_plaintext_refused() {
     assert!(ok, "{out}");
     let (ok, out) = sh(Command::new("psql").args(["-X", "-c", "\\conninfo", &libpq(&t, &verify)]));
     assert!(ok && out.contains("SSL connection (protocol: TLSv1.3"), "{out}");
+    // verify-ca checks the chain alone: a name the certificate does not carry still passes.
+    let by_ip = format!(
+        "host=chorus.test hostaddr=127.0.0.1 port={} user={} password={} dbname=postgres sslmode=verify-ca sslrootcert={}",
+        t.s.chorus.port(),
+        APP_USER.0,
+        APP_USER.1,
+        t.ca.file.display()
+    );
+    let (ok, out) = psql(&by_ip, "SELECT 1");
+    assert!(ok, "verify-ca: {out}");
+    let (ok, out) = psql(&by_ip.replace("verify-ca", "verify-full"), "SELECT 1");
+    assert!(!ok && out.contains("does not match host name"), "verify-full by another name: {out}");
     // Another CA's clients refuse the certificate: the check above was a real one.
     let other = Ca::new(t._dir.path(), "other");
     let (ok, out) = psql(&libpq(&t, &format!("sslmode=verify-ca sslrootcert={}", other.file.display())), "SELECT 1");
