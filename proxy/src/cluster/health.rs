@@ -66,19 +66,20 @@ impl<'a> Login<'a> {
         tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         let mut pg = self.config();
-        let (client, conn) = match tls {
+        let client = match tls {
             Some(tls) => {
                 pg.ssl_mode(tokio_postgres::config::SslMode::Require);
                 let (client, conn) = pg.connect(tls).await?;
-                (client, tokio::spawn(async move { drop(conn.await) }))
+                tokio::spawn(conn);
+                client
             }
             None => {
                 pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
                 let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
-                (client, tokio::spawn(async move { drop(conn.await) }))
+                tokio::spawn(conn);
+                client
             }
         };
-        drop(conn);
         Ok(client)
     }
 

@@ -54,13 +54,14 @@ pub async fn read_startup(client: &mut Stream, shared: &Shared) -> Result<Option
             StartupPacket::Ssl | StartupPacket::GssEnc if client.tls().is_some() => {
                 return Err(ProtocolError::Malformed("encryption requested on a connection that is encrypted already").into())
             }
-            StartupPacket::Ssl if tls.is_some() => {
-                client.write_all(b"S").await?;
-                if let Some(tls) = tls {
+            StartupPacket::Ssl => match tls {
+                Some(tls) => {
+                    client.write_all(b"S").await?;
                     handshake(client, tls, false).await?;
                 }
-            }
-            StartupPacket::Ssl | StartupPacket::GssEnc => client.write_all(b"N").await?,
+                None => client.write_all(b"N").await?,
+            },
+            StartupPacket::GssEnc => client.write_all(b"N").await?,
             StartupPacket::Cancel { pid, secret } => {
                 // Served in plaintext too, as PostgreSQL does: it carries only its key.
                 shared.cancels.cancel(pid, secret).await;
