@@ -187,6 +187,74 @@ async fn every_shape_replays_to_identical_data() {
     }
 }
 
+/// Units that wrote the same rows are applied in their serial order, others side by side.
+/// While the backend is away: a slow unit that writes a row after a bulk insert, then a fast
+/// one that overwrites the row (applied side by side, the fast one would land first and be
+/// overwritten); and four sessions overwriting five rows (the last writer decides each value).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_units_are_applied_in_their_order() {
+    let s =
+        Setup::with(2, ChorusOptions { extra: "backend_timeout = \"2s\"\nauto_catch_up = false".into(), ..Default::default() })
+            .await;
+    let c = s.client().await;
+    c.batch_execute(
+        "CREATE TABLE cells (id int PRIMARY KEY, v int, by int); INSERT INTO cells SELECT g, 0, 0 FROM generate_series(1, 5) g; \
+         CREATE TABLE notes (session int, n int, PRIMARY KEY (session, n)); \
+         CREATE TABLE pair (id int PRIMARY KEY, v int); INSERT INTO pair VALUES (1, 0); CREATE TABLE bulk (g int)",
+    )
+    .await
+    .unwrap();
+    s.servers[1].pause();
+    c.batch_execute("UPDATE cells SET v = -1").await.unwrap();
+    await_state(&s, "pg2", "down", 30).await;
+    // Statement by statement: a transaction in one Query is applied with nothing beside it.
+    for sql in ["BEGIN", "INSERT INTO bulk SELECT g FROM generate_series(1, 400000) g", "UPDATE pair SET v = 1", "COMMIT"] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    c.batch_execute("UPDATE pair SET v = 2 WHERE id = 1").await.unwrap();
+    let mut writers = Vec::new();
+    for session in 1..=4 {
+        let mut c = s.client().await;
+        writers.push(tokio::spawn(async move {
+            for n in 0..150 {
+                let row = (n * 7 + session) % 5 + 1;
+                let update = "UPDATE cells SET v = $1, by = $2 WHERE id = $3";
+                if n % 3 == 0 {
+                    c.execute(update, &[&(n * 10 + session), &session, &row]).await.unwrap();
+                } else {
+                    let t = c.transaction().await.unwrap();
+                    t.execute("INSERT INTO notes VALUES ($1, $2)", &[&session, &n]).await.unwrap();
+                    t.execute(update, &[&(n * 10 + session), &session, &row]).await.unwrap();
+                    t.commit().await.unwrap();
+                }
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    s.servers[1].resume();
+    let (ok, out) = s.chorus.chorusctl(&["catch-up", "pg2"]);
+    assert!(ok, "{out}\n{}", s.chorus.log());
+    assert!(out.contains("caught up from the update history"), "{out}");
+    let notes: i64 = c.query_one("SELECT count(*) FROM notes", &[]).await.unwrap().get(0);
+    assert_eq!(notes, 400);
+    assert_all_equal(&s).await;
+    let mut cells = Vec::new();
+    for srv in &s.servers {
+        let l = srv.local_client("postgres").await.unwrap();
+        let rows = l.query("SELECT id, v, by FROM cells ORDER BY id", &[]).await.unwrap();
+        cells.push(rows.iter().map(|r| (r.get::<_, i32>(0), r.get::<_, i32>(1), r.get::<_, i32>(2))).collect::<Vec<_>>());
+    }
+    assert_eq!(cells[0], cells[1], "the rows' last writers differ");
+    for srv in &s.servers {
+        let l = srv.local_client("postgres").await.unwrap();
+        let v: i32 = l.query_one("SELECT v FROM pair", &[]).await.unwrap().get(0);
+        assert_eq!(v, 2, "port {}: the slow unit was applied after the fast one", srv.port());
+    }
+    assert!(cells[0].iter().all(|(_, v, by)| *v >= 0 && v % 10 == *by), "{:?}", cells[0]);
+}
+
 /// A backend whose missing units were pruned is refused with one line saying it needs a join;
 /// a `diverged` backend is never caught up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::difflog::{LoggedRequest, Malformed, Record};
+use crate::protocol::message;
 
 const VERSION: u8 = 1;
 
@@ -57,6 +58,14 @@ pub struct HistoryUnit {
 }
 
 impl HistoryUnit {
+    /// Whether the unit must be applied with no other unit beside it: its conflicts are not
+    /// known (no lock summary), or it holds a statement that cannot run inside a transaction
+    /// block (VACUUM, CREATE DATABASE, ...). A standalone unit whose statements all could is
+    /// a write recorded right after it completed, and conflicts as any other.
+    pub fn runs_alone(&self) -> bool {
+        self.locks.is_empty() || (self.shape == Shape::Standalone && !self.requests.iter().all(|r| block_safe(&r.frames)))
+    }
+
     pub fn encode(&self, out: &mut BytesMut) {
         out.put_u8(VERSION);
         out.put_u8(self.shape.number());
@@ -83,6 +92,30 @@ impl HistoryUnit {
         }
         Ok(HistoryUnit { shape, user, params, restore, requests, locks })
     }
+}
+
+/// Whether a request states its SQL (Query or Parse messages, not a Bind of a statement named
+/// earlier) and all of it may run inside a transaction block.
+fn block_safe(frames: &[u8]) -> bool {
+    let mut rest = frames;
+    let mut stated = false;
+    while let Ok(Some((tag, len))) = crate::protocol::codec::peek_header(rest, usize::MAX) {
+        let Some(body) = rest.get(5..len) else { return false };
+        let sql = match tag {
+            message::QUERY => message::query_sql(body).ok(),
+            message::PARSE => message::parse_fields(body).ok().map(|(_, s)| s),
+            message::BIND if !stated => return false,
+            _ => None,
+        };
+        if let Some(sql) = sql {
+            if !crate::sql::runs_in_transaction_block(sql) {
+                return false;
+            }
+            stated = true;
+        }
+        rest = &rest[len..];
+    }
+    stated && rest.is_empty()
 }
 
 #[cfg(test)]

@@ -262,7 +262,8 @@ impl Job<'_> {
                 break;
             }
             before = left;
-            self.apply(&source, target, &gaps, BATCH * 4).await?;
+            // Not yet durable: the flush under the pause makes all of it so at once.
+            self.apply(&source, target, &gaps, BATCH * 4, false).await?;
         }
         // The attach: no unit is in flight under the pause, so the source's history is whole.
         let t = self.shared.cfg.join_pause_timeout;
@@ -273,7 +274,11 @@ impl Job<'_> {
         let paused = Instant::now();
         let attached = async {
             let (source, gaps) = self.gaps(target, true).await?;
-            self.apply(&source, target, &gaps, usize::MAX).await?;
+            if gaps.values().all(|g| g.missing.is_empty()) {
+                crate::join::replay::flush(&self.shared.cfg, target).await.map_err(fail)?;
+            } else {
+                self.apply(&source, target, &gaps, usize::MAX, true).await?;
+            }
             for db in gaps.keys() {
                 self.same_sequences(&source, target, db).await?;
             }
@@ -353,13 +358,16 @@ impl Job<'_> {
         Ok((source, out))
     }
 
-    /// Applies up to `most` of the missing units, all databases together in serial order.
+    /// Applies up to `most` of the missing units, all databases together in serial order;
+    /// `durable`: the last one's commit waits for the WAL flush, and so makes every unit
+    /// applied before it durable.
     async fn apply(
         &mut self,
         source: &Backend,
         target: &Backend,
         gaps: &BTreeMap<String, Gap>,
         most: usize,
+        durable: bool,
     ) -> Result<(), CatchUpError> {
         let name = &target.name;
         let fail = |e: String| CatchUpError::Failed(name.clone(), e);
@@ -379,7 +387,8 @@ impl Job<'_> {
             }
         }
         let cfg = &self.shared.cfg;
-        for chunk in order.chunks(BATCH) {
+        let chunks = order.len().div_ceil(BATCH);
+        for (k, chunk) in order.chunks(BATCH).enumerate() {
             let mut entries: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
             for db in chunk.iter().map(|(_, d)| *d).collect::<BTreeSet<_>>() {
                 let c = self.clients.get(cfg, source, db).await.map_err(fail)?;
@@ -396,7 +405,7 @@ impl Job<'_> {
                     entries.get(serial).ok_or_else(|| fail(format!("unit {serial} of {db} left {}'s history", source.name)))?;
                 list.push((*serial, raw));
             }
-            let r = self.applier.apply_all(&list).await;
+            let r = self.applier.apply_all(&list, durable && k + 1 == chunks).await;
             let n = match &r {
                 Ok(n) => *n,
                 Err(_) => 0,

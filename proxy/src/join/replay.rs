@@ -23,7 +23,7 @@ use crate::cluster::Backend;
 use crate::config::Config;
 use crate::difflog::{DiffLog, LoggedRequest, Record};
 use crate::fanout::{self, BackendConn};
-use crate::order::Mode;
+use crate::order::summaries_conflict as conflicts;
 
 /// `SET synchronous_commit = off` as a Query message.
 static ASYNC_COMMIT: &[u8] = b"Q\0\0\0\x21SET synchronous_commit = off\0";
@@ -57,11 +57,6 @@ struct Replica {
     /// None while a unit of this session runs (the connection is with it) or before the first.
     conn: Option<BackendConn>,
     busy: bool,
-}
-
-/// Whether two lock summaries conflict.
-fn conflicts(a: &[(u64, u8)], b: &[(u64, u8)]) -> bool {
-    a.iter().any(|(h, m)| b.iter().any(|(h2, m2)| h == h2 && !Mode::from_number(*m).compatible(Mode::from_number(*m2))))
 }
 
 type Done = (u64, u64, Result<BackendConn, String>);
@@ -245,6 +240,7 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::order::Mode;
 
     #[test]
     fn the_async_commit_message_is_well_formed() {

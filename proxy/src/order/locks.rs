@@ -377,6 +377,13 @@ fn wake_waiters(st: &mut State, res: Res) {
     }
 }
 
+/// Whether two units' lock summaries (a resource's hash and a mode's number each, as the
+/// diff log and the update history keep them) conflict: such units must run in the order
+/// they committed; others may run side by side, as the lock manager let them.
+pub fn summaries_conflict(a: &[(u64, u8)], b: &[(u64, u8)]) -> bool {
+    a.iter().any(|(h, m)| b.iter().any(|(h2, m2)| h == h2 && !Mode::from_number(*m).compatible(Mode::from_number(*m2))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

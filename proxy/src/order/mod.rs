@@ -11,7 +11,7 @@ pub mod locks;
 
 use std::hash::{Hash, Hasher};
 
-pub use locks::{Acquire, LockManager, LockOwner, Mode, Res};
+pub use locks::{summaries_conflict, Acquire, LockManager, LockOwner, Mode, Res};
 
 use crate::protocol::message::BindView;
 use crate::sql::analyze::{Analysis, KeyPart, TableMode};
