@@ -11,6 +11,7 @@
 # seconds later started again; the time from its start to `in_sync` (polled every 0.1 s), the
 # units Chorus applied and its write pause (from Chorus's log line), pgbench's failed
 # transactions, and `chorusctl verify`. Chorus's log is left in /tmp/chorus-catchup-bench.log.
+# CHORUS_BIN=<an older build's chorus> measures that build instead (run the two in turn).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 down=${1:-60} rate=${2:-300} scale=${3:-10} rounds=${4:-1}
@@ -39,7 +40,7 @@ token=bench-$RANDOM$RANDOM
   printf 'health_check_interval = "1s"\n[auth]\nmethod = "trust"\n[[users]]\nname = "postgres"\n'
   for n in 1 2 3; do printf '[[backends]]\nname = "pg%s"\nhost = "127.0.0.1"\nport = 5710%s\n' "$n" "$n"; done
 } >"$work/chorus.toml"
-CHORUS_LOG=info target/release/chorus --config "$work/chorus.toml" 2>"$work/chorus.log" &
+CHORUS_LOG=info "${CHORUS_BIN:-target/release/chorus}" --config "$work/chorus.toml" 2>"$work/chorus.log" &
 pids+=($!)
 for _ in $(seq 100); do psql -h 127.0.0.1 -p 6461 -U postgres -qAtc 'select 1' >/dev/null 2>&1 && break; sleep 0.1; done
 pgbench -i -s "$scale" -q -h 127.0.0.1 -p 6461 -U postgres postgres 2>&1 | tail -1 >&2

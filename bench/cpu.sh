@@ -7,6 +7,9 @@
 #
 #   bench/cpu.sh [builtin] [seconds] [clients] [rounds]        (default select-only 10 8 5)
 #   BASELINE_BIN=/path/to/older/chorus bench/cpu.sh            (adds target "before")
+#   PEER_TARGETS="pgbouncer pgpool" bench/cpu.sh               (adds the peers' processes:
+#     PgBouncer in front of the first server alone, pgpool-II replicating to both; pgpool's
+#     CPU is the sum over all its processes)
 # Two builds with the update history on cannot share the servers (their serials collide):
 # BASELINE_BIN must be a build without it (bbe8979 or older).
 #
@@ -15,6 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 builtin=${1:-select-only} secs=${2:-10} clients=${3:-8} rounds=${4:-5}
+[[ -z ${PEER_TARGETS:-} ]] || export WANT_POOLERS=1
 . bench/peers.sh
 work=$(mktemp -d)
 pids=()
@@ -38,13 +42,25 @@ start() { # name port binary
 targets=(now)
 start now 6461 target/release/chorus
 if [[ -n ${BASELINE_BIN:-} ]]; then start before 6462 "$BASELINE_BIN"; targets+=(before); fi
+for t in ${PEER_TARGETS:-}; do
+  case $t in
+    pgbouncer) port_of[$t]=${PGBOUNCER:-55510} ;;
+    pgpool) port_of[$t]=${PGPOOL:-55520} ;;
+    *) echo "unknown peer target $t" >&2; exit 1 ;;
+  esac
+  targets+=("$t")
+done
 ticks=$(getconf CLK_TCK)
-cpu() { awk '{print $14, $15}' "/proc/$1/stat"; } # utime stime, in clock ticks
+# utime stime, in clock ticks, summed over a target's processes (a peer's found by name).
+cpu() {
+  local pids=${pid_of[$1]:-$(pgrep -x "$1" | tr '\n' ' ')}
+  for p in $pids; do awk '{print $14, $15}' "/proc/$p/stat" 2>/dev/null || true; done | awk '{u += $1; s += $2} END {print u + 0, s + 0}'
+}
 for r in $(seq "$rounds"); do
   for t in "${targets[@]}"; do
-    read -r u0 s0 < <(cpu "${pid_of[$t]}")
+    read -r u0 s0 < <(cpu "$t")
     out=$(pgbench -n -b "$builtin" -c "$clients" -j 2 -T "$secs" -h 127.0.0.1 -p "${port_of[$t]}" -U postgres bench 2>&1)
-    read -r u1 s1 < <(cpu "${pid_of[$t]}")
+    read -r u1 s1 < <(cpu "$t")
     tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")
     tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
     awk -v r="$r" -v t="$t" -v tps="$tps" -v tx="$tx" -v du=$((u1 - u0)) -v ds=$((s1 - s0)) -v hz="$ticks" 'BEGIN {

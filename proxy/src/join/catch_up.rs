@@ -23,10 +23,12 @@ use crate::history::runs::{self, Run};
 use crate::history::{schema, History};
 use crate::shared::Shared;
 
-/// Units still missing at which the write pause is taken for the last ones.
-const ATTACH_UNITS: usize = 64;
-/// Units still missing at which the write pause is taken when a round brought no progress.
-const STALLED_UNITS: usize = 1000;
+/// Units still missing at which the write pause is taken for the last ones: under a load on
+/// a busy machine a unit takes about a millisecond to apply, and the pause's target is 50 ms.
+const ATTACH_UNITS: usize = 32;
+/// Units still missing at which the write pause is taken when a round brought no progress
+/// (a pause of a few hundred milliseconds rather than rounds that never end).
+const STALLED_UNITS: usize = 256;
 /// Entries read from the source per query.
 const BATCH: usize = 500;
 /// Rounds before the attach is attempted whatever the backlog (writes faster than the
@@ -493,7 +495,8 @@ mod tests {
         assert!(!attach_now(5_000, 4_000, 3), "no progress, but too many for the pause");
         assert!(!attach_now(900, 1_200, 4), "still shrinking");
         assert!(attach_now(ATTACH_UNITS, 1_000, 5));
-        assert!(attach_now(300, 220, 26), "writes as fast as it applies: the backlog stays");
+        assert!(attach_now(200, 180, 26), "writes as fast as it applies: the backlog stays");
+        assert!(!attach_now(739, 729, 22), "stalled, but too many for the pause");
         assert!(attach_now(5_000, 4_000, MAX_ROUNDS));
     }
 }
