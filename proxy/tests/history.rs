@@ -95,8 +95,11 @@ async fn a_copy_committed_on_one_backend_when_chorus_died_is_completed_at_restar
     }
     sink.send(bytes::Bytes::from(chunk)).await.unwrap();
     assert_eq!(sink.finish().await.unwrap(), 60_000);
-    // pg2 has finished the COPY too (its session waits in the transaction): stop it there.
-    let idle = "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'COPY big%' AND state = 'idle in transaction'";
+    // pg2 has finished the COPY too and sent its answer (its session waits in the transaction
+    // for the next message; the state turns idle just before the answer is flushed, the wait
+    // event only once it was): stop it there.
+    let idle = "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'COPY big%' AND state = 'idle in transaction' \
+                AND wait_event = 'ClientRead'";
     let _: i32 = await_row(&s.servers[1], idle, &[], "pg2 never finished the COPY").await;
     s.servers[1].pause();
     let commit = tokio::spawn(async move { c.batch_execute("COMMIT").await });

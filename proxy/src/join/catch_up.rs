@@ -269,31 +269,54 @@ impl Job<'_> {
         }
         // The attach: no unit is in flight under the pause, so the source's history is whole.
         let t = self.shared.cfg.join_pause_timeout;
+        let asked = Instant::now();
         let pause =
             self.shared.order.pause(t).await.ok_or_else(|| {
                 fail(format!("writes did not pause within join_pause_timeout ({t:?}); a transaction stays open"))
             })?;
         let paused = Instant::now();
+        // Where the pause goes: reading the serials, applying the last units (and the flush),
+        // comparing sequences, recording the state.
+        let mut marks = [paused; 4];
+        let mut under = 0;
         let attached = async {
             let (source, gaps) = self.gaps(target, true).await?;
-            if gaps.values().all(|g| g.missing.is_empty()) {
+            under = gaps.values().map(|g| g.missing.len()).sum();
+            marks[0] = Instant::now();
+            if under == 0 {
                 crate::join::replay::flush(&self.shared.cfg, target).await.map_err(fail)?;
             } else {
                 self.apply(&source, target, &gaps, usize::MAX, true).await?;
             }
+            marks[1] = Instant::now();
             for db in gaps.keys() {
                 self.same_sequences(&source, target, db).await?;
             }
+            marks[2] = Instant::now();
             target.set_applied(self.history.last_serial());
             target.set_serves_reads(true);
-            self.shared
+            let r = self
+                .shared
                 .cluster
                 .set_state(&target.name, BackendState::InSync, "caught up from the update history")
-                .map_err(|e| fail(e.to_string()))
+                .map_err(|e| fail(e.to_string()));
+            marks[3] = Instant::now();
+            r
         }
         .await;
         drop(pause);
         let ms = paused.elapsed();
+        let part = |a: Instant, b: Instant| (b.saturating_duration_since(a).as_secs_f64() * 1000.0 * 10.0).round() / 10.0;
+        tracing::info!(
+            backend = %name,
+            units = under,
+            wait_ms = part(asked, paused),
+            read_ms = part(paused, marks[0]),
+            apply_ms = part(marks[0], marks[1]),
+            sequences_ms = part(marks[1], marks[2]),
+            state_ms = part(marks[2], marks[3]),
+            "catch-up attach: the write pause's parts"
+        );
         metrics::histogram!("chorus_join_pause_seconds", "step" => "catch_up_attach").record(ms.as_secs_f64());
         attached.map(|()| (rounds, ms))
     }
