@@ -162,8 +162,10 @@ impl<'a> Applier<'a> {
         let mut q = BytesMut::new();
         message::query_msg(&mut q, FLUSH);
         match fanout::conn::run_requests(conn, &[(&q[..], false)], self.cfg.backend_timeout).await {
-            Ok(o) if o.iter().all(|o| o.error.is_none()) => Ok(()),
-            Ok(o) => Err(ApplyError::Failed(format!("flush on {}: {}", self.target.name, o[0]))),
+            Ok(o) => match o.iter().find(|o| o.error.is_some()) {
+                None => Ok(()),
+                Some(bad) => Err(ApplyError::Failed(format!("flush on {}: {bad}", self.target.name))),
+            },
             Err(e) => Err(ApplyError::Failed(format!("flush on {}: {e}", self.target.name))),
         }
     }
