@@ -319,12 +319,12 @@ fn wait_for_join(cli: &Cli, api: &Api, name: &str) -> Result<(), String> {
         }
         let phase = s(&p, "phase");
         bar.set_message(format!(
-            "{phase}: dumped {}, restored {}, diff log {} units, replayed {}, lag {}",
+            "{phase}: dumped {}, restored {}, written since {} units, applied {}, lag {} units",
             mib(p.get("bytes_dumped").and_then(Value::as_u64).unwrap_or(0)),
             mib(p.get("bytes_restored").and_then(Value::as_u64).unwrap_or(0)),
             s(&p, "log_units"),
             s(&p, "replayed_units"),
-            mib(p.get("replay_lag_bytes").and_then(Value::as_u64).unwrap_or(0)),
+            s(&p, "replay_lag_units"),
         ));
         match phase.as_str() {
             "done" => {

@@ -102,8 +102,10 @@ async fn assert_tpcb_consistent(server: &PgServer) {
     assert_eq!(a, h, "balances and history disagree on port {}", server.port());
 }
 
-async fn join_under_pgbench(method: &str) {
-    let mut s = Setup::new(2).await;
+/// `history`: the update history is on (the default), else the join keeps a diff log.
+async fn join_under_pgbench(method: &str, history: bool) {
+    let extra = if history { "" } else { "history = false\n" };
+    let mut s = Setup::with(2, ChorusOptions { extra: extra.into(), ..ChorusOptions::default() }).await;
     pgbench_init(&s, "2");
     let newcomer = PgServer::start(PgOptions::default()).await.unwrap();
     // Long enough to cover the join when the suite runs side by side on two cores.
@@ -125,16 +127,75 @@ async fn join_under_pgbench(method: &str) {
     let (_, status) = s.chorus.chorusctl(&["--json", "status"]);
     let v: Value = serde_json::from_str(&status).unwrap();
     assert_eq!(v["join"]["phase"], "done", "{status}");
+    if !history {
+        assert!(v["join"]["log_bytes"].as_u64().unwrap() > 0, "the diff log carried the writes: {status}");
+        return;
+    }
+    // What pgbench wrote during the copy came from the update history, not a diff log.
+    assert!(v["join"]["log_units"].as_u64().unwrap() > 0, "{status}");
+    assert_eq!(v["join"]["log_bytes"], 0, "{status}");
+    assert_eq!(v["join"]["replay_lag_units"], 0, "{status}");
+    assert!(s.chorus.log().contains("catch-up attach: the write pause's parts backend=pg3"), "{}", s.chorus.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_a_third_backend_under_pgbench_with_detach() {
-    join_under_pgbench("detach").await;
+    join_under_pgbench("detach", true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_a_third_backend_under_pgbench_with_snapshot() {
-    join_under_pgbench("snapshot").await;
+    join_under_pgbench("snapshot", true).await;
+}
+
+/// Entries older than a second are pruned every second, but not those a join still needs:
+/// the newcomer hangs (SIGSTOP) in its restore for three pruning passes while pgbench writes,
+/// and the units written since the copy's point are still there for it afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_keeps_the_history_it_follows_from_pruning() {
+    let extra = "history_retention = \"1s\"\n".to_string();
+    let mut s = Setup::with(2, ChorusOptions { extra, ..ChorusOptions::default() }).await;
+    pgbench_init(&s, "5");
+    let newcomer = PgServer::start(PgOptions::default()).await.unwrap();
+    let mut load = pgbench_load(&s, 30, &["-R", "200"]);
+    wait_for_rows(&s, "SELECT count(*) FROM pgbench_history", 50).await;
+    let port = newcomer.port().to_string();
+    let (ok, out) =
+        s.chorus.chorusctl(&["join", "pg3", "--host", "127.0.0.1", "--port", &port, "--method", "snapshot", "--no-wait"]);
+    assert!(ok, "{out}");
+    let phase = wait_phase(&s, &["restoring", "replaying", "attaching", "verifying", "done", "failed"]).await;
+    assert_eq!(phase, "restoring", "the restore went by too fast to hold it");
+    newcomer.pause();
+    let metrics = get("/metrics", Some(chorus_testkit::ADMIN_TOKEN));
+    let passes = || async {
+        let text = raw_http(&s, &metrics).await;
+        counter(text.split("\r\n\r\n").nth(1).unwrap_or_default(), "chorus_history_prune_passes_total")
+    };
+    let first = passes().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while passes().await < first + 3.0 {
+        assert!(Instant::now() < deadline, "pruning does not run");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Meanwhile pruning went on below the copy's point.
+    let l = s.servers[0].local_client("postgres").await.unwrap();
+    let pruned: i64 = l.query_one("SELECT coalesce((SELECT upto FROM chorus.pruned), 0)", &[]).await.unwrap().get(0);
+    assert!(pruned > 0, "nothing was pruned");
+    newcomer.resume();
+    let phase = wait_phase(&s, &["done", "failed"]).await;
+    assert_eq!(phase, "done", "{}", s.chorus.chorusctl(&["status"]).1);
+    assert!(load.try_wait().unwrap().is_none(), "pgbench ended before the join did; the test proves nothing");
+    let out = finish(load);
+    assert_clean(&out, &s);
+    assert_all_in_sync_and_equal(&s, 3);
+    s.servers.push(newcomer);
+    // Once the load is over every backend's history comes down to its newest entry.
+    for srv in &s.servers {
+        let q = "SELECT 1 WHERE (SELECT count(*) FROM chorus.history) = 1";
+        await_row::<i32>(srv, q, &[], "the history pruned to its newest entry").await;
+    }
+    assert_identical(&s.refs(), "postgres").await;
+    assert_tpcb_consistent(&s.servers[2]).await;
 }
 
 /// With one in-sync backend only the snapshot method works; writes go on during the join.
@@ -306,12 +367,10 @@ async fn newcomer_killed_mid_restore() {
     s.assert_identical().await;
 }
 
-/// Chorus is killed in the middle of a join and restarted: the newcomer is never attached,
-/// the donor is flagged for a rebuild, clients work again after the restart, and a join with
-/// --force brings the donor back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chorus_killed_mid_join_and_restarted() {
-    let mut s = Setup::new(2).await;
+/// Two backends under a Chorus configured with `extra`; a third joining (detach) when Chorus
+/// is killed in its copy and started again: the newcomer is `down`, the lead in sync.
+async fn kill_chorus_mid_join(extra: &str) -> (Setup, PgServer) {
+    let mut s = Setup::with(2, ChorusOptions { extra: extra.into(), ..ChorusOptions::default() }).await;
     pgbench_init(&s, "5");
     let newcomer = PgServer::start(PgOptions::default()).await.unwrap();
     let port = newcomer.port().to_string();
@@ -321,8 +380,46 @@ async fn chorus_killed_mid_join_and_restarted() {
     s.chorus.kill();
     s.chorus.launch().await.unwrap();
     assert_eq!(state_of(&s, "pg3"), "down", "{:?}", backends(&s));
-    assert_eq!(state_of(&s, "pg2"), "needs_rebuild", "{:?}", backends(&s));
     assert_eq!(state_of(&s, "pg1"), "in_sync");
+    (s, newcomer)
+}
+
+/// Chorus is killed in the middle of a join and restarted: the newcomer is never attached,
+/// and clients work again after the restart. The donor left the in-sync set whole, so it is
+/// `down` and the update history brings it back with what was written while it was away
+/// (asked for here: automatic catch-up is off to write first); the interrupted newcomer
+/// joins again with --force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chorus_killed_mid_join_and_restarted() {
+    let (mut s, newcomer) = kill_chorus_mid_join("auto_catch_up = false\n").await;
+    let port = newcomer.port().to_string();
+    assert_eq!(state_of(&s, "pg2"), "down", "{:?}", backends(&s));
+    let reason = backends(&s).iter().find(|b| b["name"] == "pg2").map(|b| b["reason"].to_string()).unwrap_or_default();
+    assert!(reason.contains("it catches up from the update history"), "{reason}");
+    // Clients work; the writes reach pg1 alone, and pg2 by the catch-up.
+    let c = s.client().await;
+    for _ in 0..3 {
+        c.batch_execute("UPDATE pgbench_branches SET bbalance = bbalance + 1").await.unwrap();
+    }
+    let (ok, out) = s.chorus.chorusctl(&["--json", "catch-up", "pg2"]);
+    assert!(ok, "{out}\n{}", s.chorus.log());
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["units"], 3, "{out}");
+    // The newcomer's half-made copy is replaced by a join.
+    let (ok, out) = s.chorus.chorusctl(&["join", "pg3", "--host", "127.0.0.1", "--port", &port, "--force"]);
+    assert!(ok, "{out}\n{}", s.chorus.log());
+    assert_all_in_sync_and_equal(&s, 3);
+    s.servers.push(newcomer);
+    s.assert_identical().await;
+    s.chorus.stop();
+}
+
+/// Without the update history a join keeps a diff log, which dies with Chorus: the donor
+/// killed mid-join is flagged for a rebuild, and a join with --force brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chorus_killed_mid_join_without_history() {
+    let (mut s, _newcomer) = kill_chorus_mid_join("history = false\n").await;
+    assert_eq!(state_of(&s, "pg2"), "needs_rebuild", "{:?}", backends(&s));
     // Clients work; writes go to pg1 only.
     let c = s.client().await;
     c.batch_execute("UPDATE pgbench_branches SET bbalance = bbalance + 1").await.unwrap();
@@ -333,6 +430,13 @@ async fn chorus_killed_mid_join_and_restarted() {
     assert_all_in_sync_and_equal(&s, 2);
     s.assert_identical().await;
     s.chorus.stop();
+}
+
+/// Without the update history the join's diff log carries what clients write meanwhile, to
+/// the newcomer and the detached donor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_under_pgbench_without_history() {
+    join_under_pgbench("detach", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -151,10 +151,15 @@ pub enum ClusterError {
 }
 
 /// A state saved in the middle of a join that Chorus did not live to finish: the newcomer
-/// never attached and the donor's copy is behind (its diff log died with the process).
+/// never attached and the donor's copy is behind. A donor that left the in-sync set whole,
+/// for a join following the update history, is `down` and caught up from it; one whose
+/// join kept a diff log (history = false) lost it with the process.
 fn interrupted(r: &StateRecord) -> (BackendState, String) {
     match r.state {
         BackendState::Joining => (BackendState::Down, "its join was interrupted by a restart of Chorus".into()),
+        BackendState::Detached if r.catch_up => {
+            (BackendState::Down, "it was a join's donor when Chorus stopped; it catches up from the update history".into())
+        }
         BackendState::Detached => (
             BackendState::NeedsRebuild,
             "it was a join's donor when Chorus stopped; its copy is behind: bring it back with a join".into(),
@@ -315,8 +320,9 @@ impl Cluster {
         self.set_state_as(name, to, reason, false)
     }
 
-    /// A catch-up's own steps (`joining` while it runs, `down` again if it fails): the
-    /// backend stays one the history can bring back.
+    /// A catch-up's own steps (`joining` while it runs, `down` again if it fails), and a
+    /// join's donor leaving whole (`detached`) and coming back: the backend stays one the
+    /// history can bring back.
     pub fn set_state_catching_up(&self, name: &str, to: BackendState, reason: &str) -> Result<(), ClusterError> {
         self.set_state_as(name, to, reason, true)
     }
@@ -336,10 +342,12 @@ impl Cluster {
     /// before anybody acts on it). The caller holds the store's lock.
     fn change(&self, store: &StateStore, b: &Backend, to: BackendState, reason: &str, keep: bool) -> Result<(), ClusterError> {
         let mut records = self.records();
-        // Leaving the in-sync set as down makes a backend one the history can bring back; a
-        // catch-up keeps that through its own steps; anything else (a join replacing its
-        // data, an ejection for a difference) ends it.
+        // Leaving the in-sync set as down, or whole as the donor of a join that follows the
+        // history, makes a backend one the history can bring back; a catch-up keeps that
+        // through its own steps; anything else (a join replacing its data, an ejection for a
+        // difference) ends it.
         let catch_up = (to == BackendState::Down && b.state() == BackendState::InSync)
+            || (keep && to == BackendState::Detached && b.state() == BackendState::InSync)
             || (keep && b.may_catch_up() && matches!(to, BackendState::Down | BackendState::Joining));
         records.insert(
             b.name.clone(),

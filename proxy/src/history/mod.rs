@@ -42,6 +42,9 @@ pub struct History {
     ready: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
     /// Units bigger than this are not kept for the history (see `history_unit_max`).
     pub unit_max: usize,
+    /// Pruning keeps every entry above this serial (a join follows the history from there);
+    /// u64::MAX: no hold.
+    hold: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +61,7 @@ impl History {
     }
 
     pub fn with_key(key: String, unit_max: usize) -> History {
-        History { next: AtomicU64::new(1), key, ready: Mutex::new(HashMap::new()), unit_max }
+        History { next: AtomicU64::new(1), key, ready: Mutex::new(HashMap::new()), unit_max, hold: AtomicU64::new(u64::MAX) }
     }
 
     /// A new serial (at a unit's commit point).
@@ -76,6 +79,16 @@ impl History {
     /// Serials go on after `seen`, the newest a backend holds.
     pub fn observe(&self, seen: u64) {
         self.next.fetch_max(seen + 1, Ordering::AcqRel);
+    }
+
+    /// Pruning keeps the entries after `serial` (Some), or goes by the retention alone (None).
+    pub fn hold_after(&self, serial: Option<u64>) {
+        self.hold.store(serial.unwrap_or(u64::MAX), Ordering::Release);
+    }
+
+    /// The newest serial pruning may remove.
+    pub fn prunable_upto(&self) -> u64 {
+        self.hold.load(Ordering::Acquire)
     }
 
     pub fn key(&self) -> &str {

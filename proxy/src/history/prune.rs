@@ -1,8 +1,10 @@
 //! Pruning: entries older than `history_retention` (and, with `history_retention_bytes`, the
 //! oldest beyond that many bytes of entries) are deleted on every in-sync backend, the
 //! newest entry of each database always kept (it carries the serial a restarted Chorus goes
-//! on from). Each backend prunes its own copy directly: the schema is Chorus's, outside the
-//! data that `verify` compares, and a unit's entry is the same wherever it is.
+//! on from), and, while a join follows the history from the point its copy was taken, every
+//! entry after that point (`History::hold_after`). Each backend prunes its own copy directly:
+//! the schema is Chorus's, outside the data that `verify` compares, and a unit's entry is the
+//! same wherever it is.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +26,7 @@ pub fn spawn(cfg: Arc<Config>, cluster: Arc<Cluster>, history: Arc<History>, sto
             }
             for db in history.ready_databases() {
                 for b in cluster.in_sync() {
-                    match prune(&cfg, &b.host, b.port, &db).await {
+                    match prune(&cfg, &b.host, b.port, &db, history.prunable_upto()).await {
                         Ok((n, size)) => {
                             metrics::gauge!("chorus_history_size_bytes", "backend" => b.name.clone(), "database" => db.clone())
                                 .set(size as f64);
@@ -37,19 +39,21 @@ pub fn spawn(cfg: Arc<Config>, cluster: Arc<Cluster>, history: Arc<History>, sto
                     }
                 }
             }
+            metrics::counter!("chorus_history_prune_passes_total").increment(1);
         }
     });
 }
 
 /// Prunes one database's history on one backend: the entries deleted, and the history's
 /// size on disk afterwards (table, index and TOAST).
-async fn prune(cfg: &Config, host: &str, port: u16, db: &str) -> Result<(u64, u64), String> {
+async fn prune(cfg: &Config, host: &str, port: u16, db: &str, upto: u64) -> Result<(u64, u64), String> {
     let err = |e: tokio_postgres::Error| crate::cluster::pg_error(&e);
     let c = Login::health(cfg, host, port, db, "chorus-history").connect().await.map_err(err)?;
     let secs = cfg.history_retention.as_secs_f64();
+    let upto = i64::try_from(upto).unwrap_or(i64::MAX);
     let n: i64 = match i64::try_from(cfg.history_retention_bytes).unwrap_or(i64::MAX) {
-        0 => c.query_one(schema::PRUNE, &[&secs]).await,
-        bytes => c.query_one(schema::PRUNE_BYTES, &[&secs, &bytes]).await,
+        0 => c.query_one(schema::PRUNE, &[&secs, &upto]).await,
+        bytes => c.query_one(schema::PRUNE_BYTES, &[&secs, &upto, &bytes]).await,
     }
     .map_err(err)?
     .get(0);

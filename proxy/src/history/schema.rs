@@ -51,9 +51,10 @@ pub const SINCE: &str = "SELECT serial FROM chorus.history WHERE serial > $1 UNI
 /// be caught up from this history.
 pub const PRUNED: &str = "SELECT coalesce((SELECT upto FROM chorus.pruned), 0)";
 
-/// Deletes entries older than `$1` seconds, the newest kept, and notes the newest deleted.
+/// Deletes entries older than `$1` seconds, the newest kept and none above serial `$2`, and
+/// notes the newest deleted.
 pub const PRUNE: &str = "WITH gone AS (
-  DELETE FROM chorus.history WHERE at < now() - make_interval(secs => $1)
+  DELETE FROM chorus.history WHERE at < now() - make_interval(secs => $1) AND serial <= $2
     AND serial < (SELECT max(serial) FROM chorus.history) RETURNING serial
 ), noted AS (
   INSERT INTO chorus.pruned (upto) SELECT max(serial) FROM gone HAVING count(*) > 0
@@ -61,12 +62,12 @@ pub const PRUNE: &str = "WITH gone AS (
 )
 SELECT count(*) FROM gone";
 
-/// As `PRUNE`, and also the oldest entries beyond the newest `$2` bytes of entries.
+/// As `PRUNE`, and also the oldest entries beyond the newest `$3` bytes of entries.
 pub const PRUNE_BYTES: &str = "WITH sized AS (
   SELECT serial, at, sum(pg_column_size(unit)) OVER (ORDER BY serial DESC) AS newer FROM chorus.history
 ), gone AS (
   DELETE FROM chorus.history h USING sized s
-  WHERE h.serial = s.serial AND (s.at < now() - make_interval(secs => $1) OR s.newer > $2)
+  WHERE h.serial = s.serial AND (s.at < now() - make_interval(secs => $1) OR s.newer > $3) AND h.serial <= $2
     AND h.serial < (SELECT max(serial) FROM chorus.history) RETURNING h.serial
 ), noted AS (
   INSERT INTO chorus.pruned (upto) SELECT max(serial) FROM gone HAVING count(*) > 0

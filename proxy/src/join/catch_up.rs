@@ -9,6 +9,10 @@
 //! unit (G2), and under the pause no unit is in flight. A backend whose missing units were
 //! pruned already (`history_retention`), or that holds a unit the others do not, cannot be
 //! brought back this way: it needs a join, and Chorus says so.
+//!
+//! The join uses the same machinery (`Follow`) for its newcomer and a detached donor: its copy
+//! carries the donor's history up to the copy's point, so from there on a joining backend is
+//! one that lacks the units written since.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -168,21 +172,14 @@ pub async fn catch_up(shared: Arc<Shared>, name: &str) -> Result<CatchUpReport, 
         .map_err(|e| CatchUpError::Failed(name.into(), e.to_string()))?;
     tracing::info!(backend = %name, "catch-up from the update history started");
     let started = Instant::now();
-    let mut job = Job {
-        shared: &shared,
-        history: &history,
-        applier: Applier::new(&shared.cfg, &history, target.clone()),
-        units: 0,
-        clients: Clients::default(),
-        known: HashMap::new(),
-    };
-    let r = job.run(&target).await;
+    let mut follow = Follow::new(&shared, &history, target.clone());
+    let r = follow.run().await;
     metrics::counter!("chorus_catch_ups_total", "outcome" => outcome(&r)).increment(1);
     match r {
         Ok((rounds, pause)) => {
             let report = CatchUpReport {
                 name: name.into(),
-                units: job.units,
+                units: follow.units,
                 rounds,
                 seconds: started.elapsed().as_secs_f64(),
                 attach_pause_ms: pause.as_secs_f64() * 1000.0,
@@ -195,7 +192,7 @@ pub async fn catch_up(shared: Arc<Shared>, name: &str) -> Result<CatchUpReport, 
             if let Err(s) = set(to, &e.to_string()) {
                 tracing::error!(backend = %name, error = %s, "could not record the state after a failed catch-up");
             }
-            tracing::warn!(backend = %name, units_applied = job.units, error = %e, "catch-up did not complete");
+            tracing::warn!(backend = %name, units_applied = follow.units, error = %e, "catch-up did not complete");
             Err(e)
         }
     }
@@ -218,11 +215,17 @@ struct Gap {
     missing: Vec<u64>,
 }
 
-struct Job<'a> {
+/// Brings one backend up to the in-sync backends from their history: rounds of the units it
+/// lacks while clients write (`rounds`), then the last ones under a write pause the caller
+/// holds (`finish`). A catch-up follows one backend; a join follows its newcomer and a
+/// detached donor from the point where the copy was taken.
+pub struct Follow<'a> {
     shared: &'a Shared,
     history: &'a History,
+    target: Arc<Backend>,
     applier: Applier<'a>,
-    units: u64,
+    /// Units applied so far.
+    pub units: u64,
     clients: Clients,
     /// The runs of serials last read per (backend, database).
     known: HashMap<(String, String), Vec<Run>>,
@@ -245,80 +248,107 @@ impl Clients {
     }
 }
 
-impl Job<'_> {
-    async fn run(&mut self, target: &Arc<Backend>) -> Result<(usize, Duration), CatchUpError> {
-        let name = target.name.clone();
-        let fail = |e: String| CatchUpError::Failed(name.clone(), e);
-        crate::history::recover::settle(&self.shared.cfg, target).await.map_err(fail)?;
+impl<'a> Follow<'a> {
+    pub fn new(shared: &'a Shared, history: &'a History, target: Arc<Backend>) -> Follow<'a> {
+        Follow {
+            shared,
+            history,
+            applier: Applier::new(&shared.cfg, history, target.clone()),
+            target,
+            units: 0,
+            clients: Clients::default(),
+            known: HashMap::new(),
+        }
+    }
+
+    fn fail(&self) -> impl Fn(String) -> CatchUpError + '_ {
+        |e| CatchUpError::Failed(self.target.name.clone(), e)
+    }
+
+    /// The catch-up: leftover sessions ended, the rounds, the pause, the last units, and the
+    /// backend in sync. The rounds and the pause it took.
+    async fn run(&mut self) -> Result<(usize, Duration), CatchUpError> {
+        let target = self.target.clone();
+        crate::history::recover::settle(&self.shared.cfg, &target).await.map_err(self.fail())?;
+        let rounds = self.rounds().await?;
+        let t = self.shared.cfg.join_pause_timeout;
+        let asked = Instant::now();
+        let pause = self.shared.order.pause(t).await.ok_or_else(|| {
+            (self.fail())(format!("writes did not pause within join_pause_timeout ({t:?}); a transaction stays open"))
+        })?;
+        let paused = Instant::now();
+        let attached = match self.finish(asked, paused).await {
+            Ok(()) => {
+                let at = Instant::now();
+                target.set_serves_reads(true);
+                let r = self
+                    .shared
+                    .cluster
+                    .set_state(&target.name, BackendState::InSync, "caught up from the update history")
+                    .map_err(|e| (self.fail())(e.to_string()));
+                tracing::debug!(backend = %target.name, state_ms = at.elapsed().as_secs_f64() * 1000.0, "catch-up: state recorded");
+                r
+            }
+            Err(e) => Err(e),
+        };
+        drop(pause);
+        let ms = paused.elapsed();
+        metrics::histogram!("chorus_join_pause_seconds", "step" => "catch_up_attach").record(ms.as_secs_f64());
+        attached.map(|()| (rounds, ms))
+    }
+
+    /// Applies what the target lacks, round after round while clients write, until few
+    /// enough units are left to apply under a write pause. The rounds it took.
+    pub async fn rounds(&mut self) -> Result<usize, CatchUpError> {
+        let target = self.target.clone();
         let mut rounds = 0;
         let mut before = usize::MAX;
         loop {
             rounds += 1;
             let read = Instant::now();
-            let (source, gaps) = self.gaps(target, false).await?;
+            let (source, gaps) = self.gaps(&target, false).await?;
             let left: usize = gaps.values().map(|g| g.missing.len()).sum();
             target.set_applied(self.history.last_serial().saturating_sub(left as u64));
             let read_ms = read.elapsed().as_millis() as u64;
-            tracing::info!(backend = %name, round = rounds, units_missing = left, read_ms, "catch-up round");
+            tracing::info!(backend = %target.name, round = rounds, units_missing = left, read_ms, "catch-up round");
             if attach_now(left, before, rounds) {
-                break;
+                return Ok(rounds);
             }
             before = left;
             // Not yet durable: the flush under the pause makes all of it so at once.
-            self.apply(&source, target, &gaps, BATCH * 4, false).await?;
+            self.apply(&source, &target, &gaps, BATCH * 4, false).await?;
         }
-        // The attach: no unit is in flight under the pause, so the source's history is whole.
-        let t = self.shared.cfg.join_pause_timeout;
-        let asked = Instant::now();
-        let pause =
-            self.shared.order.pause(t).await.ok_or_else(|| {
-                fail(format!("writes did not pause within join_pause_timeout ({t:?}); a transaction stays open"))
-            })?;
-        let paused = Instant::now();
-        // Where the pause goes: reading the serials, applying the last units (and the flush),
-        // comparing sequences, recording the state.
-        let mut marks = [paused; 4];
-        let mut under = 0;
-        let attached = async {
-            let (source, gaps) = self.gaps(target, true).await?;
-            under = gaps.values().map(|g| g.missing.len()).sum();
-            marks[0] = Instant::now();
-            if under == 0 {
-                crate::join::replay::flush(&self.shared.cfg, target).await.map_err(fail)?;
-            } else {
-                self.apply(&source, target, &gaps, usize::MAX, true).await?;
-            }
-            marks[1] = Instant::now();
-            for db in gaps.keys() {
-                self.same_sequences(&source, target, db).await?;
-            }
-            marks[2] = Instant::now();
-            target.set_applied(self.history.last_serial());
-            target.set_serves_reads(true);
-            let r = self
-                .shared
-                .cluster
-                .set_state(&target.name, BackendState::InSync, "caught up from the update history")
-                .map_err(|e| fail(e.to_string()));
-            marks[3] = Instant::now();
-            r
+    }
+
+    /// Under the caller's write pause (asked for at `asked`, held since `paused`): the last
+    /// units applied and made durable, the sequences compared. No unit is in flight under the
+    /// pause, so the source's history is whole and the target then holds all of it.
+    pub async fn finish(&mut self, asked: Instant, paused: Instant) -> Result<(), CatchUpError> {
+        let target = self.target.clone();
+        let (source, gaps) = self.gaps(&target, true).await?;
+        let under: usize = gaps.values().map(|g| g.missing.len()).sum();
+        let read = Instant::now();
+        if under == 0 {
+            crate::join::replay::flush(&self.shared.cfg, &target).await.map_err(self.fail())?;
+        } else {
+            self.apply(&source, &target, &gaps, usize::MAX, true).await?;
         }
-        .await;
-        drop(pause);
-        let ms = paused.elapsed();
+        let applied = Instant::now();
+        for db in gaps.keys() {
+            self.same_sequences(&source, &target, db).await?;
+        }
+        target.set_applied(self.history.last_serial());
         let part = |a: Instant, b: Instant| (b.saturating_duration_since(a).as_secs_f64() * 1000.0 * 10.0).round() / 10.0;
         tracing::info!(
-            backend = %name,
+            backend = %target.name,
             units = under,
             wait_ms = part(asked, paused),
-            read_ms = part(paused, marks[0]),
-            apply_ms = part(marks[0], marks[1]),
-            sequences_ms = part(marks[1], marks[2]),
-            state_ms = part(marks[2], marks[3]),
+            read_ms = part(paused, read),
+            apply_ms = part(read, applied),
+            sequences_ms = part(applied, Instant::now()),
             "catch-up attach: the write pause's parts"
         );
-        metrics::histogram!("chorus_join_pause_seconds", "step" => "catch_up_attach").record(ms.as_secs_f64());
-        attached.map(|()| (rounds, ms))
+        Ok(())
     }
 
     /// Per database of the source (the lead), what the target lacks. `exact`: under the write
@@ -479,7 +509,7 @@ async fn exists_on(cfg: &crate::config::Config, b: &Backend, db: &str) -> Result
     Ok(row.get(0))
 }
 
-impl Job<'_> {
+impl Follow<'_> {
     /// Sequences are not transactional: a unit that ran on the backend before it left drew
     /// values that applying it again cannot give back. Equal, or the backend needs a join.
     async fn same_sequences(&mut self, source: &Backend, target: &Backend, db: &str) -> Result<(), CatchUpError> {

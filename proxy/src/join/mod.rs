@@ -2,15 +2,23 @@
 //! protocol, G7).
 //!
 //! `detach` (two or more in-sync backends): under a write pause the donor leaves the in-sync
-//! set and the diff log starts, so the donor holds a frozen, consistent copy; it is dumped and
-//! restored into the newcomer (the largest tables' rows copied straight across, `copy`); the
-//! log is replayed into both; a second short pause replays the
-//! tail and attaches both. `snapshot` (the only way with one in-sync backend): under a write
-//! pause a REPEATABLE READ transaction on the donor exports its snapshot and the log starts;
-//! the donor keeps serving while pg_dump reads that snapshot; the log is replayed into the
-//! newcomer only. Before the newcomer answers any client it is checked against the lead with
-//! verify's checksums. Any failure leaves the newcomer out with the reason and brings the
-//! donor back through the log (or marks it `needs_rebuild`); clients never see an error.
+//! set, so it holds a frozen, consistent copy; it is dumped and restored into the newcomer
+//! (the largest tables' rows copied straight across, `copy`); what the clients wrote since is
+//! applied to both; a second short pause applies the tail and attaches both. `snapshot` (the
+//! only way with one in-sync backend): under a write pause a REPEATABLE READ transaction on
+//! the donor exports its snapshot; the donor keeps serving while pg_dump reads that snapshot;
+//! what was written since is applied to the newcomer only.
+//!
+//! What was written since comes from the update history (history = true, the default): the
+//! copy carries the donor's history up to the starting point (schema `chorus` is dumped with
+//! the rest), so the newcomer, and the detached donor, are brought up to the in-sync backends
+//! exactly as a catch-up brings back a `down` backend (`catch_up::Follow`), and no second log
+//! is kept. Without the history, sessions write every unit to a diff log on disk for the
+//! join's length, and replayers apply it (`replay`).
+//!
+//! Before the newcomer answers any client it is checked against the lead with verify's
+//! checksums. Any failure leaves the newcomer out with the reason and brings the donor back
+//! (or marks it `needs_rebuild`); clients never see an error.
 
 pub mod catch_up;
 mod copy;
@@ -28,8 +36,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{self, Backend, BackendState, Login};
 use crate::difflog::DiffLog;
+use crate::history::History;
 use crate::shared::Shared;
+use catch_up::Follow;
 use replay::Position;
+
+/// What the attach step gives the check that follows: the lead the newcomer is compared
+/// with, the comparison (none with `skip_verify`), and the write pause in milliseconds.
+type Attached = (Arc<Backend>, Option<crate::verify::Snapshots>, f64);
 
 /// Replay is close enough to the head to attach when this few log bytes remain (a few dozen
 /// small transactions: the tail replayed during the attach pause).
@@ -95,6 +109,8 @@ pub struct Progress {
     pub replayed_units: u64,
     /// Log bytes the slowest replayer still has to apply.
     pub replay_lag_bytes: u64,
+    /// Units the slowest target still lacks.
+    pub replay_lag_units: u64,
     pub detach_pause_ms: Option<f64>,
     pub attach_pause_ms: Option<f64>,
     pub error: Option<String>,
@@ -172,6 +188,7 @@ pub async fn start(shared: Arc<Shared>, req: JoinRequest) -> Result<Progress, Jo
         log_bytes: 0,
         replayed_units: 0,
         replay_lag_bytes: 0,
+        replay_lag_units: 0,
         detach_pause_ms: None,
         attach_pause_ms: None,
         error: None,
@@ -191,6 +208,7 @@ pub async fn start(shared: Arc<Shared>, req: JoinRequest) -> Result<Progress, Jo
             log: None,
             replayers: Vec::new(),
             donor_replayed: false,
+            following: None,
         };
         let result = job.run().await;
         if let Err(e) = result {
@@ -397,6 +415,9 @@ struct Job {
     replayers: Vec<Replayer>,
     /// A replayer into the donor has been started (it may not start over from the beginning).
     donor_replayed: bool,
+    /// With the history: the serial the copy was taken at, and the backends brought up to
+    /// the in-sync ones from there (for the progress).
+    following: Option<(u64, Vec<Arc<Backend>>)>,
 }
 
 impl Job {
@@ -411,8 +432,17 @@ impl Job {
                 p.replay_lag_bytes =
                     self.replayers.iter().map(|r| head.saturating_sub(r.pos.bytes.load(Ordering::Acquire))).max().unwrap_or(head);
                 p.replayed_units = self.replayers.iter().map(|r| r.pos.units.load(Ordering::Acquire)).min().unwrap_or(0);
+                p.replay_lag_units = p.log_units.saturating_sub(p.replayed_units);
                 metrics::gauge!("chorus_join_replay_lag_bytes").set(p.replay_lag_bytes as f64);
             }
+            if let (Some((from, targets)), Some(h)) = (&self.following, &self.shared.history) {
+                let head = h.last_serial();
+                let slowest = targets.iter().map(|t| t.applied()).min().unwrap_or(*from).max(*from);
+                p.log_units = head.saturating_sub(*from);
+                p.replayed_units = slowest - from;
+                p.replay_lag_units = head.saturating_sub(slowest);
+            }
+            metrics::gauge!("chorus_join_replay_lag_units").set(p.replay_lag_units as f64);
             metrics::gauge!("chorus_join_phase").set(p.phase.number());
         }
     }
@@ -431,15 +461,22 @@ impl Job {
 
     async fn run(&mut self) -> Result<(), JoinError> {
         let (exporters, log) = self.detach().await?;
-        self.copy(exporters, &log).await?;
-        self.replay_to_near_head(&log).await?;
-        let (lead, snaps, ms) = self.attach().await?;
+        self.copy(exporters, log.as_ref()).await?;
+        let (lead, snaps, ms) = match (log, self.shared.history.clone()) {
+            (Some(log), _) => {
+                self.replay_to_near_head(&log).await?;
+                self.attach().await?
+            }
+            (None, Some(history)) => self.follow_history(&history).await?,
+            (None, None) => return Err(JoinError::Setup("neither the history nor a diff log to follow".into())),
+        };
         self.verify(lead, snaps, ms).await
     }
 
     /// 1. The starting point, under a write pause: a detached donor, or an exported snapshot
-    ///    per database, with the diff log on.
-    async fn detach(&mut self) -> Result<(Vec<Exporter>, Arc<DiffLog>), JoinError> {
+    ///    per database; the diff log on unless the history is kept (then pruning keeps every
+    ///    entry after this point until the join ends).
+    async fn detach(&mut self) -> Result<(Vec<Exporter>, Option<Arc<DiffLog>>), JoinError> {
         let shared = self.shared.clone();
         let (donor, newcomer) = (self.plan.donor.clone(), self.plan.newcomer.clone());
         self.phase(Phase::Detaching);
@@ -450,7 +487,12 @@ impl Job {
                 exporters.push(Exporter { db: db.clone(), client: c, snapshot: String::new(), sequences: Vec::new() });
             }
         }
-        let log = Arc::new(DiffLog::create(&self.plan.work.join("diff.log")).map_err(|e| JoinError::Setup(e.to_string()))?);
+        let log = match self.shared.history {
+            Some(_) => None,
+            None => {
+                Some(Arc::new(DiffLog::create(&self.plan.work.join("diff.log")).map_err(|e| JoinError::Setup(e.to_string()))?))
+            }
+        };
         let pause = self.pause("detach").await?;
         let paused = Instant::now();
         let mut started = Ok(());
@@ -478,14 +520,28 @@ impl Job {
             }
         }
         if started.is_ok() {
-            shared.difflog.set(Some(log.clone()));
-            self.log = Some(log.clone());
+            if let Some(log) = &log {
+                shared.difflog.set(Some(log.clone()));
+                self.log = Some(log.clone());
+            }
+            if let Some(h) = &shared.history {
+                // No unit is in flight: the copy holds every unit up to this serial.
+                let from = h.last_serial();
+                h.hold_after(Some(from));
+                let mut targets = vec![newcomer.clone()];
+                if self.plan.method == Method::Detach {
+                    targets.insert(0, donor.clone());
+                }
+                self.following = Some((from, targets));
+            }
             if self.plan.method == Method::Detach {
-                if let Err(e) = shared.cluster.set_state(
-                    &donor.name,
-                    BackendState::Detached,
-                    &format!("donor for the join of {}", newcomer.name),
-                ) {
+                let why = format!("donor for the join of {}", newcomer.name);
+                // Whole at this point, a donor the history can bring back stays one.
+                let set = match shared.history {
+                    Some(_) => shared.cluster.set_state_catching_up(&donor.name, BackendState::Detached, &why),
+                    None => shared.cluster.set_state(&donor.name, BackendState::Detached, &why),
+                };
+                if let Err(e) = set {
                     started = Err(JoinError::Setup(e.to_string()));
                 }
             }
@@ -502,7 +558,7 @@ impl Job {
     ///    to their values at the starting point. pg_dump takes the schema and the small
     ///    tables; the largest tables' rows go straight from the donor into the newcomer (see
     ///    copy.rs).
-    async fn copy(&mut self, exporters: Vec<Exporter>, log: &Arc<DiffLog>) -> Result<(), JoinError> {
+    async fn copy(&mut self, exporters: Vec<Exporter>, log: Option<&Arc<DiffLog>>) -> Result<(), JoinError> {
         let shared = self.shared.clone();
         let (donor, newcomer) = (self.plan.donor.clone(), self.plan.newcomer.clone());
         self.phase(Phase::Dumping);
@@ -544,9 +600,9 @@ impl Job {
             self.watch(async { futures::try_join!(rows, rest).map(|_| ()) }, &size_conn, &copied).await?;
             tracing::info!(database = %db, tables_copied = tables.len(), seconds = at.elapsed().as_secs_f64(), "join loaded the rows");
         }
-        // Every row has been read from the donor: a detached donor catches up with the log
-        // while the newcomer builds its indexes and constraints.
-        if self.plan.method == Method::Detach {
+        // Every row has been read from the donor: a detached donor catches up with the diff
+        // log while the newcomer builds its indexes and constraints.
+        if let Some(log) = log.filter(|_| self.plan.method == Method::Detach) {
             self.start_replayer(donor.clone(), log.clone());
         }
         // The snapshots are no longer needed.
@@ -593,22 +649,11 @@ impl Job {
 
     /// 4. Attach: pause, replay the tail, both in sync, resume. Returns the lead the newcomer
     ///    is compared with, the snapshots to compare (none with `skip_verify`) and the pause.
-    async fn attach(&mut self) -> Result<(Arc<Backend>, Option<crate::verify::Snapshots>, f64), JoinError> {
+    async fn attach(&mut self) -> Result<Attached, JoinError> {
         let shared = self.shared.clone();
-        let (donor, newcomer) = (self.plan.donor.clone(), self.plan.newcomer.clone());
+        let donor = self.plan.donor.clone();
         self.phase(Phase::Attaching);
-        let lead =
-            shared.cluster.in_sync().into_iter().next().ok_or_else(|| JoinError::Setup("no in-sync backend left".into()))?;
-        let snaps = if self.plan.skip_verify {
-            None
-        } else {
-            let pair = vec![lead.clone(), newcomer.clone()];
-            Some(
-                crate::verify::prepare(&shared.cfg, &pair, &self.plan.databases)
-                    .await
-                    .map_err(|e| JoinError::Setup(e.to_string()))?,
-            )
-        };
+        let (lead, snaps) = self.prepare_verify().await?;
         let pause = self.pause("attach").await?;
         let paused = Instant::now();
         let results = self.finish_replay().await;
@@ -625,26 +670,90 @@ impl Job {
             let _ = shared.cluster.set_state(&donor.name, BackendState::InSync, "back from a failed join");
         }
         if attached.is_ok() {
-            if let Some(s) = &snaps {
-                attached = s.begin().await.map_err(|e| JoinError::Setup(e.to_string()));
-            }
+            attached = self.attach_states(snaps.as_ref()).await;
         }
+        self.attached(pause, paused, attached, lead, snaps)
+    }
+
+    /// 3 and 4 with the history: the newcomer (and a detached donor) follow the in-sync
+    /// backends' history from the starting point, in rounds while clients write, then the
+    /// last units under the attach pause.
+    async fn follow_history(&mut self, history: &History) -> Result<Attached, JoinError> {
+        self.phase(Phase::Replaying);
+        let shared = self.shared.clone();
+        let targets = self.following.as_ref().map(|(_, t)| t.clone()).unwrap_or_default();
+        let mut follows: Vec<Follow> = targets.iter().map(|t| Follow::new(&shared, history, t.clone())).collect();
+        let rounds = futures::future::try_join_all(follows.iter_mut().map(|f| f.rounds()));
+        self.ticking(rounds).await.map_err(|e| JoinError::Replay(e.to_string()))?;
+        self.phase(Phase::Attaching);
+        let (lead, snaps) = self.prepare_verify().await?;
+        let asked = Instant::now();
+        let pause = self.pause("attach").await?;
+        let paused = Instant::now();
+        let finished = futures::future::try_join_all(follows.iter_mut().map(|f| f.finish(asked, paused))).await;
+        let mut attached = finished.map(|_| ()).map_err(|e| JoinError::Replay(e.to_string()));
         if attached.is_ok() {
-            shared.difflog.set(None);
-            newcomer.set_serves_reads(self.plan.skip_verify);
-            let mut set = shared.cluster.set_state(&newcomer.name, BackendState::InSync, "joined");
-            if set.is_ok() && self.plan.method == Method::Detach {
-                set = shared.cluster.set_state(&donor.name, BackendState::InSync, "back from donating");
-            }
-            attached = set.map_err(|e| JoinError::Setup(e.to_string()));
+            attached = self.attach_states(snaps.as_ref()).await;
         }
+        self.attached(pause, paused, attached, lead, snaps)
+    }
+
+    /// The lead the newcomer will be compared with, and the comparison made ready (None with
+    /// `skip_verify`).
+    async fn prepare_verify(&self) -> Result<(Arc<Backend>, Option<crate::verify::Snapshots>), JoinError> {
+        let shared = &self.shared;
+        let lead =
+            shared.cluster.in_sync().into_iter().next().ok_or_else(|| JoinError::Setup("no in-sync backend left".into()))?;
+        if self.plan.skip_verify {
+            return Ok((lead, None));
+        }
+        let pair = vec![lead.clone(), self.plan.newcomer.clone()];
+        let snaps = crate::verify::prepare(&shared.cfg, &pair, &self.plan.databases)
+            .await
+            .map_err(|e| JoinError::Setup(e.to_string()))?;
+        Ok((lead, Some(snaps)))
+    }
+
+    /// Under the attach pause, the newcomer (and the donor) caught up: the comparison's
+    /// snapshots taken, and both in sync.
+    async fn attach_states(&self, snaps: Option<&crate::verify::Snapshots>) -> Result<(), JoinError> {
+        let shared = &self.shared;
+        let (donor, newcomer) = (&self.plan.donor, &self.plan.newcomer);
+        if let Some(s) = snaps {
+            s.begin().await.map_err(|e| JoinError::Setup(e.to_string()))?;
+        }
+        shared.difflog.set(None);
+        newcomer.set_serves_reads(self.plan.skip_verify);
+        shared.cluster.set_state(&newcomer.name, BackendState::InSync, "joined").map_err(|e| JoinError::Setup(e.to_string()))?;
+        if self.plan.method == Method::Detach {
+            shared
+                .cluster
+                .set_state(&donor.name, BackendState::InSync, "back from donating")
+                .map_err(|e| JoinError::Setup(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Ends the attach pause and records it; on success the newcomer's health check starts.
+    fn attached(
+        &mut self,
+        pause: crate::order::LockOwner,
+        paused: Instant,
+        attached: Result<(), JoinError>,
+        lead: Arc<Backend>,
+        snaps: Option<crate::verify::Snapshots>,
+    ) -> Result<Attached, JoinError> {
         drop(pause);
         let ms = paused.elapsed().as_secs_f64() * 1000.0;
         metrics::histogram!("chorus_join_pause_seconds", "step" => "attach").record(ms / 1000.0);
         self.update(|p| p.attach_pause_ms = Some(ms));
         attached?;
         self.log = None;
-        cluster::spawn_health_check(shared.cfg.clone(), shared.cluster.clone(), newcomer.clone(), shared.stop.clone());
+        // In sync: the lag is over, whatever the clients write from now on.
+        self.following = None;
+        self.update(|p| p.replay_lag_units = 0);
+        let shared = &self.shared;
+        cluster::spawn_health_check(shared.cfg.clone(), shared.cluster.clone(), self.plan.newcomer.clone(), shared.stop.clone());
         Ok((lead, snaps, ms))
     }
 
@@ -671,6 +780,21 @@ impl Job {
         self.phase(Phase::Done);
         tracing::info!(backend = %newcomer.name, seconds = self.started.elapsed().as_secs_f64(), "join complete");
         Ok(())
+    }
+
+    /// Runs `fut` to completion, updating the progress every half second meanwhile.
+    async fn ticking<T>(&self, fut: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(fut);
+        let mut every = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                r = &mut fut => {
+                    self.update(|_| {});
+                    return r;
+                }
+                _ = every.tick() => self.update(|_| {}),
+            }
+        }
     }
 
     /// Runs a step to completion, updating the progress every half second meanwhile: bytes
@@ -770,6 +894,12 @@ impl Job {
             let back = self.return_donor().await;
             donor_outcome = Some(match back {
                 Ok(()) => format!("{} is back in sync", donor.name),
+                // Whole, it catches up from the history once it can.
+                Err(e) if shared.history.is_some() => {
+                    let reason = format!("its join as donor failed and it could not catch up yet: {e}");
+                    let _ = shared.cluster.set_state_catching_up(&donor.name, BackendState::Down, &reason);
+                    format!("{} is down and catches up from the update history: {e}", donor.name)
+                }
                 Err(e) => {
                     let reason = format!("its join as donor failed and it could not catch up: {e}");
                     let _ = shared.cluster.set_state(&donor.name, BackendState::NeedsRebuild, &reason);
@@ -787,9 +917,26 @@ impl Job {
         });
     }
 
-    /// Replays the log into the donor up to the head under a pause and attaches it.
+    /// Brings the donor up to the head (from the history, or the diff log) and, under a
+    /// pause, attaches it.
     async fn return_donor(&mut self) -> Result<(), JoinError> {
         let donor = self.plan.donor.clone();
+        if let Some(history) = self.shared.history.clone() {
+            let shared = self.shared.clone();
+            let mut follow = Follow::new(&shared, &history, donor.clone());
+            follow.rounds().await.map_err(|e| JoinError::Replay(e.to_string()))?;
+            let asked = Instant::now();
+            let pause = self.pause("return the donor").await?;
+            let res = follow.finish(asked, Instant::now()).await.map_err(|e| JoinError::Replay(e.to_string()));
+            if res.is_ok() {
+                shared
+                    .cluster
+                    .set_state(&donor.name, BackendState::InSync, "back from a failed join")
+                    .map_err(|e| JoinError::Setup(e.to_string()))?;
+            }
+            drop(pause);
+            return res;
+        }
         let log = self.log.clone().ok_or_else(|| JoinError::Setup("the diff log never started".into()))?;
         if log.failed().is_some() {
             return Err(JoinError::Replay("the diff log failed".into()));
@@ -831,6 +978,9 @@ impl Job {
         }
         self.shared.difflog.set(None);
         self.log = None;
+        if let Some(h) = &self.shared.history {
+            h.hold_after(None);
+        }
         let _ = std::fs::remove_dir_all(&self.plan.work);
     }
 }

@@ -103,8 +103,8 @@ function renderJoin(j) {
   const facts = [
     ["phase", p.phase], ["elapsed", (j.running ? Math.max(p.elapsed_seconds, Date.now() / 1000 - p.started_unix) : p.elapsed_seconds).toFixed(1) + " s"],
     ["dumped", bytes(p.bytes_dumped)], ["restored", bytes(p.bytes_restored)],
-    ["units logged", String(p.log_units)], ["units replayed", String(p.replayed_units)],
-    ["replay lag", bytes(p.replay_lag_bytes)],
+    ["units written since", String(p.log_units)], ["units applied", String(p.replayed_units)],
+    ["lag", String(p.replay_lag_units) + " units"],
     ["detach pause", p.detach_pause_ms == null ? "–" : p.detach_pause_ms.toFixed(1) + " ms"],
     ["attach pause", p.attach_pause_ms == null ? "–" : p.attach_pause_ms.toFixed(1) + " ms"],
   ];
