@@ -188,9 +188,10 @@ async fn every_shape_replays_to_identical_data() {
 }
 
 /// Units that wrote the same rows are applied in their serial order, others side by side.
-/// While the backend is away: a slow unit that writes a row after a bulk insert, then a fast
-/// one that overwrites the row (applied side by side, the fast one would land first and be
-/// overwritten); and four sessions overwriting five rows (the last writer decides each value).
+/// While the backend is away: a slow unit (a bulk insert, then a row written after a 2.5 s
+/// sleep, longer than backend_timeout), then a fast one that overwrites the row (applied side
+/// by side, the fast one would land first and be overwritten); and four sessions overwriting
+/// five rows (the last writer decides each value).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicting_units_are_applied_in_their_order() {
     let s =
@@ -208,7 +209,10 @@ async fn conflicting_units_are_applied_in_their_order() {
     c.batch_execute("UPDATE cells SET v = -1").await.unwrap();
     await_state(&s, "pg2", "down", 30).await;
     // Statement by statement: a transaction in one Query is applied with nothing beside it.
-    for sql in ["BEGIN", "INSERT INTO bulk SELECT g FROM generate_series(1, 400000) g", "UPDATE pair SET v = 1", "COMMIT"] {
+    // It runs longer than backend_timeout (2 s), and applying it takes as long: a long unit
+    // is no sign of a dead backend.
+    let slow = "UPDATE pair SET v = 1 WHERE pg_sleep(2.5) IS NOT NULL";
+    for sql in ["BEGIN", "INSERT INTO bulk SELECT g FROM generate_series(1, 400000) g", slow, "COMMIT"] {
         c.batch_execute(sql).await.unwrap();
     }
     c.batch_execute("UPDATE pair SET v = 2 WHERE id = 1").await.unwrap();
@@ -253,6 +257,40 @@ async fn conflicting_units_are_applied_in_their_order() {
         assert_eq!(v, 2, "port {}: the slow unit was applied after the fast one", srv.port());
     }
     assert!(cells[0].iter().all(|(_, v, by)| *v >= 0 && v % 10 == *by), "{:?}", cells[0]);
+}
+
+/// A backend that hangs (SIGSTOP) while a long unit is being applied to it fails the catch-up
+/// within a health probe, instead of holding it (and every later catch-up and join) forever;
+/// resumed, it is caught up on request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_hangs_while_units_are_applied_fails_the_catch_up() {
+    let extra = "backend_timeout = \"2s\"\nhealth_check_timeout = \"2s\"\nauto_catch_up = false";
+    let s = Setup::with(2, ChorusOptions { extra: extra.into(), ..Default::default() }).await;
+    let c = s.client().await;
+    c.batch_execute("CREATE TABLE slow (id int PRIMARY KEY, v int); INSERT INTO slow VALUES (1, 0)").await.unwrap();
+    s.servers[1].pause();
+    c.batch_execute("UPDATE slow SET v = -1").await.unwrap();
+    await_state(&s, "pg2", "down", 30).await;
+    c.batch_execute("UPDATE slow SET v = 1 WHERE pg_sleep(6) IS NOT NULL").await.unwrap();
+    s.servers[1].resume();
+    let ctl = {
+        let mut cmd = s.chorus.chorusctl_command(&["catch-up", "pg2"]);
+        tokio::task::spawn_blocking(move || sh(&mut cmd))
+    };
+    // The long unit is running on pg2: then pg2 hangs.
+    let q = "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%pg_sleep(6)%' AND state = 'active' AND pid <> pg_backend_pid()";
+    await_row::<i32>(&s.servers[1], q, &[], "the long unit applied on pg2").await;
+    s.servers[1].pause();
+    let (ok, out) =
+        tokio::time::timeout(Duration::from_secs(60), ctl).await.expect("the catch-up hangs with its backend").unwrap();
+    assert!(!ok && out.contains("pg2 stopped answering while units were applied"), "{out}");
+    assert_eq!(s.chorus.states()["pg2"], "down");
+    s.servers[1].resume();
+    // The writes go on meanwhile; pg2 comes back on request.
+    c.batch_execute("UPDATE slow SET v = 2").await.unwrap();
+    let (ok, out) = s.chorus.chorusctl(&["catch-up", "pg2"]);
+    assert!(ok, "{out}\n{}", s.chorus.log());
+    assert_all_equal(&s).await;
 }
 
 /// A backend whose missing units were pruned is refused with one line saying it needs a join;

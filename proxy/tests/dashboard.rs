@@ -163,6 +163,10 @@ async fn the_dashboard_shows_the_cluster_and_drives_it() {
     b.wait(&format!("{} === 'in_sync'", state_of("pg4")), REFRESH * 2).await.unwrap();
     let phases_done = b.eval("document.querySelectorAll('#join-phases li.done').length").await.unwrap();
     assert_eq!(phases_done, serde_json::json!(7), "every phase shows as done");
+    // The bar is full once its width's transition has run.
+    let full = "(() => { const b = document.getElementById('join-bar'); \
+                return b.getBoundingClientRect().width >= b.parentElement.getBoundingClientRect().width - 0.5; })()";
+    b.wait(full, REFRESH * 2).await.unwrap();
     shot(&mut b, "06-join-done").await;
 
     // Verify from the page: the result in place.

@@ -37,6 +37,9 @@ const LANES: usize = 3;
 /// for every commit before it.
 const FLUSH: &str = "BEGIN; SELECT txid_current(); SET LOCAL synchronous_commit = on; COMMIT";
 
+/// No deadline for a lane's replies (a day): `while_alive` watches the target instead.
+const UNBOUNDED: std::time::Duration = std::time::Duration::from_secs(86_400);
+
 /// A connection's login: the user and the startup parameters.
 type Key = (String, Vec<(String, String)>);
 
@@ -115,13 +118,15 @@ impl<'a> Applier<'a> {
     /// go back to the pool (one that failed is dropped).
     async fn run_batch(&mut self, work: Vec<Lane>, units: &[HistoryUnit], entries: &[(u64, &[u8])]) -> Result<(), ApplyError> {
         let timeout = self.cfg.backend_timeout;
+        // A unit may take as long to apply as it took to run (a bulk load, a long UPDATE): the
+        // lanes have no deadline of their own while the target answers its health probe.
         let ran = futures::future::join_all(work.into_iter().map(|(key, mut conn, plans)| async move {
             let reqs: Vec<(&[u8], bool)> =
                 plans.iter().flat_map(|(_, p)| p.iter()).map(|st| (&st.frames[..], st.hash_rows)).collect();
-            let got = fanout::conn::run_requests(&mut conn, &reqs, timeout).await;
+            let got = fanout::conn::run_requests(&mut conn, &reqs, UNBOUNDED).await;
             (key, conn, plans, got)
-        }))
-        .await;
+        }));
+        let ran = self.while_alive(ran).await?;
         let mut first_error = None;
         for (key, mut conn, plans, got) in ran {
             let got = match got {
@@ -154,6 +159,24 @@ impl<'a> Applier<'a> {
             self.conns.entry(key).or_default().push(conn);
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Runs `work` while the target answers a health probe every `backend_timeout`; one that
+    /// does not answer (a hung or vanished server) fails it.
+    async fn while_alive<T>(&self, work: impl std::future::Future<Output = T>) -> Result<T, ApplyError> {
+        tokio::pin!(work);
+        let every = self.cfg.backend_timeout;
+        loop {
+            tokio::select! {
+                done = &mut work => return Ok(done),
+                _ = tokio::time::sleep(every) => {
+                    if let Err(e) = crate::cluster::probe(self.cfg, &self.target, self.cfg.health_check_timeout).await {
+                        let name = &self.target.name;
+                        return Err(ApplyError::Failed(format!("{name} stopped answering while units were applied: {e}")));
+                    }
+                }
+            }
+        }
     }
 
     /// Makes everything applied so far durable: a commit that waits for the WAL flush.
