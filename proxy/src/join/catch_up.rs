@@ -265,12 +265,20 @@ impl<'a> Follow<'a> {
         |e| CatchUpError::Failed(self.target.name.clone(), e)
     }
 
-    /// The catch-up: leftover sessions ended, the rounds, the pause, the last units, and the
-    /// backend in sync. The rounds and the pause it took.
+    /// The catch-up: leftover sessions ended, the rounds, then the attach. The rounds and the
+    /// pause it took.
     async fn run(&mut self) -> Result<(usize, Duration), CatchUpError> {
         let target = self.target.clone();
         crate::history::recover::settle(&self.shared.cfg, &target).await.map_err(self.fail())?;
         let rounds = self.rounds().await?;
+        let ms = self.attach_alone("caught up from the update history", "catch_up_attach").await?;
+        Ok((rounds, ms))
+    }
+
+    /// Under a write pause of its own (`step` names it in the pause histogram): the last units
+    /// (`finish`), then the target in sync with `reason`. The pause it took.
+    pub async fn attach_alone(&mut self, reason: &str, step: &'static str) -> Result<Duration, CatchUpError> {
+        let target = self.target.clone();
         let t = self.shared.cfg.join_pause_timeout;
         let asked = Instant::now();
         let pause = self.shared.order.pause(t).await.ok_or_else(|| {
@@ -284,7 +292,7 @@ impl<'a> Follow<'a> {
                 let r = self
                     .shared
                     .cluster
-                    .set_state(&target.name, BackendState::InSync, "caught up from the update history")
+                    .set_state(&target.name, BackendState::InSync, reason)
                     .map_err(|e| (self.fail())(e.to_string()));
                 tracing::debug!(backend = %target.name, state_ms = at.elapsed().as_secs_f64() * 1000.0, "catch-up: state recorded");
                 r
@@ -293,8 +301,8 @@ impl<'a> Follow<'a> {
         };
         drop(pause);
         let ms = paused.elapsed();
-        metrics::histogram!("chorus_join_pause_seconds", "step" => "catch_up_attach").record(ms.as_secs_f64());
-        attached.map(|()| (rounds, ms))
+        metrics::histogram!("chorus_join_pause_seconds", "step" => step).record(ms.as_secs_f64());
+        attached.map(|()| ms)
     }
 
     /// Applies what the target lacks, round after round while clients write, until few

@@ -784,17 +784,7 @@ impl Job {
 
     /// Runs `fut` to completion, updating the progress every half second meanwhile.
     async fn ticking<T>(&self, fut: impl std::future::Future<Output = T>) -> T {
-        tokio::pin!(fut);
-        let mut every = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            tokio::select! {
-                r = &mut fut => {
-                    self.update(|_| {});
-                    return r;
-                }
-                _ = every.tick() => self.update(|_| {}),
-            }
-        }
+        self.every_half_second(fut, || async { self.update(|_| {}) }).await
     }
 
     /// Runs a step to completion, updating the progress every half second meanwhile: bytes
@@ -805,15 +795,24 @@ impl Job {
         size: &Client,
         copied: &AtomicU64,
     ) -> Result<(), JoinError> {
+        self.every_half_second(fut, || self.tick(size, copied)).await
+    }
+
+    /// Runs `fut` to completion, calling `tick` every half second meanwhile and once at the end.
+    async fn every_half_second<T, F: std::future::Future<Output = ()>>(
+        &self,
+        fut: impl std::future::Future<Output = T>,
+        tick: impl Fn() -> F,
+    ) -> T {
         tokio::pin!(fut);
         let mut every = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
                 r = &mut fut => {
-                    self.tick(size, copied).await;
+                    tick().await;
                     return r;
                 }
-                _ = every.tick() => self.tick(size, copied).await,
+                _ = every.tick() => tick().await,
             }
         }
     }
@@ -925,17 +924,8 @@ impl Job {
             let shared = self.shared.clone();
             let mut follow = Follow::new(&shared, &history, donor.clone());
             follow.rounds().await.map_err(|e| JoinError::Replay(e.to_string()))?;
-            let asked = Instant::now();
-            let pause = self.pause("return the donor").await?;
-            let res = follow.finish(asked, Instant::now()).await.map_err(|e| JoinError::Replay(e.to_string()));
-            if res.is_ok() {
-                shared
-                    .cluster
-                    .set_state(&donor.name, BackendState::InSync, "back from a failed join")
-                    .map_err(|e| JoinError::Setup(e.to_string()))?;
-            }
-            drop(pause);
-            return res;
+            let back = follow.attach_alone("back from a failed join", "return_donor").await;
+            return back.map(drop).map_err(|e| JoinError::Replay(e.to_string()));
         }
         let log = self.log.clone().ok_or_else(|| JoinError::Setup("the diff log never started".into()))?;
         if log.failed().is_some() {
