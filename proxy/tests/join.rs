@@ -157,7 +157,7 @@ async fn a_join_keeps_the_history_it_follows_from_pruning() {
     let mut s = Setup::with(2, ChorusOptions { extra, ..ChorusOptions::default() }).await;
     pgbench_init(&s, "5");
     let newcomer = PgServer::start(PgOptions::default()).await.unwrap();
-    let mut load = pgbench_load(&s, 30, &["-R", "200"]);
+    let mut load = pgbench_load(&s, 60, &["-R", "200"]);
     wait_for_rows(&s, "SELECT count(*) FROM pgbench_history", 50).await;
     let port = newcomer.port().to_string();
     let (ok, out) =
