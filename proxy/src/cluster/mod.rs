@@ -9,6 +9,7 @@
 
 mod health;
 mod state;
+pub mod signals;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -52,6 +53,8 @@ pub struct Backend {
     /// (address, user, database) of the health check's login last seen not to ask for a
     /// cleartext password (see `health::asks_cleartext`).
     pub(crate) no_cleartext: Mutex<Option<(String, String, String)>>,
+    /// Pid signals clients sent through Chorus to this backend (see `signals`).
+    pub signals: signals::PidSignals,
 }
 
 impl Backend {
@@ -130,6 +133,7 @@ impl Backend {
             catch_up: AtomicBool::new(catch_up),
             tls,
             no_cleartext: Mutex::new(None),
+            signals: signals::PidSignals::default(),
         }
     }
 }

@@ -56,6 +56,9 @@ pub struct Ended {
     /// backends and not on this one.
     pub at_risk: Option<u64>,
     pub why: String,
+    /// Its requests wait for the health check before they go on without it (it ended with
+    /// 57P01: a client's pid signal may have ended the whole session).
+    pub held: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

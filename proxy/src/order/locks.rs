@@ -16,18 +16,20 @@ use std::task::Waker;
 pub enum Res {
     /// The whole cluster: X for what cannot be analysed, intentions for everything else.
     Global,
+    /// A relation, by its name (`order::name_key`).
     Table {
         db: u32,
-        oid: u32,
+        name: u64,
     },
     Key {
         db: u32,
         index: u32,
         hash: u64,
     },
+    /// A sequence, by its name.
     Sequence {
         db: u32,
-        oid: u32,
+        name: u64,
     },
 }
 
@@ -152,20 +154,31 @@ impl LockOwner {
         !self.held.is_empty()
     }
 
+    /// Whether this session holds `res` at least in `mode`.
+    pub fn holds(&self, res: Res, mode: Mode) -> bool {
+        self.held.get(&res).is_some_and(|h| h.covers(mode))
+    }
+
     /// What this session holds, as (resource hash, mode number): how the diff log records a
     /// unit's locks so that replay can tell which units may run side by side.
-    pub fn summary(&self) -> Vec<(u64, u8)> {
+    /// `ddl`: the unit changed the catalog; it is summarised as holding the cluster-wide lock
+    /// too, so that a replay runs it alone: what it names by name and what later units name
+    /// by the tables it created must not be told apart.
+    pub fn summary(&self, ddl: bool) -> Vec<(u64, u8)> {
         use std::hash::{Hash, Hasher};
-        self.held
-            .iter()
-            .map(|(r, m)| {
-                // DefaultHasher::new() has fixed keys: the same resource hashes the same way
-                // in the replayer (the same process).
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                r.hash(&mut h);
-                (h.finish(), m.number())
-            })
-            .collect()
+        let hash = |r: &Res| {
+            // DefaultHasher::new() has fixed keys: the same resource hashes the same way
+            // in the replayer (the same process).
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            r.hash(&mut h);
+            h.finish()
+        };
+        let mut out: Vec<(u64, u8)> = self.held.iter().map(|(r, m)| (hash(r), m.number())).collect();
+        if ddl {
+            out.retain(|(h, _)| *h != hash(&Res::Global));
+            out.push((hash(&Res::Global), Mode::Exclusive.number()));
+        }
+        out
     }
 
     /// Takes every lock in `want` (in order), or queues for the first it cannot have yet.
@@ -390,8 +403,8 @@ mod tests {
     use futures::task::noop_waker_ref;
     use Mode::*;
 
-    const T: Res = Res::Table { db: 1, oid: 10 };
-    const U: Res = Res::Table { db: 1, oid: 11 };
+    const T: Res = Res::Table { db: 1, name: 10 };
+    const U: Res = Res::Table { db: 1, name: 11 };
 
     fn w() -> &'static Waker {
         noop_waker_ref()

@@ -47,14 +47,37 @@ impl WriteOrder {
     }
 }
 
+/// A relation's lock resource key: its name (FNV-1a, the same in every process and build),
+/// so that DDL, which names relations that may not exist yet, meets the writes of the same
+/// relation. Two relations of one name in different schemas share it: they only wait for
+/// each other.
+pub fn name_key(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// What a write needs from outside its analysis to be locked.
+pub struct LockInput<'a> {
+    pub db: u32,
+    pub bind: Option<&'a BindView<'a>>,
+    /// A relation's name by oid (the catalog the analysis was made with).
+    pub name_of: &'a dyn Fn(u32) -> Option<u64>,
+    /// It takes the cluster-wide lock whatever the analysis says (a table it writes is not
+    /// one its own DDL locked; DDL analysed with a catalog that cannot be trusted for names).
+    pub global: bool,
+}
+
 /// Appends the locks a write needs to `out`, in a fixed order: the cluster-wide resource,
-/// then tables, keys and sequences. Key values come from literals or `bind`'s parameters;
-/// a key Chorus cannot read (binary of an odd type, NULL) becomes a table-exclusive lock.
-pub fn lock_set(a: &Analysis, db: u32, bind: Option<&BindView<'_>>, out: &mut Vec<(Res, Mode)>) {
-    if a.global {
+/// then tables (by name), keys and sequences (by name). Key values come from literals or
+/// `bind`'s parameters; a key Chorus cannot read (binary of an odd type, NULL) becomes a
+/// table-exclusive lock.
+pub fn lock_set(a: &Analysis, input: &LockInput<'_>, out: &mut Vec<(Res, Mode)>) {
+    let (db, bind) = (input.db, input.bind);
+    let known = a.tables.iter().map(|t| t.0).chain(a.keys.iter().map(|k| k.table)).chain(a.sequences.iter().copied()).all(|o| (input.name_of)(o).is_some());
+    if a.global || input.global || !known {
         out.push((Res::Global, Mode::Exclusive));
         return;
     }
+    let table = |oid: u32| Res::Table { db, name: (input.name_of)(oid).unwrap_or_default() };
     out.push((Res::Global, Mode::IntentExclusive));
     let start = out.len();
     let mut key_locks = Vec::new();
@@ -85,10 +108,13 @@ pub fn lock_set(a: &Analysis, db: u32, bind: Option<&BindView<'_>>, out: &mut Ve
             TableMode::Keyed => Mode::IntentExclusive,
             TableMode::Exclusive => Mode::Exclusive,
         };
-        out.push((Res::Table { db, oid }, m));
+        out.push((table(oid), m));
     }
     for oid in exclusive_tables {
-        out.push((Res::Table { db, oid }, Mode::Exclusive));
+        out.push((table(oid), Mode::Exclusive));
+    }
+    for name in a.names.iter().chain(&a.own_targets) {
+        out.push((Res::Table { db, name: name_key(name) }, Mode::Exclusive));
     }
     // One lock per table at the strongest mode asked for, in a fixed order.
     let tables = &mut out[start..];
@@ -105,10 +131,12 @@ pub fn lock_set(a: &Analysis, db: u32, bind: Option<&BindView<'_>>, out: &mut Ve
     key_locks.sort();
     key_locks.dedup();
     out.extend(key_locks);
-    let mut seqs: Vec<u32> = a.sequences.clone();
+    // A sequence by its name too: DDL that names it (ALTER SEQUENCE) meets nextval.
+    let mut seqs: Vec<u64> = a.sequences.iter().filter_map(|&o| (input.name_of)(o)).collect();
+    seqs.extend(a.names.iter().map(|n| name_key(n)));
     seqs.sort_unstable();
     seqs.dedup();
-    out.extend(seqs.into_iter().map(|oid| (Res::Sequence { db, oid }, Mode::Exclusive)));
+    out.extend(seqs.into_iter().map(|name| (Res::Sequence { db, name }, Mode::Exclusive)));
 }
 
 /// The canonical text of a bound key value, or None when Chorus cannot compare it.
@@ -150,7 +178,7 @@ mod tests {
             body.extend_from_slice(&0i16.to_be_bytes());
             let view = crate::protocol::message::bind_view(&body).expect("bind");
             let mut out = Vec::new();
-            lock_set(&a, 1, Some(&view), &mut out);
+            lock_set(&a, &LockInput { db: 1, bind: Some(&view), name_of: &|o| Some(u64::from(o)), global: false }, &mut out);
             out
         };
         let text = key(0, b"0042");
@@ -162,14 +190,39 @@ mod tests {
         assert_ne!(text[2], other[2]);
         // A float in binary is not comparable: the table is locked instead.
         let odd = key(1, &[1, 2, 3]);
-        assert_eq!(odd[1], (Res::Table { db: 1, oid: 7 }, Mode::Exclusive));
+        assert_eq!(odd[1], (Res::Table { db: 1, name: 7 }, Mode::Exclusive));
     }
 
     #[test]
     fn unanalysable_takes_the_cluster_wide_lock() {
         let a = Analysis { class: crate::sql::Class::UNKNOWN, global: true, ..Analysis::default() };
         let mut out = Vec::new();
-        lock_set(&a, 1, None, &mut out);
+        lock_set(&a, &LockInput { db: 1, bind: None, name_of: &|o| Some(u64::from(o)), global: false }, &mut out);
+        assert_eq!(out, vec![(Res::Global, Mode::Exclusive)]);
+    }
+
+    #[test]
+    fn ddl_and_writes_of_one_table_meet_on_its_name() {
+        let names = |o: u32| (o == 7).then(|| name_key("orders"));
+        let write = Analysis { class: crate::sql::Class::UNKNOWN, tables: vec![(7, TableMode::Keyed)], ..Analysis::default() };
+        let ddl = Analysis { class: crate::sql::Class::UNKNOWN, names: vec!["orders".into()], ..Analysis::default() };
+        let other = Analysis { class: crate::sql::Class::UNKNOWN, names: vec!["items".into()], ..Analysis::default() };
+        let locks = |a: &Analysis| {
+            let mut out = Vec::new();
+            lock_set(a, &LockInput { db: 1, bind: None, name_of: &names, global: false }, &mut out);
+            out
+        };
+        let (w, d, o) = (locks(&write), locks(&ddl), locks(&other));
+        let orders = Res::Table { db: 1, name: name_key("orders") };
+        assert!(w.contains(&(orders, Mode::IntentExclusive)), "{w:?}");
+        assert!(d.contains(&(orders, Mode::Exclusive)), "{d:?}");
+        assert!(!o.iter().any(|(r, _)| *r == orders), "another table's DDL does not touch it: {o:?}");
+        assert_eq!(d[0], (Res::Global, Mode::IntentExclusive), "no cluster-wide lock for DDL that names");
+        // An oid the catalog does not know, or a caller's say-so: the cluster-wide lock.
+        let unknown = Analysis { tables: vec![(8, TableMode::Keyed)], ..write.clone() };
+        assert_eq!(locks(&unknown), vec![(Res::Global, Mode::Exclusive)]);
+        let mut out = Vec::new();
+        lock_set(&ddl, &LockInput { db: 1, bind: None, name_of: &names, global: true }, &mut out);
         assert_eq!(out, vec![(Res::Global, Mode::Exclusive)]);
     }
 }

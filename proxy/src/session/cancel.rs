@@ -62,15 +62,41 @@ impl CancelRegistry {
         if targets.is_empty() {
             tracing::debug!(pid, "cancel request for an unknown session");
         }
-        let sends = targets.into_iter().map(|t| async move {
-            match TcpStream::connect(&t.addr).await {
-                Ok(mut s) => {
-                    let _ = s.write_all(&cancel_request(t.pid, t.secret)).await;
-                    let _ = s.shutdown().await;
-                }
-                Err(e) => tracing::debug!(addr = %t.addr, error = %e, "cancel not delivered"),
-            }
-        });
-        futures::future::join_all(sends).await;
+        futures::future::join_all(targets.into_iter().map(deliver)).await;
+    }
+
+    /// `pg_cancel_backend(pid)` through Chorus, where `pid` is the process at `lead_addr` a
+    /// session of Chorus was given as its own: that session's query is cancelled on every
+    /// backend, wherever it runs (a read may run on another backend than the lead). Returns
+    /// how many sessions it reached.
+    pub fn cancel_session_of(&self, lead_addr: &str, pid: i32) -> usize {
+        let targets: Vec<CancelTarget> = match self.map.lock() {
+            Ok(m) => m
+                .iter()
+                .filter(|((p, _), t)| *p == pid && t.first().is_some_and(|l| l.addr == lead_addr && l.pid == pid))
+                .flat_map(|(_, t)| t.iter().cloned())
+                .collect(),
+            Err(_) => return 0,
+        };
+        let n = targets.iter().filter(|t| t.addr == lead_addr && t.pid == pid).count();
+        if !targets.is_empty() {
+            tokio::spawn(futures::future::join_all(targets.into_iter().map(deliver)));
+        }
+        n
+    }
+}
+
+/// Sends one CancelRequest in the background (the caller does not wait for it).
+pub fn send_cancel(target: CancelTarget) {
+    tokio::spawn(deliver(target));
+}
+
+async fn deliver(t: CancelTarget) {
+    match TcpStream::connect(&t.addr).await {
+        Ok(mut s) => {
+            let _ = s.write_all(&cancel_request(t.pid, t.secret)).await;
+            let _ = s.shutdown().await;
+        }
+        Err(e) => tracing::debug!(addr = %t.addr, error = %e, "cancel not delivered"),
     }
 }

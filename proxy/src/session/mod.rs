@@ -16,6 +16,7 @@ pub mod auth_delay;
 mod cancel;
 mod record;
 mod route;
+mod signals;
 mod startup;
 mod state;
 
@@ -89,6 +90,11 @@ struct Request {
     per_server: bool,
     /// The lead answers the client (see `may_lead`).
     lead_answers: bool,
+    /// It signals processes by pid (`Class::signals`): counted on its backend's `signals`
+    /// while in flight.
+    signals: bool,
+    /// A query cancel one backend reported was passed on to the others still running it.
+    cancel_spread: bool,
     /// It is Chorus's own error statement: its ErrorResponse loses the PL/pgSQL context line.
     own_error: bool,
     /// Chorus put its error statement into this batch (`Dispatch::Inject`): the ParseComplete
@@ -497,10 +503,10 @@ impl Session {
         let end = self.event_loop().await;
         metrics::gauge!("chorus_sessions").decrement(1.0);
         if self.ddl_open {
-            // Its transaction dies with the connections: writes to the database must not wait
-            // for a DDL transaction that will never end.
+            // Its transaction dies with the connections: what it did is undone, and the next
+            // write looks at a catalog loaded after.
             self.ddl_open = false;
-            self.catalog.ddl_ended();
+            self.catalog.ddl_ended(self.locks.holds(crate::order::Res::Global, crate::order::Mode::Exclusive));
             self.shared.catalogs.refresh(&self.catalog, self.load_target.clone());
         }
         if let Some(log) = self.shared.difflog.current().filter(|l| l.id == self.log_opened) {
@@ -986,13 +992,15 @@ impl Session {
             self.unit_writes |= r.writes && (r.begin_seq.is_some() || self.router.tx_open);
             if r.ddl && !self.ddl_open {
                 self.ddl_open = true;
-                self.catalog.ddl_started();
             }
             for i in bits(r.targets) {
                 self.conns[i].queue.push_back(r.seq);
                 self.conns[i].backend.inflight.fetch_add(1, Ordering::Relaxed);
             }
             if r.targets.count_ones() > 1 { &self.requests_all } else { &self.requests_one }.increment(1);
+            if r.signals {
+                self.signal_sent(&bytes, r.targets);
+            }
             self.pending.push_back(Request {
                 seq: r.seq,
                 targets: r.targets,
@@ -1005,6 +1013,8 @@ impl Session {
                 hash_rows: r.hash_rows,
                 per_server: r.per_server,
                 lead_answers: r.lead_answers,
+                signals: r.signals,
+                cancel_spread: false,
                 own_error: is_own_error(&r.sql),
                 inject: false,
                 held: Vec::new(),
@@ -1148,6 +1158,10 @@ impl Session {
                     self.lost_conn(i, why, Some(frame))?;
                     return Ok(true);
                 }
+                // A query cancelled by a client's pg_cancel_backend (not a statement timeout).
+                if let Some(seq) = current.filter(|_| f.code == "57014" && f.message.contains("user request")) {
+                    self.spread_cancel(i, seq);
+                }
             }
             if current.is_none() {
                 self.conns[i].rbuf.clear();
@@ -1272,10 +1286,14 @@ impl Session {
                 tag,
                 message::COMMAND_COMPLETE | message::CLOSE_COMPLETE | message::PARSE_COMPLETE | message::BIND_COMPLETE
             );
-            let hold = self.wrap_held.is_some() || matches!(tag, message::COMMAND_COMPLETE | message::ERROR_RESPONSE);
+            // A simple Query's statement is answered once it has committed: from its first
+            // command tag on, its reply waits for Chorus's COMMIT (rows and COPY go on). In the
+            // extended protocol PostgreSQL commits at the Sync, after the command tags it sent
+            // as each Execute completed (a pipeline reads them before it sends its Sync), and a
+            // failed commit is an ErrorResponse after them: they go at once.
+            let simple = req.sql.first() == Some(&message::QUERY);
+            let hold = self.wrap_held.is_some() || (simple && matches!(tag, message::COMMAND_COMPLETE | message::ERROR_RESPONSE));
             if req.wrapped && hold {
-                // From its first command tag on, not before the COMMIT: PostgreSQL answers
-                // an autocommit statement once it has committed (rows and COPY go on).
                 match &mut self.wrap_held {
                     Some(h) => h.unsplit(frame),
                     None => self.wrap_held = Some(frame),
@@ -1321,6 +1339,9 @@ impl Session {
         let Some(mut req) = self.pending.pop_front() else {
             return Ok(());
         };
+        if req.signals {
+            self.signal_answered(req.targets);
+        }
         self.settle_at_risk(&req)?;
         if self.router.request_done(req.seq) {
             // The snapshot is taken on every backend: writers may go on.
@@ -1514,13 +1535,14 @@ impl Session {
                 self.settings.unit_ended(!self.unit.rolled_back());
                 self.router.commit_statements();
                 self.unit.clear();
-                // The commit point completed everywhere: strict two-phase locking ends here.
-                self.locks.release_all();
+                // The catalog is stale before a write waiting for this unit's locks may run.
                 if self.ddl_open {
                     self.ddl_open = false;
-                    self.catalog.ddl_ended();
+                    self.catalog.ddl_ended(self.locks.holds(crate::order::Res::Global, crate::order::Mode::Exclusive));
                     self.shared.catalogs.refresh(&self.catalog, self.load_target.clone());
                 }
+                // The commit point completed everywhere: strict two-phase locking ends here.
+                self.locks.release_all();
             }
         }
     }
@@ -1546,7 +1568,7 @@ impl Session {
             open.encode(&mut buf);
             self.log_opened = log.id;
         }
-        self.unit.take_record(self.id, self.locks.summary()).encode(&mut buf);
+        self.unit.take_record(self.id, self.locks.summary(self.ddl_open)).encode(&mut buf);
         log.append(&buf, 1);
     }
 
@@ -1556,12 +1578,18 @@ impl Session {
         if !self.conns[i].alive {
             return Ok(());
         }
-        let name = self.conns[i].backend.name.clone();
         if eject && !self.shutting_down {
             self.shared.cluster.eject(self.conns[i].backend.idx, BackendState::Down, why);
         }
-        tracing::debug!(backend = %name, reason = %why, "session lost a backend connection");
+        tracing::debug!(backend = %self.conns[i].backend.name, reason = %why, "session lost a backend connection");
         self.close_conn(i);
+        self.release_requests(i, why)
+    }
+
+    /// Connection `i` is closed: the requests it was serving go on with the other targets,
+    /// are sent again elsewhere (a read that nothing was forwarded of), or end the session.
+    fn release_requests(&mut self, i: usize, why: &str) -> Result<(), End> {
+        let name = self.conns[i].backend.name.clone();
         let bit = 1u64 << i;
         let alive = self.alive_mask();
         let mut retry = None;
@@ -1643,7 +1671,11 @@ impl Session {
             .copied()
             .filter(|&seq| self.locks.holds_any() && !self.pending.iter().any(|r| r.seq == seq && r.lead_read));
         tracing::debug!(backend = %self.conns[i].backend.name, reason = %why, "a backend connection of the session ended");
-        self.conns[i].ended = Some(fanout::Ended { code, frame: fatal, at_risk, why: why.clone() });
+        // Ended by an administrator's command (57P01) in the middle of nothing that may have
+        // committed: perhaps a client's pg_terminate_backend through Chorus, which ends this
+        // session, not just the request. Its requests wait for the health check to decide.
+        let hold = code == Some(*b"57P01") && at_risk.is_none();
+        self.conns[i].ended = Some(fanout::Ended { code, frame: fatal, at_risk, why: why.clone(), held: false });
         if !self.conns.iter().enumerate().any(|(j, c)| j != i && c.alive) {
             if let Some(frame) = self.alike_end() {
                 self.close_conn(i);
@@ -1668,6 +1700,14 @@ impl Session {
                 flag.store(crate::cluster::check(&cfg, &b).await.is_ok(), Ordering::Release);
             });
             self.checks.push((i, fut, healthy));
+            if hold {
+                if let Some(e) = self.conns[i].ended.as_mut() {
+                    e.held = true;
+                }
+                tracing::debug!(backend = %self.conns[i].backend.name, reason = %why, "session lost a backend connection");
+                self.close_conn(i);
+                return Ok(());
+            }
         }
         self.fail_conn(i, &why, false)
     }
@@ -1697,6 +1737,19 @@ impl Session {
         let Some(ended) = self.conns[i].ended.take() else {
             return Ok(());
         };
+        if healthy && ended.code == Some(*b"57P01") && self.conns[i].backend.signals.requested() {
+            // A client's pg_terminate_backend through Chorus ended this session's lead
+            // connection: the session ends as on a single server; nothing is ejected.
+            tracing::info!(backend = %self.conns[i].backend.name, "this session was terminated by pid through Chorus: it ends");
+            metrics::counter!("chorus_sessions_terminated_by_pid_total").increment(1);
+            return Err(match ended.frame {
+                Some(f) => End::Fatal(f),
+                None => SessionError::ConnectionLost(self.conns[i].backend.name.clone(), ended.why).into(),
+            });
+        }
+        if ended.held {
+            self.release_requests(i, &ended.why)?;
+        }
         if healthy {
             let in_tx = self.router.tx_open || self.last_status != b'I';
             let idle = self.pending.is_empty() && !in_tx;
@@ -1884,6 +1937,8 @@ impl Request {
             hash_rows: false,
             per_server: false,
             lead_answers: false,
+            signals: false,
+            cancel_spread: false,
             own_error: false,
             inject: false,
             held: Vec::new(),
@@ -1906,6 +1961,11 @@ impl Request {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        for r in self.pending.iter().filter(|r| r.signals) {
+            for i in bits(r.targets) {
+                self.conns[i].backend.signals.ended();
+            }
+        }
         for c in &self.conns {
             if c.alive {
                 c.backend.inflight.fetch_sub(c.queue.len() as u32, Ordering::Relaxed);

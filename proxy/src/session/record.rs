@@ -162,7 +162,7 @@ impl Session {
                 params: self.params.clone(),
                 restore: self.settings.restore_frames(self.router.statement_frames()),
                 requests: self.unit.requests_from(self.recorded_upto),
-                locks: self.locks.summary(),
+                locks: self.locks.summary(self.ddl_open),
             };
             let mut raw = BytesMut::new();
             entry.encode(&mut raw);

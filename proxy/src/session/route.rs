@@ -21,7 +21,7 @@ use crate::protocol::message::{
     self, BIND, CLOSE, COPY_DATA, COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FLUSH, FUNCTION_CALL, PARSE, QUERY, SYNC, TERMINATE,
 };
 use crate::protocol::{FrameCodec, ProtocolError};
-use crate::sql::analyze::{analyze_cached, analyze_query_cached, Analysis, Chosen};
+use crate::sql::analyze::{analyze_cached, analyze_query_cached, ddl_only, Analysis, Chosen};
 use crate::sql::catalog::{Catalog, CatalogSlot, ReadGuardState};
 use crate::sql::rewrite::{self, CopyFiller, Values};
 use crate::sql::{classify, touches_guards, Class, Isolation, TxEffect};
@@ -55,9 +55,18 @@ impl RouteCtx<'_> {
         self.catalog_cache.get_or_insert_with(|| if ddl_open { slot.last() } else { slot.get() }).clone()
     }
 
-    /// A write must wait: it needs the catalog, which is being (re)loaded.
-    fn must_wait_for_catalog(&mut self) -> bool {
-        !self.ddl_open && self.catalog().is_none()
+    /// A write must wait: it needs the catalog, which is being (re)loaded. DDL alone does not:
+    /// it is locked by the names it gives, with the last catalog loaded.
+    fn must_wait_for_catalog(&mut self, sql: &[u8]) -> bool {
+        !self.ddl_open && self.catalog().is_none() && !ddl_only(sql)
+    }
+
+    /// The catalog to analyse `sql` with: the current one, or for DDL the last one loaded.
+    fn catalog_for(&mut self, sql: &[u8]) -> Option<Arc<Catalog>> {
+        match self.catalog() {
+            None if ddl_only(sql) => self.catalog_slot.last(),
+            c => c,
+        }
     }
 }
 
@@ -134,6 +143,9 @@ pub struct NewRequest {
     pub logged_as: Option<Bytes>,
     /// It reads facts of each server: only success or error is compared, not its rows.
     pub per_server: bool,
+    /// It signals a process by its number (`Class::signals`): sent to the lead alone, never
+    /// run again elsewhere.
+    pub signals: bool,
     /// The lead's reply goes to the client (anything but a pure read): what the client then
     /// does relies on the lead having done it (LISTEN before a NOTIFY the lead delivers).
     pub lead_answers: bool,
@@ -159,6 +171,7 @@ impl NewRequest {
             logged: true,
             logged_as: None,
             per_server: false,
+            signals: false,
             lead_answers: true,
             begin_seq: None,
         }
@@ -346,11 +359,11 @@ impl Router {
                     return Ok(Some(Dispatch::Record));
                 }
                 // Reads and session statements need no analysis: the fast path.
-                if class.writes && self.fail_next.is_none() && ctx.must_wait_for_catalog() {
+                if class.writes && self.fail_next.is_none() && ctx.must_wait_for_catalog(sql) {
                     return Ok(Some(Dispatch::NeedsCatalog));
                 }
                 self.note_isolation(class, sql);
-                let plan = class.writes.then(|| analyze_query_cached(sql, ctx.catalog().as_deref()));
+                let plan = class.writes.then(|| analyze_query_cached(sql, ctx.catalog_for(sql).as_deref()));
                 Ok(Some(self.standalone(cbuf, len, class, plan, ctx, next_seq)))
             }
             FUNCTION_CALL => {
@@ -384,13 +397,32 @@ impl Router {
     /// transaction, or one whose isolation Chorus cannot be sure of, sends everything to all.
     fn lead_alone(&self, class: Class, ctx: &RouteCtx<'_>) -> Option<u64> {
         let plain_read = (class.read_only || class.empty) && class.tx == TxEffect::None && !class.copy_in;
-        if !self.tx_open || self.tx_strict || self.barrier != Barrier::None || self.deferred_begin.is_some() || !plain_read {
+        if !self.tx_open || self.deferred_begin.is_some() || !plain_read {
             return None;
         }
-        let lead = ctx.alive.trailing_zeros() as usize;
-        // A backend that joined and is not checked yet takes writes only.
-        ctx.conns.get(lead).filter(|c| c.backend.serves_reads())?;
-        Some(1u64 << lead)
+        // A pid names a process of the lead (the pid the client was given is its lead's): a
+        // signal runs there in any transaction (docs/compatibility.md on the snapshot of a
+        // strict transaction it would take first).
+        if (self.tx_strict || self.barrier != Barrier::None) && !class.signals {
+            return None;
+        }
+        lead_of(ctx)
+    }
+
+    /// Where a read outside a transaction goes: one backend (`read_policy = "one"`), the lead
+    /// when it reads per-server facts (process ids, activity: what the client then names by
+    /// pid lives there), else every backend.
+    fn read_targets(&self, class: Class, pool: u64, ctx: &RouteCtx<'_>) -> u64 {
+        if class.per_server || class.signals {
+            if let Some(lead) = lead_of(ctx) {
+                return lead;
+            }
+        }
+        if ctx.policy == ReadPolicy::One {
+            least_busy(pool, ctx)
+        } else {
+            ctx.alive
+        }
     }
 
     /// A write that may change the session's isolation without Chorus reading how (a
@@ -476,9 +508,22 @@ impl Router {
         if barrier {
             self.locks.push((Res::Global, Mode::Shared));
         }
+        // The catalog the analyses were made with (current, or the last one for DDL).
+        let cat = ctx.catalog_slot.last();
+        let name_of = |oid: u32| cat.as_ref().and_then(|c| c.relation(oid)).map(|r| order::name_key(&r.name));
+        let mut named: Vec<&str> = Vec::new();
         for (a, bind) in plans {
             let view = bind.and_then(|b| message::bind_view(b).ok());
-            order::lock_set(a, ctx.db, view.as_ref(), &mut self.locks);
+            // DDL by its names only with a catalog that may be trusted for them; a table the
+            // catalog does not know only where this session's own DDL holds its name.
+            let ddl_ok = a.names.is_empty() || cat.as_deref().is_some_and(|c| ctx.catalog_slot.names_lockable(c));
+            let own_ok = a.own_targets.iter().all(|t| {
+                named.contains(&t.as_str())
+                    || ctx.locks.holds(Res::Table { db: ctx.db, name: order::name_key(t) }, Mode::Exclusive)
+            });
+            let input = order::LockInput { db: ctx.db, bind: view.as_ref(), name_of: &name_of, global: !(ddl_ok && own_ok) };
+            order::lock_set(a, &input, &mut self.locks);
+            named.extend(a.names.iter().map(String::as_str));
         }
         ctx.locks.acquire(&self.locks, ctx.waker)
     }
@@ -524,7 +569,7 @@ impl Router {
         next_seq: &mut u64,
     ) -> Dispatch {
         let class = plan.as_ref().map_or(lexical, |a| a.class);
-        let class = Class { per_server: class.per_server || lexical.per_server, ..class };
+        let class = Class { per_server: class.per_server || lexical.per_server, signals: lexical.signals, ..class };
         let barrier = self.wants_barrier(class);
         let write = plan.as_deref().filter(|a| a.class.writes);
         let mut replacement = plan.as_ref().and_then(|a| self.refusal(a, ctx));
@@ -604,7 +649,7 @@ impl Router {
         let lead = if open.is_none() { self.lead_alone(class, ctx) } else { None };
         let targets = match open {
             Some(b) => b.targets & ctx.alive,
-            None if read && !self.tx_open && ctx.policy == ReadPolicy::One => least_busy(ctx.alive, ctx),
+            None if read && !self.tx_open => self.read_targets(class, ctx.alive, ctx),
             None => lead.unwrap_or(ctx.alive),
         };
         let begin_seq = (open.is_none() && class.writes && !self.tx_open).then(|| take_seq(next_seq));
@@ -625,7 +670,8 @@ impl Router {
         }
         // A read on one backend that fails before it answered runs again on another (inside
         // a transaction every backend holds the same transaction).
-        let retry = (targets.count_ones() == 1 && read && (!self.tx_open || lead.is_some())).then(|| bytes.clone());
+        let retry =
+            (targets.count_ones() == 1 && read && !class.signals && (!self.tx_open || lead.is_some())).then(|| bytes.clone());
         Dispatch::Send {
             bytes: bytes.clone(),
             targets,
@@ -642,7 +688,8 @@ impl Router {
                 logged: !read || tx_was_open,
                 logged_as: None,
                 per_server: class.per_server,
-                lead_answers: !read,
+                signals: class.signals,
+                lead_answers: !read || class.per_server,
                 begin_seq,
             }),
         }
@@ -655,8 +702,8 @@ impl Router {
         if !lexical.writes {
             return Ok((Prepared { class: lexical, analysis: None, base: 0, extra: Arc::from([]) }, None));
         }
-        let a = analyze_cached(sql, ctx.catalog().as_deref());
-        let class = Class { per_server: a.class.per_server || lexical.per_server, ..a.class };
+        let a = analyze_cached(sql, ctx.catalog_for(sql).as_deref());
+        let class = Class { per_server: a.class.per_server || lexical.per_server, signals: lexical.signals, ..a.class };
         let declared = parse_type_count(body);
         let base = a.max_param.max(declared);
         let mut rewritten = None;
@@ -735,7 +782,7 @@ impl Router {
         ctx: &mut RouteCtx<'_>,
     ) -> Result<Option<Dispatch>, ProtocolError> {
         let (name, sql) = message::parse_fields(body)?;
-        if self.fail_next.is_none() && guard_read(classify(sql), sql, ctx).writes && ctx.must_wait_for_catalog() {
+        if self.fail_next.is_none() && guard_read(classify(sql), sql, ctx).writes && ctx.must_wait_for_catalog(sql) {
             return Ok(Some(Dispatch::NeedsCatalog));
         }
         let (p, rewritten) = self.prepare(body, ctx)?;
@@ -811,6 +858,14 @@ impl Router {
         if off == 0 {
             return Ok(None);
         }
+        if off == 5 && cbuf[0] == FLUSH && self.batch.is_none() {
+            // A Flush after a Sync (libpq's pipeline mode sends one after each): everything
+            // before it is answered as it completes, and PostgreSQL answers a Flush with
+            // nothing. Forwarded, it would open a batch that only a Sync ends, and a COMMIT
+            // that waits for the session to be idle would wait for it forever.
+            cbuf.advance(5);
+            return Ok(Some(Dispatch::Ignored));
+        }
         let foreign_next = !synced && !sc.flushed && codec.peek(&cbuf[off..])?.is_some();
         // The rest of the batch is on its way while part of a message is: wait for it (the
         // whole batch decides where it goes). Whole messages and nothing more is all the client
@@ -830,12 +885,12 @@ impl Router {
         }
         let targets = match self.batch {
             Some(b) => b.targets & ctx.alive,
-            None if synced && read && !self.tx_open && ctx.policy == ReadPolicy::One => {
+            None if synced && read && !self.tx_open => {
                 let pool = match (sc.uses_old_unnamed, &self.unnamed) {
                     (true, Some((_, t))) if t & ctx.alive != 0 => t & ctx.alive,
                     _ => ctx.alive,
                 };
-                least_busy(pool, ctx)
+                self.read_targets(class, pool, ctx)
             }
             None => lead.unwrap_or(ctx.alive),
         };
@@ -1006,7 +1061,7 @@ impl Router {
             targets,
             writes: r.class.writes,
             sql,
-            retry: ((alone || r.lead) && targets.count_ones() == 1).then(|| bytes.clone()),
+            retry: ((alone || r.lead) && targets.count_ones() == 1 && !r.class.signals).then(|| bytes.clone()),
             hash_rows: r.hash_rows && r.has_bind && r.class.writes,
             ddl: r.ddl,
             trims,
@@ -1014,7 +1069,8 @@ impl Router {
             logged: !alone,
             logged_as: None,
             per_server: r.class.per_server,
-            lead_answers: !r.read,
+            signals: r.class.signals,
+            lead_answers: !r.read || r.class.per_server,
             begin_seq,
         }
     }
@@ -1228,10 +1284,18 @@ fn guard_read(class: Class, sql: &[u8], ctx: &RouteCtx<'_>) -> Class {
         ReadGuardState::Unknown => true,
     };
     if risky {
-        Class { per_server: class.per_server, tx: class.tx, iso: class.iso, ..Class::UNKNOWN }
+        Class { per_server: class.per_server, signals: class.signals, tx: class.tx, iso: class.iso, ..Class::UNKNOWN }
     } else {
         class
     }
+}
+
+/// The session's lead, when it serves reads (a backend that joined and is not checked yet
+/// takes writes only).
+fn lead_of(ctx: &RouteCtx<'_>) -> Option<u64> {
+    let lead = ctx.alive.trailing_zeros() as usize;
+    ctx.conns.get(lead).filter(|c| c.backend.serves_reads())?;
+    Some(1u64 << lead)
 }
 
 /// The least busy backend among `pool`: the highest-priority backend with fewer than

@@ -8,7 +8,7 @@
 //! concurrency but never correctness.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -115,6 +115,8 @@ pub struct Catalog {
     pub guards: ReadGuards,
     /// The generation this copy was loaded at; analyses cached under another are stale.
     pub generation: u64,
+    /// Enabled event triggers: DDL may run their code, so it takes the cluster-wide lock.
+    pub event_triggers: bool,
 }
 
 impl Catalog {
@@ -164,10 +166,13 @@ pub struct CatalogSlot {
     /// A small number naming the database in lock resources.
     pub id: u32,
     current: RwLock<Option<Arc<Catalog>>>,
-    /// Bumped by every DDL; a load that started before the bump is not trusted.
+    /// Bumped by the end of every transaction with DDL; a load that started before the bump
+    /// is not trusted.
     generation: AtomicU64,
-    /// Transactions with DDL in them that have not ended: no load is trusted meanwhile.
-    ddl_open: AtomicUsize,
+    /// The generation a catalog must have been loaded at to lock DDL by the names it gives:
+    /// bumped past by the end of DDL that took the cluster-wide lock (an event trigger, an
+    /// inheritance a stale catalog would not show).
+    names_from: AtomicU64,
     loading: AtomicBool,
     /// Woken when a load completes (or fails), for writes waiting on a current catalog.
     pub loaded: tokio::sync::Notify,
@@ -193,7 +198,7 @@ impl CatalogSlot {
     /// The catalog when it is loaded and current; None means "analyse nothing".
     pub fn get(&self) -> Option<Arc<Catalog>> {
         let cur = self.current.read().ok()?.clone()?;
-        (cur.generation == self.generation.load(Ordering::Acquire) && self.ddl_open.load(Ordering::Acquire) == 0).then_some(cur)
+        (cur.generation == self.generation.load(Ordering::Acquire)).then_some(cur)
     }
 
     /// What reads must be checked against. A DDL transaction that is still open changes
@@ -208,29 +213,33 @@ impl CatalogSlot {
         }
     }
 
-    /// The last catalog loaded, current or not: for the transaction that ran DDL itself, which
-    /// holds the cluster-wide lock, so no other write runs until it ends.
+    /// The last catalog loaded, current or not: for the transaction that ran DDL itself (what
+    /// it wrote holds the names its DDL locked), and for DDL, which is locked by the names it
+    /// gives (`names_lockable`).
     pub fn last(&self) -> Option<Arc<Catalog>> {
         self.current.read().ok()?.clone()
     }
 
-    /// DDL is about to run in a transaction: forget the catalog until it ends.
-    pub fn ddl_started(&self) {
-        self.ddl_open.fetch_add(1, Ordering::AcqRel);
-        self.generation.fetch_add(1, Ordering::AcqRel);
+    /// Whether DDL analysed with `cat` may be locked by the names it gives: no DDL under the
+    /// cluster-wide lock ended since `cat` was loaded, and no event trigger is enabled.
+    pub fn names_lockable(&self, cat: &Catalog) -> bool {
+        !cat.event_triggers && cat.generation >= self.names_from.load(Ordering::Acquire)
     }
 
-    /// The transaction that ran DDL ended (committed or not).
-    pub fn ddl_ended(&self) {
+    /// A transaction that ran DDL ended (committed or not): writes wait for a catalog loaded
+    /// after it. DDL still open changes nothing another session can see, so until it ends
+    /// the catalog keeps serving. `global`: it held the cluster-wide lock.
+    pub fn ddl_ended(&self, global: bool) {
         self.guards.store(0, Ordering::Release);
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.ddl_open.fetch_sub(1, Ordering::AcqRel);
+        let now = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        if global {
+            self.names_from.fetch_max(now, Ordering::AcqRel);
+        }
     }
 
-    /// A load is useful: the catalog is not current, nobody loads it, and no DDL is open
-    /// (a load now would be stale as soon as that transaction ends).
+    /// A load is useful: the catalog is not current and nobody loads it.
     fn needs_load(&self) -> bool {
-        self.get().is_none() && !self.loading.load(Ordering::Acquire) && self.ddl_open.load(Ordering::Acquire) == 0
+        self.get().is_none() && !self.loading.load(Ordering::Acquire)
     }
 }
 
@@ -292,9 +301,7 @@ impl Catalogs {
                     }
                 }
                 // A DDL that ended while this load ran may have been missed: go again.
-                if slot.ddl_open.load(Ordering::Acquire) == 0
-                    && slot.generation.load(Ordering::Acquire) != gen
-                    && slot.current.read().is_ok_and(|c| c.is_some())
+                if slot.generation.load(Ordering::Acquire) != gen && slot.current.read().is_ok_and(|c| c.is_some())
                 {
                     continue;
                 }
@@ -357,6 +364,8 @@ WITH RECURSIVE risky AS (
 SELECT DISTINCT c.relname::text FROM closure JOIN pg_class c ON c.oid = closure.rel";
 
 const USER_OPERATORS: &str = "SELECT DISTINCT oprname::text FROM pg_operator WHERE oid >= 16384";
+
+const EVENT_TRIGGERS: &str = "SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtenabled <> 'D')";
 
 async fn load(t: &LoadTarget, generation: u64) -> Result<Catalog, tokio_postgres::Error> {
     let pg = crate::cluster::Login {
@@ -452,6 +461,7 @@ async fn read(client: &tokio_postgres::Client, generation: u64) -> Result<Catalo
     for r in client.query(USER_OPERATORS, &[]).await? {
         cat.guards.operators.push(r.get(0));
     }
+    cat.event_triggers = client.query_one(EVENT_TRIGGERS, &[]).await?.get(0);
     Ok(cat)
 }
 

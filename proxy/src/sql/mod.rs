@@ -9,6 +9,9 @@ pub mod analyze;
 pub mod catalog;
 mod lexer;
 pub mod rewrite;
+pub mod signals;
+
+pub use signals::is_pid_signal;
 
 use lexer::{Lexer, Tok};
 
@@ -32,6 +35,10 @@ pub struct Class {
     /// It reads facts of the server it runs on (process ids, pg_stat_* views, addresses,
     /// sizes): its row counts and rows differ between backends and are never compared.
     pub per_server: bool,
+    /// It signals a server process by its number (`pg_terminate_backend`, `pg_cancel_backend`):
+    /// a number means one process of one server, so it runs on the lead alone, where the pids
+    /// a client sees live (docs/compatibility.md).
+    pub signals: bool,
 }
 
 /// Isolation settings that decide whether a transaction's snapshot needs Chorus's barrier.
@@ -68,6 +75,7 @@ impl Class {
         iso: Isolation::Unchanged,
         data: true,
         per_server: false,
+        signals: false,
     };
     pub(crate) const READ: Class = Class {
         read_only: true,
@@ -78,6 +86,7 @@ impl Class {
         iso: Isolation::Unchanged,
         data: true,
         per_server: false,
+        signals: false,
     };
     pub(crate) const SESSION: Class = Class {
         read_only: false,
@@ -88,6 +97,7 @@ impl Class {
         iso: Isolation::Unchanged,
         data: false,
         per_server: false,
+        signals: false,
     };
 
     /// Combines the classes of statements that run one after the other.
@@ -107,6 +117,7 @@ impl Class {
             iso: if next.iso == Isolation::Unchanged { self.iso } else { next.iso },
             data: self.data || next.data,
             per_server: self.per_server || next.per_server,
+            signals: self.signals || next.signals,
         }
     }
 }
@@ -140,6 +151,7 @@ struct Scan {
     to_other: bool,
     any_token: bool,
     per_server: bool,
+    signals: bool,
 }
 
 fn eq(w: &[u8], k: &str) -> bool {
@@ -204,7 +216,10 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
             }
             Tok::Punct(b'(') => {
                 match (prev, qualifier) {
-                    (Some(Tok::Word(s, e)), _) if !is_safe_call(&src[s..e]) => sc.unsafe_call = true,
+                    // A pid signal changes no data: it is routed by `signals` instead.
+                    (Some(Tok::Word(s, e)), _) if !is_safe_call(&src[s..e]) && !is_pid_signal(&src[s..e]) => {
+                        sc.unsafe_call = true
+                    }
                     // schema.f(...): only pg_catalog's own functions are known.
                     (Some(Tok::Word(..)), Some(q)) if !q.is_some_and(|(s, e)| eq(&src[s..e], "pg_catalog")) => {
                         sc.unsafe_call = true
@@ -224,6 +239,7 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
             Tok::Word(s, e) => {
                 let w = &src[s..e];
                 sc.per_server |= is_per_server(w);
+                sc.signals |= is_pid_signal(w);
                 if sc.first.is_none() {
                     sc.first = Some((s, e));
                 } else if sc.second.is_none() {
@@ -267,11 +283,15 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
         let empty = !sc.any_token || (!sc.unsafe_call && depth == 0);
         return (if empty { Class { empty: true, ..Class::default() } } else { Class::UNKNOWN }, more);
     };
-    let kw = &src[first.0..first.1];
-    let second = word(sc.second);
-    let per_server = sc.per_server;
+    let class = statement_class(&src[first.0..first.1], word(sc.second), &src[first.0..lx.pos()], &sc);
+    (Class { per_server: sc.per_server, signals: sc.signals, ..class }, more)
+}
+
+/// The class a statement's first words give it, with what the scan of all its words found;
+/// `stmt` is its whole text.
+fn statement_class(kw: &[u8], second: &[u8], stmt: &[u8], sc: &Scan) -> Class {
     let reads = !sc.unsafe_call && !sc.write_marker;
-    let class = if ["select", "values", "table", "with"].iter().any(|k| eq(kw, k)) {
+    if ["select", "values", "table", "with"].iter().any(|k| eq(kw, k)) {
         if reads {
             Class::READ
         } else {
@@ -286,9 +306,9 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
             Class::UNKNOWN
         }
     } else if eq(kw, "begin") || eq(kw, "start") {
-        Class { tx: TxEffect::Begin, iso: isolation(&src[first.0..lx.pos()], false), ..Class::SESSION }
+        Class { tx: TxEffect::Begin, iso: isolation(stmt, false), ..Class::SESSION }
     } else if eq(kw, "set") || eq(kw, "reset") {
-        Class { iso: isolation(&src[first.0..lx.pos()], eq(kw, "reset")), ..Class::SESSION }
+        Class { iso: isolation(stmt, eq(kw, "reset")), ..Class::SESSION }
     } else if ((eq(kw, "commit") || eq(kw, "end")) && !eq(second, "prepared")) || eq(kw, "abort") {
         Class { tx: TxEffect::End, ..Class::SESSION }
     } else if eq(kw, "rollback") && eq(second, "to") {
@@ -327,7 +347,7 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
     } else if eq(kw, "copy") {
         // COPY (query) TO STDOUT and COPY t TO STDOUT read; COPY ... FROM STDIN streams a
         // write; anything touching server files or programs runs everywhere as a write.
-        if sc.to_stdout && !sc.to_other && !sc.from_stdin && reads_in_copy(&sc) {
+        if sc.to_stdout && !sc.to_other && !sc.from_stdin && reads_in_copy(sc) {
             Class::READ
         } else if sc.from_stdin && !sc.to_stdout {
             Class { copy_in: true, ..Class::UNKNOWN }
@@ -336,8 +356,7 @@ fn classify_one(lx: &mut Lexer<'_>) -> (Class, bool) {
         }
     } else {
         Class::UNKNOWN
-    };
-    (Class { per_server, ..class }, more)
+    }
 }
 
 /// Whether `sql` is a plain COMMIT (or END): one statement, not COMMIT PREPARED, not AND CHAIN.

@@ -19,6 +19,9 @@ use super::lexer::{Lexer, Tok};
 use super::rewrite::CopyFormat;
 use super::{classify, Class, TxEffect};
 
+mod ddl;
+pub use ddl::ddl_only;
+
 /// A value Chorus chooses once and sends to every backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Chosen {
@@ -89,6 +92,12 @@ pub struct Analysis {
     /// COPY FROM STDIN leaving out columns with volatile defaults: Chorus sends their values
     /// with every row (the columns are added to the COPY's list by `edits`).
     pub copy_fill: Option<(CopyFormat, Vec<Chosen>)>,
+    /// Relations locked exclusively by name: what DDL names (`ddl`).
+    pub names: Vec<String>,
+    /// Tables written that the catalog does not know: the write may go without the
+    /// cluster-wide lock only where the session's own open DDL holds their names (a table its
+    /// transaction created); the router decides.
+    pub own_targets: Vec<String>,
 }
 
 /// Analyses by statement text, with the catalog generation they were made under.
@@ -264,7 +273,13 @@ pub fn analyze(sql: &[u8], cat: Option<&Catalog>) -> Analysis {
         total.refusal = total.refusal.or(s.refusal);
         total.copy_fill = total.copy_fill.or(s.copy_fill);
         total.max_param = total.max_param.max(s.max_param);
+        total.names.extend(s.names);
+        total.own_targets.extend(s.own_targets);
     }
+    // A table created earlier in the same text is locked by its name already.
+    let names = std::mem::take(&mut total.names);
+    total.own_targets.retain(|t| !names.contains(t));
+    total.names = names;
     if !any {
         return Analysis { class: lexical, parsed: true, ..Analysis::default() };
     }
@@ -278,6 +293,8 @@ pub fn analyze(sql: &[u8], cat: Option<&Catalog>) -> Analysis {
         total.tables.clear();
         total.keys.clear();
         total.sequences.clear();
+        total.names.clear();
+        total.own_targets.clear();
     }
     total.edits.sort_by_key(|e| e.start);
     if !total.class.writes {
@@ -329,7 +346,7 @@ const READING_VOLATILES: &[&str] = &[
     "inet_client_addr",
 ];
 
-struct Stmt<'a> {
+pub(super) struct Stmt<'a> {
     text: &'a str,
     cat: Option<&'a Catalog>,
     out: Analysis,
@@ -504,6 +521,15 @@ impl Stmt<'_> {
                 }
             }
             N::CopyStmt(c) => return self.copy(node, c),
+            N::CreateStmt(_)
+            | N::CreateSeqStmt(_)
+            | N::AlterSeqStmt(_)
+            | N::ViewStmt(_)
+            | N::IndexStmt(_)
+            | N::AlterTableStmt(_)
+            | N::TruncateStmt(_)
+            | N::RenameStmt(_)
+            | N::DropStmt(_) => return self.ddl(node),
             N::ExecuteStmt(_) | N::LockStmt(_) | N::NotifyStmt(_) | N::VacuumStmt(_) | N::CheckPointStmt(_) => {
                 return self.other_no_ddl()
             }
@@ -537,6 +563,7 @@ impl Stmt<'_> {
             return;
         }
         self.out.class = Class::UNKNOWN;
+        self.refuse_signals_in_write(&found);
         if found.skip_locked {
             self.refuse("FOR UPDATE/SHARE SKIP LOCKED");
         }
@@ -572,6 +599,15 @@ impl Stmt<'_> {
         risky
     }
 
+    /// A pid signal runs on the lead alone and a write on every backend: both in one
+    /// statement cannot be kept, so it is refused (0A000) rather than signalling whatever
+    /// process carries that number on another server.
+    fn refuse_signals_in_write(&mut self, found: &Found) {
+        if found.calls.iter().any(|(n, _, _)| crate::sql::is_pid_signal(n.as_bytes())) {
+            self.refuse("pg_terminate_backend or pg_cancel_backend in a statement that writes (call it in a SELECT of its own)");
+        }
+    }
+
     fn calls_write(&mut self, found: &Found) -> bool {
         let mut writes = false;
         for (name, _, arg) in &found.calls {
@@ -580,6 +616,10 @@ impl Stmt<'_> {
                 self.out.global = true;
                 continue;
             };
+            if builtin && crate::sql::is_pid_signal(name.as_bytes()) {
+                // Routed to the lead alone by `Class::signals`; inside a write, refused.
+                continue;
+            }
             if matches!(name.as_str(), "nextval" | "setval") {
                 writes = true;
                 match arg.as_deref().and_then(|a| self.sequence(a)) {
@@ -618,6 +658,7 @@ impl Stmt<'_> {
         let found = self.walk(node);
         self.out.max_param = found.max_param;
         self.calls_write(&found);
+        self.refuse_signals_in_write(&found);
         if found.skip_locked {
             self.refuse("FOR UPDATE/SHARE SKIP LOCKED");
         }
@@ -643,7 +684,13 @@ impl Stmt<'_> {
         };
         let rel = self.cat.and_then(|c| c.resolve(&target.schemaname, &target.relname)).cloned();
         let Some(rel) = rel else {
-            self.out.global = true;
+            // A table the catalog does not know (one the session's open DDL created, say).
+            self.out.own_targets.push(target.relname.clone());
+            for (schema, name, loc) in &found.relations {
+                if Some(*loc as i32) != target_loc && !(schema.is_empty() && found.ctes.iter().any(|c| c == name)) {
+                    self.lock_named(schema, name, TableMode::Shared);
+                }
+            }
             self.nondeterminism(&found, false);
             return;
         };
@@ -928,7 +975,7 @@ impl Stmt<'_> {
             return;
         };
         let Some(rel) = self.cat.and_then(|cat| cat.resolve(&rv.schemaname, &rv.relname)).cloned() else {
-            self.out.global = true;
+            self.out.own_targets.push(rv.relname.clone());
             return;
         };
         if rel.kind != b'r' || rel.has_triggers || rel.has_children {

@@ -177,10 +177,12 @@ fn reads_calls_and_unknowns() {
     let n = an("SELECT nextval('events_id_seq')");
     assert!(n.class.writes && !n.global);
     assert_eq!(n.sequences, vec![201]);
+    // A table the catalog does not know: the router decides (its own DDL holds the name, or
+    // the cluster-wide lock).
     let u = an("INSERT INTO nowhere VALUES (1)");
-    assert!(u.global);
+    assert!(!u.global && u.own_targets == ["nowhere"], "{u:?}");
     let d = an("CREATE TABLE x (a int)");
-    assert!(d.global && d.ddl);
+    assert!(!d.global && d.ddl && d.names == ["x"], "{d:?}");
     assert!(an("SELECT 1 FROM accounts FOR UPDATE").class.writes);
     let t = an("BEGIN; UPDATE accounts SET balance = 1 WHERE id = 1; COMMIT");
     assert_eq!(t.class.tx, TxEffect::End);
@@ -354,4 +356,61 @@ fn a_node_kind_the_walk_does_not_know_makes_a_write() {
     // The kinds it knows keep a read a read.
     let b = an("SELECT a.id, coalesce(max(balance), 0), CASE WHEN owner IS NULL THEN 1 END FROM accounts a GROUP BY a.id, owner");
     assert!(!b.class.writes, "{b:?}");
+}
+
+#[test]
+fn ddl_locks_the_names_it_gives_and_the_cluster_for_what_it_cannot_name() {
+    let named = |sql: &str| {
+        let a = an(sql);
+        assert!(a.ddl && a.class.writes, "{sql}: {a:?}");
+        (!a.global).then_some(a.names)
+    };
+    let names = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    assert_eq!(named("CREATE TABLE copy_src (a int, b text)"), names(&["copy_src"]));
+    assert_eq!(named("CREATE TEMP TABLE scratch (a int)"), names(&["scratch"]));
+    // A foreign key's table, a LIKE's source, a view's tables are named too.
+    assert_eq!(named("CREATE TABLE items (id int, acct int REFERENCES accounts (id))"), names(&["accounts", "items"]));
+    assert_eq!(named("CREATE TABLE c2 (LIKE events)"), names(&["c2", "events"]));
+    assert_eq!(named("CREATE VIEW rich AS SELECT * FROM accounts WHERE balance > 10"), names(&["accounts", "rich"]));
+    assert_eq!(named("ALTER TABLE accounts ADD COLUMN note text"), names(&["accounts"]));
+    assert_eq!(named("CREATE INDEX ON accounts (owner)"), names(&["accounts"]));
+    assert_eq!(named("DROP TABLE IF EXISTS public.copy_src, copy_tgt"), names(&["copy_src", "copy_tgt"]));
+    assert_eq!(named("TRUNCATE accounts"), names(&["accounts"]));
+    assert_eq!(named("ALTER TABLE accounts RENAME TO accts"), names(&["accounts", "accts"]));
+    assert_eq!(named("ALTER TABLE accounts RENAME COLUMN owner TO holder"), names(&["accounts"]));
+    assert_eq!(named("CREATE SEQUENCE s2"), names(&["s2"]));
+    // What it cannot name: the cluster-wide lock.
+    for sql in [
+        "DROP TABLE accounts CASCADE",
+        "TRUNCATE accounts RESTART IDENTITY",
+        "DROP INDEX accounts_pkey",
+        "CREATE TABLE kid () INHERITS (accounts)",
+        "ALTER TABLE events INHERIT accounts",
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'select 1'",
+        "DO $$ BEGIN END $$",
+        "CREATE TYPE mood AS ENUM ('ok')",
+        "CREATE TABLE t2 AS SELECT * FROM accounts",
+        "COMMENT ON TABLE accounts IS 'x'",
+    ] {
+        assert_eq!(named(sql), None, "{sql}");
+    }
+    // Without a catalog, or with event triggers enabled: the cluster-wide lock.
+    assert!(analyze(b"CREATE TABLE x (a int)", None).global);
+    let mut with_trigger = catalog();
+    with_trigger.event_triggers = true;
+    assert!(analyze(b"CREATE TABLE x (a int)", Some(&with_trigger)).global);
+    // A table created earlier in the same text is its own DDL's.
+    let both = an("CREATE TABLE fresh (a int); INSERT INTO fresh VALUES (1)");
+    assert!(!both.global && both.own_targets.is_empty() && both.names == ["fresh"], "{both:?}");
+    assert!(ddl_only(b"create table a (x int); DROP TABLE b"));
+    assert!(!ddl_only(b"create table a (x int); insert into a values (1)"));
+    assert!(!ddl_only(b"select 1"));
+}
+
+#[test]
+fn a_pid_signal_reads_alone_and_is_refused_inside_a_write() {
+    let a = an("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'x'");
+    assert!(!a.class.writes && a.refusal.is_none(), "{a:?}");
+    let w = an("INSERT INTO accounts (id) SELECT pg_cancel_backend(42)");
+    assert!(w.refusal.as_deref().is_some_and(|r| r.contains("pg_cancel_backend")), "{w:?}");
 }
