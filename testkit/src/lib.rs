@@ -368,6 +368,11 @@ impl PgServer {
         Ok(())
     }
 
+    /// A libpq-style connection string to this server over TCP.
+    pub fn conn_str(&self, user: (&str, &str), db: &str) -> String {
+        format!("host=127.0.0.1 port={} user={} password={} dbname={db}", self.port, user.0, user.1)
+    }
+
     /// A superuser connection over the server's Unix socket (trust), for setup and checks.
     pub async fn local_client(&self, db: &str) -> Result<Client> {
         let mut cfg = tokio_postgres::Config::new();
@@ -745,5 +750,20 @@ impl Drop for ChorusProcess {
             let to = Path::new(&dir).join(format!("chorus-{}.log", self.port));
             let _ = std::fs::create_dir_all(&dir).and_then(|_| std::fs::copy(self.dir.path().join("chorus.log"), to));
         }
+    }
+}
+
+/// Runs `testkit/py/<script>` with python3 (psycopg and asyncpg from PyPI, installed by
+/// scripts/setup.sh) and parses the JSON object its last line prints. Panics with the script's
+/// output when it fails or prints none: a driver scenario that hangs exits 3 and says which.
+pub fn python_json(script: &str, args: &[&str]) -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("py").join(script);
+    let out = Command::new("python3").arg(&path).args(args).output().expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stdout.lines().rev().find(|l| l.starts_with('{'));
+    match (out.status.success(), last.map(serde_json::from_str::<serde_json::Value>)) {
+        (true, Some(Ok(v))) => v,
+        _ => panic!("{script} {args:?} failed ({}):\n{stdout}\n{stderr}", out.status),
     }
 }

@@ -55,10 +55,15 @@ impl RouteCtx<'_> {
         self.catalog_cache.get_or_insert_with(|| if ddl_open { slot.last() } else { slot.get() }).clone()
     }
 
-    /// A write must wait: it needs the catalog, which is being (re)loaded. DDL alone does not:
-    /// it is locked by the names it gives, with the last catalog loaded.
+    /// A write must wait: it needs the catalog, which is being (re)loaded. DDL alone waits only
+    /// when the last catalog loaded cannot be trusted for the names it gives (none yet, or DDL
+    /// under the cluster-wide lock ended since): it is locked by its names, and DDL of other
+    /// sessions ending meanwhile does not hold it back.
     fn must_wait_for_catalog(&mut self, sql: &[u8]) -> bool {
-        !self.ddl_open && self.catalog().is_none() && !ddl_only(sql)
+        if self.ddl_open || self.catalog().is_some() {
+            return false;
+        }
+        !ddl_only(sql) || !self.catalog_slot.last().is_some_and(|c| self.catalog_slot.names_lockable(&c))
     }
 
     /// The catalog to analyse `sql` with: the current one, or for DDL the last one loaded.
