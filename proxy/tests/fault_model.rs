@@ -589,7 +589,12 @@ async fn when_every_backend_fails_at_once_the_last_stays_in_sync_and_serves_agai
     // The one that left first left as `down`: answering again, it is caught up from the
     // history on its own (auto_catch_up), the INSERT it missed included.
     s.wait_state(gone, "in_sync").await;
-    assert!(s.chorus.log().contains("caught up from the update history"), "{}", s.chorus.log());
+    // The state is written before it takes effect, and logged after: the line is awaited.
+    let logged = Instant::now() + Duration::from_secs(10);
+    while !s.chorus.log().contains("caught up from the update history") {
+        assert!(Instant::now() < logged, "{}", s.chorus.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     s.assert_identical().await;
     let (ok, out) = s.chorus.verify();
     assert!(ok, "{out}");

@@ -47,7 +47,7 @@ async fn pgjdbc_answers_through_chorus_as_from_postgresql() {
     let s = Setup::new(2).await;
     let want = tokio::task::block_in_place(|| run(&classes, direct.port()));
     let got = tokio::task::block_in_place(|| run(&classes, s.chorus.port()));
-    assert_eq!(want.len(), 10, "{want:#?}");
+    assert_eq!(want.len(), 12, "{want:#?}");
     assert!(want.iter().all(|l| !l.contains("FAILED")), "directly: {want:#?}");
     for (w, g) in want.iter().zip(&got) {
         assert_eq!(g, w, "through Chorus, then directly");
@@ -55,6 +55,8 @@ async fn pgjdbc_answers_through_chorus_as_from_postgresql() {
     assert_eq!(got.len(), want.len(), "{got:#?}");
     assert!(got.iter().any(|l| l == "cancel: sqlstate=57014 then=1"), "{got:#?}");
     assert!(got.iter().any(|l| l == "notifications: jch/n0,jch/n1,jch/n2"), "{got:#?}");
+    assert!(got.iter().any(|l| l == "batch_error_in_a_transaction: sqlstate=23505 left=0"), "{got:#?}");
+    assert!(got.iter().any(|l| l.starts_with("batch_returning_keys: keys=50 ")), "{got:#?}");
     let states = s.chorus.states();
     assert!(states.values().all(|v| v == "in_sync"), "{states:?}\n{}", s.chorus.log());
     let (ok, out) = s.chorus.verify();

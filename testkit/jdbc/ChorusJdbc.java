@@ -32,6 +32,8 @@ public class ChorusJdbc {
         run("prepared_past_the_threshold", ChorusJdbc::prepared);
         run("batch", () -> batch("", 0));
         run("batch_rewritten", () -> batch("&reWriteBatchedInserts=true", 1000));
+        run("batch_error_in_a_transaction", ChorusJdbc::batchError);
+        run("batch_returning_keys", ChorusJdbc::batchKeys);
         run("binary_transfer", ChorusJdbc::binary);
         run("copy_manager", ChorusJdbc::copy);
         run("notifications", ChorusJdbc::notifications);
@@ -90,6 +92,53 @@ public class ChorusJdbc {
                 r.next();
                 return "batches=" + counts.length + " rows=" + total + " count=" + r.getLong(1) + " sum=" + r.getLong(2);
             }
+        }
+    }
+
+    // A batch whose 100th row breaks a key, in a transaction: the error, and nothing of it after
+    // the rollback (a pipeline's error aborts what PostgreSQL aborts).
+    static String batchError() throws SQLException {
+        try (Connection c = connect("")) {
+            c.setAutoCommit(false);
+            String out;
+            try (PreparedStatement p = c.prepareStatement("INSERT INTO jb (id, v) VALUES (?, ?)")) {
+                for (int i = 1; i <= 200; i++) {
+                    p.setInt(1, i == 100 ? 5001 : 5000 + i);
+                    p.setString(2, "e" + i);
+                    p.addBatch();
+                }
+                p.executeBatch();
+                out = "no error";
+            } catch (BatchUpdateException e) {
+                out = "sqlstate=" + e.getSQLState();
+            }
+            c.rollback();
+            try (Statement s = c.createStatement(); ResultSet r = s.executeQuery("SELECT count(*) FROM jb WHERE id > 5000")) {
+                r.next();
+                out += " left=" + r.getLong(1);
+            }
+            c.commit();
+            return out;
+        }
+    }
+
+    // A batch of INSERT ... RETURNING (generated keys): every key, in order.
+    static String batchKeys() throws SQLException {
+        try (Connection c = connect("");
+             PreparedStatement p = c.prepareStatement("INSERT INTO jkeys (v) VALUES (?)", Statement.RETURN_GENERATED_KEYS)) {
+            for (int i = 0; i < 50; i++) {
+                p.setString(1, "b" + i);
+                p.addBatch();
+            }
+            p.executeBatch();
+            long n = 0, sum = 0;
+            try (ResultSet k = p.getGeneratedKeys()) {
+                while (k.next()) {
+                    n++;
+                    sum += k.getLong(1);
+                }
+            }
+            return "keys=" + n + " sum=" + sum;
         }
     }
 

@@ -8,8 +8,8 @@
 //! the membership epoch, which tells sessions to pick up backends that joined.
 
 mod health;
-mod state;
 pub mod signals;
+mod state;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};

@@ -72,7 +72,13 @@ pub struct LockInput<'a> {
 /// table-exclusive lock.
 pub fn lock_set(a: &Analysis, input: &LockInput<'_>, out: &mut Vec<(Res, Mode)>) {
     let (db, bind) = (input.db, input.bind);
-    let known = a.tables.iter().map(|t| t.0).chain(a.keys.iter().map(|k| k.table)).chain(a.sequences.iter().copied()).all(|o| (input.name_of)(o).is_some());
+    let known = a
+        .tables
+        .iter()
+        .map(|t| t.0)
+        .chain(a.keys.iter().map(|k| k.table))
+        .chain(a.sequences.iter().copied())
+        .all(|o| (input.name_of)(o).is_some());
     if a.global || input.global || !known {
         out.push((Res::Global, Mode::Exclusive));
         return;

@@ -514,7 +514,7 @@ impl Router {
             self.locks.push((Res::Global, Mode::Shared));
         }
         // The catalog the analyses were made with (current, or the last one for DDL).
-        let cat = ctx.catalog_slot.last();
+        let cat = ctx.catalog().or_else(|| ctx.catalog_slot.last());
         let name_of = |oid: u32| cat.as_ref().and_then(|c| c.relation(oid)).map(|r| order::name_key(&r.name));
         let mut named: Vec<&str> = Vec::new();
         for (a, bind) in plans {

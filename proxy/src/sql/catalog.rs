@@ -301,8 +301,7 @@ impl Catalogs {
                     }
                 }
                 // A DDL that ended while this load ran may have been missed: go again.
-                if slot.generation.load(Ordering::Acquire) != gen && slot.current.read().is_ok_and(|c| c.is_some())
-                {
+                if slot.generation.load(Ordering::Acquire) != gen && slot.current.read().is_ok_and(|c| c.is_some()) {
                     continue;
                 }
                 slot.loading.store(false, Ordering::Release);

@@ -58,7 +58,13 @@ fn named(node: &N) -> Option<Vec<(String, String)>> {
         N::CreateStmt(c) if c.inh_relations.is_empty() && c.partbound.is_none() && c.of_typename.is_none() => Some(Vec::new()),
         N::CreateSeqStmt(_) | N::AlterSeqStmt(_) | N::ViewStmt(_) | N::IndexStmt(_) => Some(Vec::new()),
         N::AlterTableStmt(a) if relation_kind(a.objtype) => {
-            let risky = [At::AtAddInherit, At::AtDropInherit, At::AtAttachPartition, At::AtDetachPartition, At::AtDetachPartitionFinalize];
+            let risky = [
+                At::AtAddInherit,
+                At::AtDropInherit,
+                At::AtAttachPartition,
+                At::AtDetachPartition,
+                At::AtDetachPartitionFinalize,
+            ];
             let plain = a.cmds.iter().all(|c| match &c.node {
                 Some(N::AlterTableCmd(cmd)) => !cascade(cmd.behavior) && !risky.iter().any(|r| *r as i32 == cmd.subtype),
                 _ => false,
