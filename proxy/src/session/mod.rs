@@ -1286,13 +1286,14 @@ impl Session {
                 tag,
                 message::COMMAND_COMPLETE | message::CLOSE_COMPLETE | message::PARSE_COMPLETE | message::BIND_COMPLETE
             );
-            // A simple Query's statement is answered once it has committed: from its first
-            // command tag on, its reply waits for Chorus's COMMIT (rows and COPY go on). In the
-            // extended protocol PostgreSQL commits at the Sync, after the command tags it sent
-            // as each Execute completed (a pipeline reads them before it sends its Sync), and a
-            // failed commit is an ErrorResponse after them: they go at once.
-            let simple = req.sql.first() == Some(&message::QUERY);
-            let hold = self.wrap_held.is_some() || (simple && matches!(tag, message::COMMAND_COMPLETE | message::ERROR_RESPONSE));
+            // From its first command tag on, the reply waits for Chorus's COMMIT (rows and COPY
+            // go on): the client hears of a write once it has committed. Not while the batch
+            // still awaits its Sync: there PostgreSQL too sends each command tag as its Execute
+            // completes and commits at the Sync (a failed commit is an ErrorResponse after
+            // them), and a pipeline reads them before it sends the Sync.
+            let awaits_sync = self.router.open_batch() == Some(req.seq);
+            let hold =
+                self.wrap_held.is_some() || (!awaits_sync && matches!(tag, message::COMMAND_COMPLETE | message::ERROR_RESPONSE));
             if req.wrapped && hold {
                 match &mut self.wrap_held {
                     Some(h) => h.unsplit(frame),

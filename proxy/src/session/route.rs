@@ -1141,6 +1141,11 @@ impl Router {
         self.batch.is_some()
     }
 
+    /// The request of the extended batch whose Sync is still to come.
+    pub fn open_batch(&self) -> Option<u64> {
+        self.batch.map(|b| b.seq)
+    }
+
     /// COPY FROM STDIN data is streaming: what was sent cannot be sent again.
     pub fn copy_in_progress(&self) -> bool {
         self.copy.is_some()
