@@ -312,3 +312,47 @@ async fn the_records_statement_survives_what_a_client_drops() {
     let (ok, out) = s.chorus.verify();
     assert!(ok, "{out}");
 }
+
+/// Chorus's own schema is closed to clients, superusers included (the test's app user is one):
+/// reading the key or the history, changing them, calling the record function, dropping the
+/// schema, reaching it through search_path or a DO block: each refused with 42501 in the simple
+/// and the extended protocol, before any backend runs it. Nothing changed on any backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chorus_schema_is_closed_to_clients_superusers_included() {
+    let s = Setup::with(2, ChorusOptions::default()).await;
+    let c = s.client().await;
+    c.batch_execute("CREATE TABLE t (a int); INSERT INTO t VALUES (1)").await.unwrap();
+    let count = "SELECT (SELECT count(*) FROM chorus.history) * 1000 + (SELECT count(*) FROM chorus.key)";
+    let before = [local_i64(&s.servers[0], count).await, local_i64(&s.servers[1], count).await];
+    assert!(before[0] > 1000, "the history holds the units so far: {before:?}");
+    let statements = [
+        "SELECT * FROM chorus.key",
+        "SELECT * FROM chorus.history",
+        "DELETE FROM chorus.history",
+        "UPDATE chorus.key SET key = 'guessed'",
+        "SELECT chorus.record(999999, '\\x00'::bytea, 'guess')",
+        "DROP SCHEMA chorus CASCADE",
+        "SET search_path = chorus, public",
+        "DO $$ BEGIN DELETE FROM chorus.history; END $$",
+        "BEGIN; DELETE FROM \"chorus\".history; COMMIT",
+    ];
+    for sql in statements {
+        let simple = c.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(simple.code().map(|c| c.code()), Some("42501"), "simple: {sql}: {simple}");
+        let _ = c.batch_execute("ROLLBACK").await;
+        if !sql.contains(';') {
+            let extended = c.query(sql, &[]).await.expect_err(sql);
+            assert_eq!(extended.code().map(|c| c.code()), Some("42501"), "extended: {sql}: {extended}");
+        }
+    }
+    // The session goes on, and so do writes.
+    c.execute("INSERT INTO t VALUES (2)", &[]).await.unwrap();
+    let after = [local_i64(&s.servers[0], count).await, local_i64(&s.servers[1], count).await];
+    assert_eq!(after, [before[0] + 1000, before[1] + 1000], "one more unit, nothing else changed");
+    for name in ["pg1", "pg2"] {
+        assert_eq!(s.chorus.states().get(name).map(String::as_str), Some("in_sync"));
+    }
+    s.assert_identical().await;
+    let (ok, out) = s.chorus.verify();
+    assert!(ok, "{out}");
+}

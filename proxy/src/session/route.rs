@@ -363,6 +363,13 @@ impl Router {
                     self.recorded = true;
                     return Ok(Some(Dispatch::Record));
                 }
+                if crate::sql::own_schema::touches(sql) {
+                    metrics::counter!("chorus_own_schema_refusals_total").increment(1);
+                    let mut buf = BytesMut::new();
+                    message::query_msg(&mut buf, &rewrite::error_statement("42501", crate::sql::own_schema::REFUSAL));
+                    cbuf.advance(len);
+                    return Ok(Some(self.send_query(buf.freeze(), Class::SESSION, false, false, None, false, ctx, next_seq)));
+                }
                 // Reads and session statements need no analysis: the fast path.
                 if class.writes && self.fail_next.is_none() && ctx.must_wait_for_catalog(sql) {
                     return Ok(Some(Dispatch::NeedsCatalog));
@@ -792,6 +799,10 @@ impl Router {
         }
         let (p, rewritten) = self.prepare(body, ctx)?;
         self.note_isolation(p.class, sql);
+        if sc.refusal.is_none() && crate::sql::own_schema::touches(sql) {
+            metrics::counter!("chorus_own_schema_refusals_total").increment(1);
+            sc.refusal = Some(rewrite::error_statement("42501", crate::sql::own_schema::REFUSAL));
+        }
         if let Some(sql) = rewritten {
             let mut f = BytesMut::new();
             message::parse_with_text(&mut f, body, &sql)?;

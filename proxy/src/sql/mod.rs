@@ -8,6 +8,7 @@
 pub mod analyze;
 pub mod catalog;
 mod lexer;
+pub mod own_schema;
 pub mod rewrite;
 pub mod signals;
 
