@@ -66,11 +66,7 @@ fn names_schema(sql: &[u8]) -> bool {
             }
             Tok::Word(..) if sql[s..e].eq_ignore_ascii_case(b"search_path") => search_path = true,
             Tok::Literal if sql[s..e].to_ascii_lowercase().windows(11).any(|w| w == b"search_path") => search_path = true,
-            Tok::Literal if bodies || search_path => {
-                if literal_names_schema(&sql[s..e], search_path) {
-                    return true;
-                }
-            }
+            Tok::Literal if (bodies || search_path) && literal_names_schema(&sql[s..e], search_path) => return true,
             _ => {}
         }
         prev = Some((tok, s, e));
