@@ -30,7 +30,11 @@ start() { # name binary
   for _ in $(seq 100); do psql -h 127.0.0.1 -p 6442 -U postgres -d bench -qAtc 'select 1' >/dev/null 2>&1 && return; sleep 0.1; done
   echo "chorus $1 did not start: $(cat "$work/$1.log")" >&2; exit 1
 }
-stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=; if grep -q "backend ejected" "$work/$1.log"; then echo "$1 ejected a backend" >&2; exit 1; fi; }
+stop() { # name: the backends equal, then Chorus stopped
+  "${2:-target/release/chorus}" --config "$work/$1.toml" verify | tail -1
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+  if grep -q "backend ejected" "$work/$1.log"; then echo "$1 ejected a backend" >&2; exit 1; fi
+}
 dsn() { echo "host=127.0.0.1 port=$1 user=postgres dbname=bench"; }
 start this target/release/chorus
 echo "== pipeline: 1,000 inserts, $rounds rounds"
@@ -44,6 +48,6 @@ for r in $(seq "$rounds"); do
   if [[ -n ${BASELINE_BIN:-} ]]; then
     start before "$BASELINE_BIN"
     echo -n "round $r $BASELINE_BIN: "; python3 bench/psycopg_findings.py ddl "$(dsn 6442)" "$secs" "$sessions"
-    stop before
+    stop before "$BASELINE_BIN"
   fi
 done

@@ -188,7 +188,23 @@ impl BackendTls {
 
 impl BackendConfig {
     pub fn addr(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        backend_addr(&self.host, self.port)
+    }
+}
+
+/// Whether a backend `host` is a directory holding the server's Unix-domain socket (as libpq,
+/// PgBouncer and pgpool-II take it): a path, not a name.
+pub fn is_socket_dir(host: &str) -> bool {
+    host.starts_with('/')
+}
+
+/// Where a backend listens: `host:port`, or the socket file `host/.s.PGSQL.port` in a
+/// directory.
+pub fn backend_addr(host: &str, port: u16) -> String {
+    if is_socket_dir(host) {
+        format!("{}/.s.PGSQL.{port}", host.trim_end_matches('/'))
+    } else {
+        format!("{host}:{port}")
     }
 }
 
@@ -489,6 +505,12 @@ impl Config {
             return bad("join_jobs must be at least 1".into());
         }
         for b in &self.backends {
+            if is_socket_dir(&b.host) && b.sslmode.is_some_and(|m| m >= SslMode::Require) {
+                return bad(format!(
+                    "backend {:?}: TLS does not apply to a Unix-domain socket ({}): drop its sslmode",
+                    b.name, b.host
+                ));
+            }
             let t = self.backend_tls(&b.host, b.port);
             if t.mode >= SslMode::VerifyCa && t.rootcert.is_none() {
                 return bad(format!(
@@ -532,6 +554,10 @@ impl Config {
     /// The TLS settings for the backend at `host`:`port`: its [[backends]] entry's, falling
     /// back to `backend_sslmode` and `backend_sslrootcert` (joined backends have no entry).
     pub fn backend_tls(&self, host: &str, port: u16) -> BackendTls {
+        if is_socket_dir(host) {
+            // As for libpq: no TLS over a Unix-domain socket, which never leaves the host.
+            return BackendTls { mode: SslMode::Disable, rootcert: None, allow_cleartext: true };
+        }
         let entry = self.backends.iter().find(|b| b.host == host && b.port == port);
         BackendTls {
             mode: entry.and_then(|b| b.sslmode).unwrap_or(self.backend_sslmode),
@@ -605,6 +631,20 @@ name = "pg1"
 host = "127.0.0.1"
 port = 5432
 "#;
+
+    #[test]
+    fn a_backend_host_that_is_a_directory_is_its_unix_socket() {
+        let unix = SAMPLE.replace("host = \"127.0.0.1\"\nport = 5432", "host = \"/var/run/postgresql/\"\nport = 5433");
+        let c = Config::parse(&unix).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.backends[0].addr(), "/var/run/postgresql/.s.PGSQL.5433");
+        let t = c.backend_tls("/var/run/postgresql/", 5433);
+        assert_eq!(t.mode, SslMode::Disable, "no TLS over a Unix-domain socket, as for libpq");
+        assert!(t.may_send_cleartext(), "the socket never leaves the host");
+        let required = unix.replace("port = 5433", "port = 5433\nsslmode = \"require\"");
+        let e = Config::parse(&required).unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("Unix-domain socket"), "{e}");
+    }
 
     #[test]
     fn accepts_the_documented_sample() {

@@ -368,6 +368,11 @@ impl PgServer {
         Ok(())
     }
 
+    /// The directory of the server's Unix-domain socket.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.data()
+    }
+
     /// A libpq-style connection string to this server over TCP.
     pub fn conn_str(&self, user: (&str, &str), db: &str) -> String {
         format!("host=127.0.0.1 port={} user={} password={} dbname={db}", self.port, user.0, user.1)
@@ -547,6 +552,11 @@ impl Default for ChorusOptions {
 impl ChorusProcess {
     /// A config for `servers` with the test users; `extra` is added at the top level.
     pub fn config(port: u16, data_dir: &Path, servers: &[&PgServer], opts: &ChorusOptions) -> String {
+        Self::config_over(port, data_dir, servers, opts, false)
+    }
+
+    /// As `config`; `sockets`: each backend by its Unix-domain socket's directory.
+    pub fn config_over(port: u16, data_dir: &Path, servers: &[&PgServer], opts: &ChorusOptions, sockets: bool) -> String {
         let mut s = format!(
             "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nhealth_check_interval = \"1s\"\n{}\n\
              [auth]\nmethod = \"{}\"\n[[users]]\nname = \"{}\"\npassword = \"{}\"\n[[users]]\nname = \"{}\"\npassword = \"{}\"\n",
@@ -559,20 +569,26 @@ impl ChorusProcess {
             SUPERUSER.1
         );
         for (i, srv) in servers.iter().enumerate() {
-            s.push_str(&format!("[[backends]]\nname = \"pg{}\"\nhost = \"127.0.0.1\"\nport = {}\n", i + 1, srv.port()));
+            let host = if sockets { srv.socket_dir().display().to_string() } else { "127.0.0.1".into() };
+            s.push_str(&format!("[[backends]]\nname = \"pg{}\"\nhost = \"{host}\"\nport = {}\n", i + 1, srv.port()));
         }
         s
     }
 
     /// Starts `bin` in front of `servers` and waits until it accepts clients.
     pub async fn start(bin: &Path, servers: &[&PgServer], opts: ChorusOptions) -> Result<ChorusProcess> {
+        Self::start_over(bin, servers, opts, false).await
+    }
+
+    /// As `start`; `sockets`: Chorus reaches each backend by its Unix-domain socket.
+    pub async fn start_over(bin: &Path, servers: &[&PgServer], opts: ChorusOptions, sockets: bool) -> Result<ChorusProcess> {
         let dir = tempfile::Builder::new().prefix("chorus-proxy-").tempdir()?;
         let port = free_port()?;
         let admin_port = free_port()?;
         let config = dir.path().join("chorus.toml");
         let mut opts = opts;
         opts.extra = format!("admin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n{}", opts.extra);
-        std::fs::write(&config, Self::config(port, &dir.path().join("data"), servers, &opts))?;
+        std::fs::write(&config, Self::config_over(port, &dir.path().join("data"), servers, &opts, sockets))?;
         let mut p = ChorusProcess { child: None, dir, port, admin_port, config, bin: bin.into() };
         p.launch().await?;
         Ok(p)

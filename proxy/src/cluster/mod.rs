@@ -121,7 +121,7 @@ impl Backend {
             name: name.to_string(),
             host: host.to_string(),
             port,
-            addr: format!("{host}:{port}"),
+            addr: crate::config::backend_addr(host, port),
             state: AtomicU8::new(state as u8),
             reason: Mutex::new(reason),
             inflight: AtomicU32::new(0),

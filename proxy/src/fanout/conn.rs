@@ -8,7 +8,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::outcome::Outcome;
 use crate::cluster::Backend;
@@ -91,9 +90,7 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<Login, LoginError> {
     let fut = async {
-        let tcp = TcpStream::connect(&backend.addr).await.map_err(io)?;
-        tcp.set_nodelay(true).map_err(io)?;
-        let mut stream = crate::tls::backend::negotiate(tcp, &backend.host, &backend.tls).await.map_err(io)?;
+        let mut stream = crate::tls::backend::open(&backend.host, &backend.addr, &backend.tls).await.map_err(io)?;
         let mut buf = BytesMut::with_capacity(512);
         startup_message(params, &mut buf);
         stream.write_all(&buf).await.map_err(io)?;
@@ -230,8 +227,7 @@ pub async fn run_script(conn: &mut BackendConn, frames: &[Bytes], timeout: Durat
 /// request's code), the connection closed right after; None if it could not be read.
 pub async fn first_auth_request(b: &Backend, user: &str, database: &str) -> Option<i32> {
     let fut = async {
-        let tcp = TcpStream::connect(&b.addr).await.ok()?;
-        let mut stream = crate::tls::backend::negotiate(tcp, &b.host, &b.tls).await.ok()?;
+        let mut stream = crate::tls::backend::open(&b.host, &b.addr, &b.tls).await.ok()?;
         let mut buf = BytesMut::new();
         let params = [("user".to_string(), user.to_string()), ("database".to_string(), database.to_string())];
         startup_message(&params, &mut buf);

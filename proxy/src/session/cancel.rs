@@ -92,11 +92,19 @@ pub fn send_cancel(target: CancelTarget) {
 }
 
 async fn deliver(t: CancelTarget) {
-    match TcpStream::connect(&t.addr).await {
-        Ok(mut s) => {
-            let _ = s.write_all(&cancel_request(t.pid, t.secret)).await;
-            let _ = s.shutdown().await;
+    let sent = async {
+        // A backend's Unix-domain socket (its address is the socket file's path), or TCP.
+        if t.addr.starts_with('/') {
+            let mut s = tokio::net::UnixStream::connect(&t.addr).await?;
+            s.write_all(&cancel_request(t.pid, t.secret)).await?;
+            s.shutdown().await
+        } else {
+            let mut s = TcpStream::connect(&t.addr).await?;
+            s.write_all(&cancel_request(t.pid, t.secret)).await?;
+            s.shutdown().await
         }
-        Err(e) => tracing::debug!(addr = %t.addr, error = %e, "cancel not delivered"),
+    };
+    if let Err(e) = sent.await {
+        tracing::debug!(addr = %t.addr, error = %e, "cancel not delivered");
     }
 }

@@ -48,7 +48,7 @@ use crate::protocol::{FrameCodec, ProtocolError};
 use crate::shared::Shared;
 use crate::sql::catalog::{CatalogSlot, LoadTarget};
 use crate::tls::Stream;
-use crate::wire::{shutdown_now, OutQueue};
+use crate::wire::OutQueue;
 
 /// Stop reading backends while this much waits for the client.
 const CLIENT_OUT_HIGH: usize = 1 << 20;
@@ -540,9 +540,7 @@ impl Session {
         })
         .await;
         for c in &self.conns {
-            if let Some(tcp) = c.stream.tcp() {
-                shutdown_now(tcp);
-            }
+            c.stream.shutdown_now();
         }
     }
 
@@ -1889,9 +1887,7 @@ impl Session {
         let c = &mut self.conns[i];
         if c.alive {
             c.alive = false;
-            if let Some(tcp) = c.stream.tcp() {
-                shutdown_now(tcp);
-            }
+            c.stream.shutdown_now();
             c.backend.inflight.fetch_sub(c.queue.len() as u32, Ordering::Relaxed);
             c.rbuf = BytesMut::new();
             c.out = OutQueue::default();

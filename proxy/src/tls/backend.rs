@@ -93,6 +93,19 @@ fn build(t: &BackendTls) -> Result<ClientConfig, TlsError> {
     Ok(config)
 }
 
+/// A new connection to the backend at `host`:`port` (`addr`, as `config::backend_addr` gives
+/// it): its Unix-domain socket when `host` is a directory, else TCP (no Nagle delay) with TLS
+/// as `t` says.
+pub async fn open(host: &str, addr: &str, t: &BackendTls) -> Result<Stream, String> {
+    if crate::config::is_socket_dir(host) {
+        let unix = tokio::net::UnixStream::connect(addr).await.map_err(|e| format!("{addr}: {e}"))?;
+        return Ok(Stream::Unix(unix));
+    }
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    negotiate(tcp, host, t).await
+}
+
 /// Asks the backend for TLS as `t` says and runs the handshake: the stream the login goes on
 /// over. `host` is the name a `verify-full` certificate must carry.
 pub async fn negotiate(mut tcp: TcpStream, host: &str, t: &BackendTls) -> Result<Stream, String> {
