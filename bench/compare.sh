@@ -9,7 +9,8 @@
 #
 # Chorus runs from target/release (built here) on ports 6441 (one backend) and 6442 (two).
 # BASELINE_BIN=/path/to/an/older/chorus adds target "before2" (that binary over both servers,
-# port 6443), to compare a change with the code before it in the same run.
+# port 6443), to compare a change with the code before it in the same run. TARGETS naming
+# "chorus2u" adds this build over both servers' Unix-domain sockets (port 6444).
 # Two builds with the update history on cannot share the servers (their serials collide):
 # BASELINE_BIN must be a build without it (bbe8979 or older).
 set -euo pipefail
@@ -26,7 +27,7 @@ start_chorus() { # name port backends...
   local name=$1 port=$2; shift 2
   { echo "listen = \"127.0.0.1:$port\""; echo "data_dir = \"$work/$name\""; echo "health_check_database = \"bench\""
     echo '[auth]'; echo 'method = "trust"'; echo '[[users]]'; echo 'name = "postgres"'
-    local i=1; for p in "$@"; do echo '[[backends]]'; echo "name = \"pg$i\""; echo 'host = "127.0.0.1"'; echo "port = $p"; i=$((i+1)); done
+    local i=1; for p in "$@"; do echo '[[backends]]'; echo "name = \"pg$i\""; echo "host = \"${BACKEND_HOST:-127.0.0.1}\""; echo "port = $p"; i=$((i+1)); done
   } >"$work/$name.toml"
   CHORUS_LOG=warn "${CHORUS_BIN:-target/release/chorus}" --config "$work/$name.toml" 2>"$work/$name.log" &
   pids+=($!)
@@ -36,7 +37,9 @@ start_chorus() { # name port backends...
 start_chorus one 6441 "$PG_A"
 start_chorus two 6442 "$PG_A" "$PG_B"
 if [[ -n ${BASELINE_BIN:-} ]]; then CHORUS_BIN=$BASELINE_BIN start_chorus before2 6443 "$PG_A" "$PG_B"; fi
-declare -A port=([direct]=$PG_A [pgbouncer]=${PGBOUNCER:-55510} [chorus1]=6441 [chorus2]=6442 [before2]=6443 [pgpool]=${PGPOOL:-55520})
+# Target "chorus2u": this build over both servers' Unix-domain sockets (the peers' directory).
+if [[ " ${TARGETS:-} " == *" chorus2u "* ]]; then BACKEND_HOST=${PEERS_DIR:-/tmp/peers} start_chorus twou 6444 "$PG_A" "$PG_B"; fi
+declare -A port=([direct]=$PG_A [pgbouncer]=${PGBOUNCER:-55510} [chorus1]=6441 [chorus2]=6442 [before2]=6443 [chorus2u]=6444 [pgpool]=${PGPOOL:-55520})
 list=""
 for t in ${TARGETS:-direct pgbouncer chorus1 chorus2 pgpool}; do list+="$t:${port[$t]} "; done
 bash "$PEERS/bench.sh" "${list% }" "$builtin" "$secs" "$clients" "$rounds"

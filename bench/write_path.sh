@@ -9,6 +9,7 @@
 # The history's cost on the servers is the difference of the server columns between the two.
 #
 #   bench/write_path.sh [builtin] [seconds] [clients] [rounds]   (default tpcb-like 10 8 5)
+#   BACKEND_HOST=/tmp/peers bench/write_path.sh ...   (the backends over their Unix sockets)
 #
 # The profile behind the figures (docs/benchmarks.md keeps the command):
 #   perf record -g -p "$(pgrep -f 'chorus --config')" -- sleep 10; perf report --no-children
@@ -23,8 +24,9 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 declare -A pid_of port_of
 start() { # name port history
-  printf 'listen = "127.0.0.1:%s"\ndata_dir = "%s"\nhealth_check_database = "bench"\nhistory = %s\n[auth]\nmethod = "trust"\n[[users]]\nname = "postgres"\n[[backends]]\nname = "pg1"\nhost = "127.0.0.1"\nport = %s\n[[backends]]\nname = "pg2"\nhost = "127.0.0.1"\nport = %s\n' \
-    "$2" "$work/$1" "$3" "$PG_A" "$PG_B" >"$work/$1.toml"
+  local h=${BACKEND_HOST:-127.0.0.1}
+  printf 'listen = "127.0.0.1:%s"\ndata_dir = "%s"\nhealth_check_database = "bench"\nhistory = %s\n[auth]\nmethod = "trust"\n[[users]]\nname = "postgres"\n[[backends]]\nname = "pg1"\nhost = "%s"\nport = %s\n[[backends]]\nname = "pg2"\nhost = "%s"\nport = %s\n' \
+    "$2" "$work/$1" "$3" "$h" "$PG_A" "$h" "$PG_B" >"$work/$1.toml"
   CHORUS_LOG=warn target/release/chorus --config "$work/$1.toml" 2>"$work/$1.log" &
   pids+=($!)
   pid_of[$1]=$!
