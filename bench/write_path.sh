@@ -3,7 +3,8 @@
 # over the peers' two PostgreSQL 15 servers with the update history on ("hist") and off
 # ("nohist"), pgbench against each in turn, round after round; per transaction:
 #   - Chorus's CPU (user, system) in µs,
-#   - Chorus's read-like and write-like system calls (syscr, syscw of /proc/PID/io),
+#   - Chorus's system calls (one more run per target under `strace -c -f`: it slows Chorus,
+#     but the count per transaction holds), by kind: reads, writes, epoll_wait, others,
 #   - Chorus's context switches (voluntary + involuntary, summed over its threads),
 #   - each server's CPU in µs (its postmaster's children, live and reaped).
 # The history's cost on the servers is the difference of the server columns between the two.
@@ -37,11 +38,11 @@ start() { # name port history
 }
 start hist 6471 true
 start nohist 6472 false
-# One line of counters: chorus utime stime syscr syscw ctxsw, then each server's ticks.
+# One line of counters: chorus utime stime (two unused places) ctxsw, then each server's ticks.
 counters() {
   local p=$1
   read -r u s < <(awk '{print $14, $15}' "/proc/$p/stat")
-  read -r r w < <(awk '/^syscr/ {r = $2} /^syscw/ {w = $2} END {print r, w}' "/proc/$p/io")
+  local r=0 w=0
   local cs
   cs=$(cat /proc/"$p"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}')
   local line="$u $s $r $w $cs"
@@ -63,19 +64,36 @@ for r in $(seq "$rounds"); do
     tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
     awk -v r="$r" -v t="$t" -v tps="$tps" -v tx="$tx" -v hz="$hz" -v a="$c0" -v b="$c1" 'BEGIN {
       split(a, x); split(b, y); us = 1e6 / hz / tx
-      printf "round=%s target=%s tps=%.0f user_us=%.1f sys_us=%.1f syscr=%.2f syscw=%.2f ctxsw=%.2f server1_us=%.1f server2_us=%.1f\n",
-        r, t, tps, (y[1] - x[1]) * us, (y[2] - x[2]) * us, (y[3] - x[3]) / tx, (y[4] - x[4]) / tx, (y[5] - x[5]) / tx,
-        (y[6] - x[6]) * us, (y[7] - x[7]) * us }'
+      printf "round=%s target=%s tps=%.0f user_us=%.1f sys_us=%.1f ctxsw=%.2f server1_us=%.1f server2_us=%.1f\n",
+        r, t, tps, (y[1] - x[1]) * us, (y[2] - x[2]) * us, (y[5] - x[5]) / tx, (y[6] - x[6]) * us, (y[7] - x[7]) * us }'
   done
 done | tee "$work/runs"
 median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 for t in hist nohist; do
   line="median target=$t"
-  for k in tps user_us sys_us syscr syscw ctxsw server1_us server2_us; do
+  for k in tps user_us sys_us ctxsw server1_us server2_us; do
     line+=" $k=$(grep "target=$t " "$work/runs" | sed -n "s/.* $k=\([0-9.]*\).*/\1/p" | median)"
   done
   echo "$line"
 done
+# System calls per transaction, by kind, in one more run per target under strace.
+if command -v strace >/dev/null; then
+  for t in hist nohist; do
+    strace -c -f -q -o "$work/$t.strace" -p "${pid_of[$t]}" &
+    st=$!
+    sleep 0.5
+    out=$(pgbench -n -b "$builtin" -c "$clients" -j 2 -T 5 -h 127.0.0.1 -p "${port_of[$t]}" -U postgres bench 2>&1)
+    kill -INT "$st"; wait "$st" 2>/dev/null || true
+    tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
+    awk -v t="$t" -v tx="$tx" 'NF >= 5 && $1 ~ /^[0-9.]+$/ && $NF != "total" {
+        name = $NF; calls = $4
+        if (name ~ /^(read|readv|recvfrom|recvmsg)$/) r += calls
+        else if (name ~ /^(write|writev|sendto|sendmsg)$/) w += calls
+        else if (name ~ /^epoll_(p)?wait$/) e += calls
+        else o += calls }
+      END { printf "syscalls target=%s per_tx reads=%.2f writes=%.2f epoll_wait=%.2f other=%.2f (strace -c over %d transactions)\n", t, r / tx, w / tx, e / tx, o / tx, tx }' "$work/$t.strace"
+  done
+fi
 for t in hist nohist; do grep -q "backend ejected" "$work/$t.log" && { echo "chorus $t ejected a backend" >&2; exit 1; }; done
 # Every benchmark that writes ends with the backends equal.
 target/release/chorus --config "$work/hist.toml" verify | tail -1
