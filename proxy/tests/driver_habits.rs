@@ -456,3 +456,61 @@ async fn an_unnamed_statement_a_read_parsed_on_one_backend_is_bound_on_all() {
     assert_in_sync(&s);
     s.assert_identical().await;
 }
+
+/// libpq's pipeline mode, message by message (what psycopg's `conn.pipeline()` sends): Parse,
+/// Bind, Describe, Execute per statement with no Sync, a Flush to read the results so far, then
+/// one Sync followed by a Flush; in autocommit (the writes' results come before the Sync), in a
+/// transaction opened by a simple BEGIN and ended by a simple COMMIT, and with an error in the
+/// middle (PostgreSQL skips the rest up to the Sync).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libpq_pipeline_mode_is_answered_message_by_message() {
+    let (s, d) = setup().await;
+    let stmt = |sql: &str| [parse("", sql), bind("", ""), msg(b'D', b"P\0"), execute()].concat();
+    let (through, direct) = both(&s, &d, |mut r: Raw| async move {
+        r.send(
+            &[stmt("INSERT INTO t VALUES (41) RETURNING v"), stmt("INSERT INTO t VALUES (42) RETURNING v"), FLUSH.to_vec()]
+                .concat(),
+        )
+        .await;
+        // Both inserts answered before any Sync: the pipeline reads them, then syncs.
+        let mut out = r.take(10).await;
+        r.send(&[SYNC, FLUSH].concat()).await;
+        out.extend(r.until_ready().await);
+        out
+    })
+    .await;
+    assert_eq!(through, direct);
+    assert_eq!(direct, ["1", "2", "T", "D", "C", "1", "2", "T", "D", "C", "Z"]);
+    let (through, direct) = both(&s, &d, |mut r: Raw| async move {
+        r.send(&query("BEGIN")).await;
+        let mut out = r.until_ready().await;
+        r.send(
+            &[stmt("INSERT INTO t VALUES (43)"), stmt("SELECT count(*) FROM t WHERE v > 40"), SYNC.to_vec(), FLUSH.to_vec()]
+                .concat(),
+        )
+        .await;
+        out.extend(r.until_ready().await);
+        r.send(&query("COMMIT")).await;
+        out.extend(r.until_ready().await);
+        out
+    })
+    .await;
+    assert_eq!(through, direct);
+    assert_eq!(direct, ["C", "Z", "1", "2", "n", "C", "1", "2", "T", "D", "C", "Z", "C", "Z"]);
+    let (through, direct) = both(&s, &d, |mut r: Raw| async move {
+        r.send(&[stmt("SELECT 1 / 0"), stmt("INSERT INTO t VALUES (44)"), SYNC.to_vec(), FLUSH.to_vec()].concat()).await;
+        let mut out = r.until_ready().await;
+        r.send(&[stmt("SELECT 2"), SYNC.to_vec(), FLUSH.to_vec()].concat()).await;
+        out.extend(r.until_ready().await);
+        out
+    })
+    .await;
+    assert_eq!(through, direct);
+    // PostgreSQL folds 1 / 0 when it plans the statement, at the Bind.
+    assert_eq!(direct, ["1", "E22012", "Z", "1", "2", "T", "D", "C", "Z"]);
+    let c = s.client().await;
+    let n: i64 = c.query_one("SELECT count(*) FROM t WHERE v > 40", &[]).await.unwrap().get(0);
+    assert_eq!(n, 3, "41, 42, 43; 44 skipped after the error");
+    assert_in_sync(&s);
+    s.assert_identical().await;
+}
