@@ -152,7 +152,7 @@ mod tests {
                 let _ = message::authentication(body);
                 let _ = message::sasl_initial_response(body);
                 let _ = message::backend_key_data(body);
-                let _ = crate::session::statement_text(&f.data.clone().freeze());
+                let _ = crate::sql::text::statement_text(&f.data.clone().freeze());
             }
             assert!(consumed <= input.len());
         }

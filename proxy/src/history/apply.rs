@@ -241,7 +241,7 @@ impl<'a> Applier<'a> {
                 Check::Success => o.error.is_none(),
             };
             if !fine {
-                let sql = crate::session::statement_text(&st.frames);
+                let sql = crate::sql::text::statement_text(&st.frames);
                 let want = match st.check {
                     Check::Same(w) => w.to_string(),
                     _ => "success".into(),

@@ -97,7 +97,7 @@ async fn run_unit(
     let got = fanout::conn::run_requests(&mut conn, &reqs, cfg.backend_timeout).await?;
     for (q, o) in requests.iter().zip(&got) {
         if *o != q.outcome {
-            let sql = crate::session::statement_text(&q.frames);
+            let sql = crate::sql::text::statement_text(&q.frames);
             return Err(format!(
                 "replay on {} differs from the in-sync backends on {sql:?}: replay: {o}; in-sync: {}",
                 ctx.target.name, q.outcome

@@ -11,6 +11,7 @@ mod lexer;
 pub mod own_schema;
 pub mod rewrite;
 pub mod signals;
+pub mod text;
 
 pub use signals::is_pid_signal;
 
