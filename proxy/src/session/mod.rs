@@ -130,6 +130,9 @@ struct Request {
     /// A read the lead runs alone inside a transaction: an error there aborts the transaction
     /// on the lead only, and the other backends' transactions are aborted after it.
     lead_read: bool,
+    /// Routed inside the client's open transaction, which it does not end: it cannot commit
+    /// anything, so a connection lost in the middle of it loses no commit either.
+    in_block: bool,
     first_done_at: Option<Instant>,
     sent_at: Instant,
 }
@@ -934,8 +937,10 @@ impl Session {
                 idle: self.pending.is_empty(),
                 record_due: self.history.is_some() && self.unit_writes && !self.unit_recorded && self.last_status == b'T',
             };
+            let (open_before, ends_before, queued) = (self.router.tx_open, self.router.tx_ends, self.pending.len());
             let d = self.router.next(&mut self.cbuf, &self.client_codec, &mut ctx, &mut self.next_seq)?;
             let Some(d) = d else { return Ok(()) };
+            let in_block = open_before && self.router.tx_open && self.router.tx_ends == ends_before;
             match d {
                 Dispatch::NeedsLocks => {
                     self.lock_wait = Some(Instant::now());
@@ -971,6 +976,11 @@ impl Session {
                     }
                 }
                 Dispatch::Send { bytes, targets, request } => self.dispatch(bytes, targets, request)?,
+            }
+            if in_block {
+                for r in self.pending.iter_mut().skip(queued) {
+                    r.in_block = true;
+                }
             }
         }
     }
@@ -1023,6 +1033,7 @@ impl Session {
                 record: false,
                 trims: r.trims.into(),
                 lead_read: self.router.is_lead_read(r.seq),
+                in_block: false,
                 sql: r.sql,
                 retry: r.retry,
                 again: (r.targets.count_ones() > 1 && !r.internal && !self.router.tx_open && !self.router.copy_in_progress())
@@ -1664,12 +1675,13 @@ impl Session {
                 return Err(End::Fatal(frame));
             }
         }
-        // (A read the lead ran alone changed nothing: it runs again on another backend.)
-        let at_risk = self.conns[i]
-            .queue
-            .front()
-            .copied()
-            .filter(|&seq| self.locks.holds_any() && !self.pending.iter().any(|r| r.seq == seq && r.lead_read));
+        // (A read the lead ran alone changed nothing: it runs again on another backend. A
+        // request inside the client's transaction that does not end it committed nothing: the
+        // transaction fails with 40001 once the health check answers.)
+        let at_risk =
+            self.conns[i].queue.front().copied().filter(|&seq| {
+                self.locks.holds_any() && !self.pending.iter().any(|r| r.seq == seq && (r.lead_read || r.in_block))
+            });
         tracing::debug!(backend = %self.conns[i].backend.name, reason = %why, "a backend connection of the session ended");
         // Ended by an administrator's command (57P01) in the middle of nothing that may have
         // committed: perhaps a client's pg_terminate_backend through Chorus, which ends this
@@ -1951,6 +1963,7 @@ impl Request {
             sql,
             retry: None,
             lead_read: false,
+            in_block: false,
             first_done_at: None,
             sent_at: Instant::now(),
         }

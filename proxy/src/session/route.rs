@@ -218,6 +218,9 @@ pub enum Dispatch {
 pub struct Router {
     /// A transaction is open or about to be (judged from what was sent, settled by replies).
     pub tx_open: bool,
+    /// Transaction ends routed so far: a request routed with the transaction open before and
+    /// after it, and no end between, cannot commit.
+    pub tx_ends: u64,
     named: HashMap<Box<[u8]>, Prepared>,
     /// Named statements' Parse frames as sent, to prepare them on a backend that joins.
     parse_frames: HashMap<Box<[u8]>, Bytes>,
@@ -1185,6 +1188,7 @@ impl Router {
             }
             TxEffect::End => {
                 self.tx_open = false;
+                self.tx_ends += 1;
                 self.tx_time = None;
                 self.barrier = Barrier::None;
                 self.tx_strict = false;
