@@ -25,6 +25,10 @@ command -v chromium >/dev/null || need+=(chromium)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 command -v docker-compose >/dev/null || need+=(docker-compose)
+# The standby (proxy/tests/standby.rs, [ha]): etcd-client's build compiles etcd's protobuf API
+# with protoc; the tests run Debian's etcd server.
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+command -v etcd >/dev/null || need+=(etcd-server)
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}" >&2
   SUDO=""; [[ $(id -u) == 0 ]] || SUDO="sudo"

@@ -314,6 +314,40 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
+    /// Leadership on etcd with a standby (None: this instance runs alone).
+    #[serde(default)]
+    pub ha: Option<HaConfig>,
+}
+
+/// `[ha]`: this instance is one member of a group on etcd; one member leads (serves clients),
+/// the others stand by with their client port closed (docs/operations.md, "Two instances").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// etcd's client URLs, e.g. ["http://10.0.0.1:2379", "http://10.0.0.2:2379"].
+    pub etcd_endpoints: Vec<String>,
+    /// The group's name: members with the same name share one leader key.
+    #[serde(default = "defaults::ha_cluster")]
+    pub cluster: String,
+    /// This member's name, unique in the group (default: the host name).
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// The lease that holds the leadership: a leader that cannot renew it stops serving
+    /// before it can expire, and a standby takes over once it has.
+    #[serde(default = "defaults::lease_ttl", deserialize_with = "duration")]
+    pub lease_ttl: Duration,
+    /// Where clients reach this member (shown to operators and in the leader key); default
+    /// `listen`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+}
+
+impl HaConfig {
+    pub fn node(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "chorus".into())
+        })
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -328,6 +362,12 @@ impl std::fmt::Debug for Config {
 }
 
 mod defaults {
+    pub fn ha_cluster() -> String {
+        "chorus".into()
+    }
+    pub fn lease_ttl() -> std::time::Duration {
+        std::time::Duration::from_secs(5)
+    }
     use std::path::PathBuf;
     use std::time::Duration;
     pub fn listen() -> String {
@@ -546,6 +586,22 @@ impl Config {
         ] {
             if d.is_zero() {
                 return bad(format!("{key} must be greater than zero"));
+            }
+        }
+        if let Some(ha) = &self.ha {
+            if ha.etcd_endpoints.is_empty() {
+                return bad("[ha] etcd_endpoints needs at least one URL".into());
+            }
+            if ha.lease_ttl < Duration::from_secs(2) {
+                return bad("[ha] lease_ttl must be at least 2s".into());
+            }
+            if ha.cluster.is_empty() || ha.cluster.contains('/') || ha.node().is_empty() || ha.node().contains('/') {
+                return bad("[ha] cluster and node_name must be non-empty and without '/'".into());
+            }
+            if !self.history {
+                return bad(
+                    "[ha] needs history = true: a new leader recovers from the update history and fences through it".into()
+                );
             }
         }
         Ok(())

@@ -69,7 +69,7 @@ pub async fn run(n: usize, listen: String, dir: Option<PathBuf>) -> Result<(), S
     };
     cfg.validate().map_err(|e| e.to_string())?;
     let server = Server::start(cfg).await.map_err(|e| e.to_string())?;
-    let addr = server.local_addr().map_err(|e| e.to_string())?;
+    let addr = server.local_addr().ok_or("the demo has no client port")?;
     let admin = server.admin_addr();
     println!("Chorus demo is running with {n} backend(s).");
     for (i, s) in servers.iter().enumerate() {

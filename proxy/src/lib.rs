@@ -15,6 +15,7 @@ pub mod difflog;
 pub mod error;
 pub mod fanout;
 mod fuzz;
+pub mod ha;
 pub mod history;
 pub mod join;
 pub mod local;

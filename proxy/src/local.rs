@@ -75,7 +75,7 @@ pub async fn run(file: &Path, dir: PathBuf, spare: Option<Spare>) -> Result<(), 
     // What scripts/cluster.sh and the tests read: one shell assignment a line.
     let mut env = format!(
         "CHORUS_ADDR={}\nCHORUS_ADMIN=http://{}\nCHORUS_ADMIN_TOKEN={}\n",
-        server.local_addr().map_err(|e| e.to_string())?,
+        server.local_addr().ok_or("the local cluster has no client port")?,
         server.admin_addr().map(|a| a.to_string()).unwrap_or_default(),
         shared.cfg.admin_token
     );

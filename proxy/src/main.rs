@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use chorus::cluster::{BackendState, Cluster};
 use chorus::config::Config;
-use chorus::server::Server;
+use chorus::server::{Ended, Server};
 
 #[derive(Parser)]
 #[command(name = "chorus", version, about = "A replicating PostgreSQL proxy")]
@@ -101,11 +101,16 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Run => {
             let cfg = load(cli.config)?;
             // One thread accepts and runs health checks; sessions get their own threads.
-            runtime(1)?.block_on(async {
+            let ended = runtime(1)?.block_on(async {
                 let server = Server::start(cfg).await.map_err(|e| e.to_string())?;
-                server.run(chorus::demo::shutdown_signal()).await;
-                Ok(())
-            })
+                Ok::<_, String>(server.run(chorus::demo::shutdown_signal()).await)
+            })?;
+            if ended == Ended::Deposed {
+                // A deposed leader starts again from nothing as a standby (same process id,
+                // same arguments): no state of its leadership survives into the next.
+                return Err(restart_as_standby());
+            }
+            Ok(())
         }
         Command::Demo { backends, listen, dir } => runtime(2)?.block_on(chorus::demo::run(backends, listen, dir)),
         Command::Cluster { dir, spare } => {
@@ -140,4 +145,16 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// Replaces this process with a fresh run of the same command; returns only on failure.
+fn restart_as_standby() -> String {
+    use std::os::unix::process::CommandExt;
+    tracing::info!("starting again as a standby");
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return format!("cannot find this program to start again as a standby: {e}"),
+    };
+    let err = std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec();
+    format!("cannot start again as a standby: {err}")
 }

@@ -28,11 +28,14 @@ pub enum StartError {
     History(String),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Ha(#[from] crate::ha::HaError),
 }
 
 pub struct Server {
     shared: Arc<Shared>,
-    listener: TcpListener,
+    /// None for a standby until it wins the leadership.
+    listener: Option<TcpListener>,
     admin: Option<TcpListener>,
     admin_tls: Option<Arc<crate::tls::ServerTls>>,
 }
@@ -70,7 +73,10 @@ impl Server {
             return Err(StartError::NoBackend(failures.join("; ")));
         }
         warn_about_connection_limits(&cfg, &cluster).await;
-        let history = if cfg.history {
+        let history = if cfg.history && cfg.ha.is_some() {
+            // A member of a group recovers when it wins the leadership, not before.
+            Some(Arc::new(crate::history::History::open(&cfg).map_err(|e| StartError::History(e.to_string()))?))
+        } else if cfg.history {
             let h = Arc::new(crate::history::History::open(&cfg).map_err(|e| StartError::History(e.to_string()))?);
             // Before any client: the backends hold every unit that committed anywhere.
             let done = crate::history::recover::recover(&cfg, &cluster, &h).await.map_err(StartError::History)?;
@@ -83,9 +89,12 @@ impl Server {
             tracing::info!("history = false: a crash of Chorus mid-commit is not repaired (docs/operations.md)");
             None
         };
-        // Listen only once the backends are checked: a client that can connect is served.
-        let listener =
-            TcpListener::bind(&cfg.listen).await.map_err(|source| StartError::Listen { addr: cfg.listen.clone(), source })?;
+        // Listen only once the backends are checked: a client that can connect is served. A
+        // member of a group listens only while it leads.
+        let listener = match cfg.ha {
+            Some(_) => None,
+            None => Some(bind(&cfg.listen).await?),
+        };
         let admin = if cfg.admin_token.is_empty() {
             tracing::warn!("admin API off: set admin_token (or CHORUS_ADMIN_TOKEN) to enable it and /metrics");
             None
@@ -96,8 +105,16 @@ impl Server {
                     .map_err(|source| StartError::Listen { addr: cfg.admin_listen.clone(), source })?,
             )
         };
+        let ha = match &cfg.ha {
+            Some(ha) => {
+                let address = ha.advertise.clone().unwrap_or_else(|| cfg.listen.clone());
+                Some(crate::ha::Member::start(ha, address, cfg.admin_listen.clone()).await?)
+            }
+            None => None,
+        };
         let mut shared = Shared::new(cfg, cluster, history);
         shared.tls = tls;
+        shared.ha = ha;
         let shared = Arc::new(shared);
         if let Some(addr) = admin.as_ref().and_then(|l| l.local_addr().ok()) {
             if admin_tls.is_none() && !addr.ip().is_loopback() {
@@ -111,8 +128,9 @@ impl Server {
         Ok(Server { shared, listener, admin, admin_tls })
     }
 
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+    /// Where clients connect (None: a standby, whose port is closed).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -124,8 +142,10 @@ impl Server {
     }
 
     /// Serves clients until `shutdown` completes, then stops accepting, lets open
-    /// transactions finish for up to `shutdown_timeout`, and returns.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+    /// transactions finish for up to `shutdown_timeout`, and returns. A member of a group
+    /// stands by until it leads, and returns `Deposed` when it stops leading (the caller
+    /// starts it again as a standby).
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Ended {
         let Server { shared, listener, admin, admin_tls } = self;
         if let Some(l) = admin {
             tracing::info!(listen = %shared.cfg.admin_listen, https = admin_tls.is_some(), "admin API ready");
@@ -136,21 +156,57 @@ impl Server {
             Ok(w) => w,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start session threads");
-                return;
+                return Ended::Shutdown;
             }
         };
         cluster::spawn_health_checks(shared.cfg.clone(), shared.cluster.clone(), shared.stop.clone());
         let reloaded = shared.tls.iter().map(|t| ("clients", t.clone())).chain(admin_tls.map(|t| ("admin API", t))).collect();
         crate::tls::spawn_reload_on_sighup(reloaded, shared.stop.clone());
+        tokio::pin!(shutdown);
+        let listener = match listener {
+            Some(l) => l,
+            None => match take_over(&shared, &mut shutdown).await {
+                Ok(Some(l)) => l,
+                Ok(None) => {
+                    if let Some(m) = &shared.ha {
+                        m.resign().await;
+                    }
+                    shared.stop.cancel();
+                    workers.stop();
+                    return Ended::Shutdown;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the takeover failed: standing by again");
+                    shared.depose(&e.to_string());
+                    shared.stop.cancel();
+                    workers.stop();
+                    if let Some(m) = &shared.ha {
+                        m.resign().await;
+                    }
+                    return Ended::Deposed;
+                }
+            },
+        };
         if let Some(h) = &shared.history {
             crate::history::prune::spawn(shared.cfg.clone(), shared.cluster.clone(), h.clone(), shared.stop.clone());
             crate::join::catch_up::spawn_watch(shared.clone());
         }
         tracing::info!(listen = %shared.cfg.listen, backends = shared.cluster.in_sync_count(), "Chorus is ready");
-        tokio::pin!(shutdown);
+        let lost = async {
+            match &shared.ha {
+                Some(m) => m.lost().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(lost);
+        let mut ended = Ended::Shutdown;
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                _ = &mut lost => {
+                    ended = Ended::Deposed;
+                    break;
+                }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let shared = shared.clone();
@@ -172,6 +228,10 @@ impl Server {
                 }
             }
         }
+        if ended == Ended::Deposed {
+            // Nothing of this leadership can commit any more: sessions end now, with 57P01.
+            shared.deposed.cancel();
+        }
         // Sessions learn first (idle ones end with 57P03), then the listener closes.
         shared.stop.cancel();
         drop(listener);
@@ -180,12 +240,77 @@ impl Server {
             "shutting down: no new clients; waiting for open transactions"
         );
         tracker.close();
-        if tokio::time::timeout(shared.cfg.shutdown_timeout, tracker.wait()).await.is_err() {
+        let wait = if ended == Ended::Deposed { std::time::Duration::from_secs(1) } else { shared.cfg.shutdown_timeout };
+        if tokio::time::timeout(wait, tracker.wait()).await.is_err() {
             tracing::warn!("shutdown_timeout passed; closing the remaining sessions");
         }
         workers.stop();
+        // The lease goes with this leadership, stopped or deposed: the standby need not wait
+        // for it to expire (when etcd answers; otherwise it expires on its own).
+        if let Some(m) = &shared.ha {
+            m.resign().await;
+        }
         tracing::info!("Chorus stopped");
+        ended
     }
+}
+
+/// How `Server::run` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Asked to stop.
+    Shutdown,
+    /// It led and no longer does: start again as a standby.
+    Deposed,
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr: addr.to_string(), source })
+}
+
+/// A standby waits for the leadership, then fences the backends with its epoch, recovers from
+/// the update history as at a start, and opens its client port. None: asked to stop first.
+async fn take_over(
+    shared: &Arc<Shared>,
+    shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Result<Option<TcpListener>, StartError> {
+    let (Some(member), Some(history)) = (&shared.ha, &shared.history) else {
+        return Err(StartError::History("[ha] needs the update history".into()));
+    };
+    tracing::info!("standing by: the client port stays closed while another member leads");
+    let epoch = tokio::select! {
+        e = member.leading() => e,
+        _ = shutdown.as_mut() => return Ok(None),
+    };
+    let started = std::time::Instant::now();
+    let cfg = &shared.cfg;
+    crate::ha::fence::raise(cfg, &shared.cluster, history.key(), epoch).await.map_err(|e| StartError::History(e.to_string()))?;
+    history.set_epoch(epoch);
+    let done = crate::history::recover::recover(cfg, &shared.cluster, history).await.map_err(StartError::History)?;
+    if shared.cluster.in_sync().is_empty() {
+        return Err(StartError::NoBackend("the takeover left no in-sync backend".into()));
+    }
+    // The port the last leader had on this host may take a moment to be free.
+    let mut tries = 0;
+    let listener = loop {
+        match bind(&cfg.listen).await {
+            Ok(l) => break l,
+            Err(e) if tries < 20 => {
+                tries += 1;
+                tracing::debug!(error = %e, "client port busy; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    tracing::info!(
+        epoch,
+        units = done.units,
+        serial = done.newest,
+        took_ms = started.elapsed().as_millis() as u64,
+        "leading: backends fenced, history recovered, client port open"
+    );
+    Ok(Some(listener))
 }
 
 /// Every client session holds one connection per backend: a warning when the backends'

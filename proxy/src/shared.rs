@@ -43,6 +43,10 @@ pub struct Shared {
     pub tls: Option<Arc<crate::tls::ServerTls>>,
     /// Client connections open now (the listener counts them).
     pub(crate) clients: AtomicUsize,
+    /// This instance's membership of a group on etcd (None: no `[ha]`, it runs alone).
+    pub ha: Option<crate::ha::Member>,
+    /// Cancelled when this instance stops leading: sessions end at once with 57P01.
+    pub deposed: CancellationToken,
 }
 
 impl Shared {
@@ -64,7 +68,18 @@ impl Shared {
             verifiers,
             tls: None,
             clients: AtomicUsize::new(0),
+            ha: None,
+            deposed: CancellationToken::new(),
         }
+    }
+
+    /// A backend refused this instance's epoch: another member leads now. Every session ends
+    /// and the instance starts again as a standby (`server`).
+    pub fn depose(&self, why: &str) {
+        if let Some(m) = &self.ha {
+            m.depose(why);
+        }
+        self.deposed.cancel();
     }
 
     /// Client connections open now.

@@ -322,7 +322,8 @@ async fn chorus_schema_is_closed_to_clients_superusers_included() {
     let s = Setup::with(2, ChorusOptions::default()).await;
     let c = s.client().await;
     c.batch_execute("CREATE TABLE t (a int); INSERT INTO t VALUES (1)").await.unwrap();
-    let count = "SELECT (SELECT count(*) FROM chorus.history) * 1000 + (SELECT count(*) FROM chorus.key)";
+    let count = "SELECT (SELECT count(*) FROM chorus.history) * 1000 + (SELECT count(*) FROM chorus.key) \
+                 + pg_sequence_last_value('chorus.epoch') * 1000000";
     let before = [local_i64(&s.servers[0], count).await, local_i64(&s.servers[1], count).await];
     assert!(before[0] > 1000, "the history holds the units so far: {before:?}");
     let statements = [
@@ -331,6 +332,11 @@ async fn chorus_schema_is_closed_to_clients_superusers_included() {
         "DELETE FROM chorus.history",
         "UPDATE chorus.key SET key = 'guessed'",
         "SELECT chorus.record(999999, '\\x00'::bytea, 'guess')",
+        "SELECT chorus.record(999999, '\\x00'::bytea, 'guess', 0)",
+        "SELECT setval('chorus.epoch', 999999)",
+        "SELECT nextval('chorus.epoch')",
+        "SELECT table_to_xml('chorus.key', true, true, '')",
+        "LOCK TABLE chorus.fence",
         "DROP SCHEMA chorus CASCADE",
         "SET search_path = chorus, public",
         "DO $$ BEGIN DELETE FROM chorus.history; END $$",

@@ -8,6 +8,7 @@
 //! so tests can prove the backends identical; `ChorusProcess` runs the real `chorus` binary.
 
 pub mod browser;
+pub mod etcd;
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -531,6 +532,9 @@ pub struct ChorusProcess {
     admin_port: u16,
     config: PathBuf,
     bin: PathBuf,
+    /// A member of a group (`[ha]`): started once its admin API answers (a standby keeps its
+    /// client port closed).
+    member: bool,
 }
 
 /// The admin token of every test instance.
@@ -589,9 +593,48 @@ impl ChorusProcess {
         let mut opts = opts;
         opts.extra = format!("admin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n{}", opts.extra);
         std::fs::write(&config, Self::config_over(port, &dir.path().join("data"), servers, &opts, sockets))?;
-        let mut p = ChorusProcess { child: None, dir, port, admin_port, config, bin: bin.into() };
+        let mut p = ChorusProcess { child: None, dir, port, admin_port, config, bin: bin.into(), member: false };
         p.launch().await?;
         Ok(p)
+    }
+
+    /// A member of a group on etcd: `ha` is the `[ha]` section's body (endpoints, node name,
+    /// TTL). Returns once its admin API answers, standby or leader.
+    pub async fn start_member(bin: &Path, servers: &[&PgServer], opts: ChorusOptions, ha: &str) -> Result<ChorusProcess> {
+        let dir = tempfile::Builder::new().prefix("chorus-proxy-").tempdir()?;
+        let port = free_port()?;
+        let admin_port = free_port()?;
+        let config = dir.path().join("chorus.toml");
+        let mut opts = opts;
+        opts.extra =
+            format!("admin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n{}\n[ha]\n{ha}\n", opts.extra);
+        std::fs::write(&config, Self::config_over(port, &dir.path().join("data"), servers, &opts, false))?;
+        let mut p = ChorusProcess { child: None, dir, port, admin_port, config, bin: bin.into(), member: true };
+        p.launch().await?;
+        Ok(p)
+    }
+
+    /// Whether the client port accepts connections now.
+    pub async fn serves(&self) -> bool {
+        tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok()
+    }
+
+    /// The role endpoint's answer (`GET /leader`): "leader", "standby", ...
+    pub async fn role(&self) -> Option<String> {
+        let body = etcd::http_get(&format!("{}/leader", self.admin_url())).await.ok()?;
+        body.split("\r\n\r\n").nth(1).map(|b| b.trim().to_string())
+    }
+
+    /// Waits until this member serves clients (it leads and its port is open).
+    pub async fn wait_serving(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !(self.serves().await && self.role().await.as_deref() == Some("leader")) {
+            if Instant::now() > deadline {
+                return Err(err(format!("chorus on port {} did not lead within {timeout:?}: {}", self.port, self.log())));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 
     /// Starts the binary on the existing config and data directory.
@@ -614,7 +657,8 @@ impl ChorusProcess {
                     return Err(err(format!("chorus exited with {status}: {}", self.log())));
                 }
             }
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+            let port = if self.member { self.admin_port } else { self.port };
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {

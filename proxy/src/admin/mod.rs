@@ -70,7 +70,9 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener, tls: 
         .route("/verify", axum::routing::post(verify))
         .route("/metrics", get(metrics))
         .route("/series", get(series_since))
+        .route("/ha", get(ha_status))
         .layer(middleware::from_fn_with_state(api.clone(), auth))
+        .route("/leader", get(leader_check))
         .merge(page::routes())
         .with_state(api);
     let stop = shared.stop.clone();
@@ -84,6 +86,30 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener, tls: 
     };
     if let Err(e) = served {
         tracing::error!(error = %e, "admin API stopped");
+    }
+}
+
+/// The group on etcd as this member sees it.
+async fn ha_status(State(api): State<Arc<Api>>) -> Response {
+    match &api.shared.ha {
+        Some(m) => Json(m.status()).into_response(),
+        None => error(StatusCode::NOT_FOUND, "this Chorus runs alone (no [ha] section)"),
+    }
+}
+
+/// For a TCP load balancer in front of the members: 200 where clients are served now (the
+/// leader, or an instance without `[ha]`), 503 elsewhere. No token: it tells only the role.
+async fn leader_check(State(api): State<Arc<Api>>) -> Response {
+    let role = api.shared.ha.as_ref().map(|m| m.role());
+    match role {
+        None | Some(crate::ha::Role::Leader) if !api.shared.deposed.is_cancelled() => {
+            (StatusCode::OK, "leader\n").into_response()
+        }
+        Some(r) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", serde_json::to_string(&r).unwrap_or_default().trim_matches('"')))
+                .into_response()
+        }
+        None => (StatusCode::SERVICE_UNAVAILABLE, "deposed\n").into_response(),
     }
 }
 

@@ -45,6 +45,9 @@ pub struct History {
     /// Pruning keeps every entry above this serial (a join follows the history from there);
     /// u64::MAX: no hold.
     hold: AtomicU64,
+    /// The leadership epoch every record carries (0 without `[ha]`): a backend whose epoch
+    /// was raised past it refuses the record, and the unit with it.
+    epoch: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +64,14 @@ impl History {
     }
 
     pub fn with_key(key: String, unit_max: usize) -> History {
-        History { next: AtomicU64::new(1), key, ready: Mutex::new(HashMap::new()), unit_max, hold: AtomicU64::new(u64::MAX) }
+        History {
+            next: AtomicU64::new(1),
+            key,
+            ready: Mutex::new(HashMap::new()),
+            unit_max,
+            hold: AtomicU64::new(u64::MAX),
+            epoch: AtomicU64::new(0),
+        }
     }
 
     /// A new serial (at a unit's commit point).
@@ -91,16 +101,26 @@ impl History {
         self.hold.load(Ordering::Acquire)
     }
 
+    /// The epoch this Chorus's records carry from now on (a new leader's, once raised).
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Release);
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
     pub fn key(&self) -> &str {
         &self.key
     }
 
     /// The frames that record unit `serial` (`entry`, encoded) on a backend: a named
     /// statement prepared afresh (unless `prepared`: every target has it from an earlier
-    /// record), bound with the key, then Sync.
+    /// record), bound with the key and the epoch, then Sync.
     pub fn record_frames(&self, serial: u64, entry: &[u8], out: &mut BytesMut, prepared: bool) {
         let s = serial.to_string();
-        let params = [(false, s.as_bytes()), (true, entry), (false, self.key.as_bytes())];
+        let e = self.epoch().to_string();
+        let params = [(false, s.as_bytes()), (true, entry), (false, self.key.as_bytes()), (false, e.as_bytes())];
         if prepared {
             message::bound_call(out, RECORD_STATEMENT, &params);
         } else {
@@ -138,7 +158,15 @@ impl History {
         };
         cell.get_or_try_init(|| async {
             for b in cluster.in_sync() {
-                install(cfg, &b.host, b.port, database, &self.key).await.map_err(|e| format!("{}: {e}", b.name))?;
+                let epoch = self.epoch();
+                let found =
+                    install(cfg, &b.host, b.port, database, &self.key, epoch).await.map_err(|e| format!("{}: {e}", b.name))?;
+                if found > epoch {
+                    return Err(format!(
+                        "{}: fenced: the backend is at leadership epoch {found}, past this Chorus's {epoch}",
+                        b.name
+                    ));
+                }
             }
             Ok::<(), String>(())
         })
@@ -147,8 +175,10 @@ impl History {
     }
 }
 
-/// Installs the schema in `database` of one server, or only sets the key where it is there.
-pub async fn install(cfg: &Config, host: &str, port: u16, database: &str, key: &str) -> Result<(), String> {
+/// Installs the schema in `database` of one server, or only sets the key where it is there,
+/// and raises its epoch to `epoch` (a leader's; 0: no `[ha]`). Returns the epoch the database
+/// is at afterwards: past `epoch`, a newer leader fenced this one.
+pub async fn install(cfg: &Config, host: &str, port: u16, database: &str, key: &str, epoch: u64) -> Result<u64, String> {
     let c =
         Login::health(cfg, host, port, database, "chorus-history").connect().await.map_err(|e| crate::cluster::pg_error(&e))?;
     let current: bool = c.query_one(schema::CURRENT, &[]).await.map_err(|e| crate::cluster::pg_error(&e))?.get(0);
@@ -161,7 +191,46 @@ pub async fn install(cfg: &Config, host: &str, port: u16, database: &str, key: &
     c.execute("INSERT INTO chorus.key SELECT $1::text WHERE NOT EXISTS (SELECT 1 FROM chorus.key WHERE key = $1::text)", &[&key])
         .await
         .map_err(|e| crate::cluster::pg_error(&e))?;
-    Ok(())
+    if epoch == 0 {
+        return Ok(0);
+    }
+    raise_epoch(&c, epoch).await
+}
+
+/// How often a raise ends the fence's holders and tries again before it gives up.
+const RAISE_ATTEMPTS: u32 = 20;
+
+/// Raises this database's epoch to `epoch` under the fence (see `ha::fence` for why the raise
+/// and a unit's check cannot interleave): the fence's holders are ended, the fence taken
+/// exclusively, the epoch raised. Returns the epoch afterwards (past `epoch`: a newer leader's).
+pub async fn raise_epoch(c: &tokio_postgres::Client, epoch: u64) -> Result<u64, String> {
+    let pg = |e: tokio_postgres::Error| crate::cluster::pg_error(&e);
+    let mut last = String::new();
+    for attempt in 0..RAISE_ATTEMPTS {
+        let ended: i64 = c.query_one(schema::END_FENCE_HOLDERS, &[]).await.map_err(pg)?.get(0);
+        if ended > 0 {
+            tracing::info!(sessions = ended, "ended server sessions of an earlier leadership that held the fence");
+        }
+        let taken =
+            c.batch_execute("BEGIN; SET LOCAL lock_timeout = '500ms'; LOCK TABLE chorus.fence IN ACCESS EXCLUSIVE MODE").await;
+        let raised = match taken {
+            Ok(()) => c.query_one(schema::RAISE, &[&(epoch as i64)]).await,
+            Err(e) => Err(e),
+        };
+        match raised {
+            Ok(row) => {
+                c.batch_execute("COMMIT").await.map_err(pg)?;
+                return Ok(row.get::<_, i64>(0) as u64);
+            }
+            Err(e) => {
+                last = pg(e);
+                let _ = c.batch_execute("ROLLBACK").await;
+                tracing::debug!(attempt, error = %last, "the fence is still held; ending its holders again");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    Err(format!("could not take the fence: {last}"))
 }
 
 fn load_key(path: &Path) -> Result<String, HistoryError> {

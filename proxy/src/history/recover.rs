@@ -29,8 +29,13 @@ pub struct Recovered {
 /// counter after the newest. A backend that cannot be given a unit leaves the in-sync set.
 pub async fn recover(cfg: &Config, cluster: &Cluster, history: &History) -> Result<Recovered, String> {
     let mut done = Recovered::default();
-    for b in cluster.in_sync() {
-        if let Err(e) = settle(cfg, &b).await {
+    // After a takeover the backends are fenced: nothing the last leader has open can commit,
+    // so there is nothing to wait for before ending it.
+    let wait = if history.epoch() > 0 { std::time::Duration::ZERO } else { SETTLE_WAIT };
+    let in_sync = cluster.in_sync();
+    let settled = futures::future::join_all(in_sync.iter().map(|b| settle_within(cfg, b, wait))).await;
+    for (b, r) in in_sync.iter().zip(settled) {
+        if let Err(e) = r {
             tracing::warn!(backend = %b.name, error = %e, "cannot wait for the last Chorus's transactions to end");
         }
     }
@@ -74,6 +79,13 @@ async fn databases(cfg: &Config, cluster: &Cluster) -> Result<Vec<String>, Strin
 /// would otherwise commit it while the unit is being applied there too. Sessions outside a
 /// transaction (an operator's psql, say) are left alone.
 pub async fn settle(cfg: &Config, b: &Backend) -> Result<(), String> {
+    settle_within(cfg, b, SETTLE_WAIT).await
+}
+
+/// How long `settle` lets the last Chorus's transactions end by themselves.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn settle_within(cfg: &Config, b: &Backend, wait: std::time::Duration) -> Result<(), String> {
     let c = Login::health(cfg, &b.host, b.port, &cfg.health_check_database, "chorus-recovery")
         .connect()
         .await
@@ -82,7 +94,7 @@ pub async fn settle(cfg: &Config, b: &Backend) -> Result<(), String> {
     users.push(cfg.health_user().name.clone());
     const IN_TX: &str = "FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
                          AND usename = ANY($1) AND application_name NOT LIKE 'chorus-%' AND xact_start IS NOT NULL";
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + wait;
     loop {
         let n: i64 =
             c.query_one(&format!("SELECT count(*) {IN_TX}"), &[&users]).await.map_err(|e| crate::cluster::pg_error(&e))?.get(0);

@@ -18,23 +18,53 @@ CREATE TABLE IF NOT EXISTS chorus.history (
 );
 CREATE TABLE IF NOT EXISTS chorus.key (key text NOT NULL);
 CREATE TABLE IF NOT EXISTS chorus.pruned (one bool PRIMARY KEY DEFAULT true CHECK (one), upto bigint NOT NULL);
-REVOKE ALL ON chorus.history, chorus.key, chorus.pruned FROM PUBLIC;
-CREATE OR REPLACE FUNCTION chorus.record(s bigint, u bytea, k text) RETURNS void
+ALTER TABLE chorus.history ADD COLUMN IF NOT EXISTS epoch bigint NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS chorus.fence ();
+CREATE SEQUENCE IF NOT EXISTS chorus.epoch MINVALUE 0 START 0;
+SELECT setval('chorus.epoch', 0, true) WHERE pg_sequence_last_value('chorus.epoch') IS NULL;
+REVOKE ALL ON chorus.history, chorus.key, chorus.pruned, chorus.fence, chorus.epoch FROM PUBLIC;
+DROP FUNCTION IF EXISTS chorus.record(bigint, bytea, text);
+CREATE OR REPLACE FUNCTION chorus.record(s bigint, u bytea, k text, e bigint) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+DECLARE
+  now_epoch bigint;
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM chorus.key WHERE key = k) THEN
     RAISE EXCEPTION 'chorus.record is for Chorus alone' USING ERRCODE = '42501';
   END IF;
-  INSERT INTO chorus.history (serial, unit) VALUES (s, u);
+  -- Held to the unit's end: a raise of the epoch waits for this unit, or this unit for it.
+  LOCK TABLE chorus.fence IN ACCESS SHARE MODE;
+  -- Read past the unit's snapshot: a sequence's value is not versioned.
+  now_epoch := pg_sequence_last_value('chorus.epoch');
+  IF now_epoch IS DISTINCT FROM e THEN
+    RAISE EXCEPTION 'chorus: this unit belongs to leadership epoch %, the backend is at epoch %', e, now_epoch
+      USING ERRCODE = '57C01';
+  END IF;
+  INSERT INTO chorus.history (serial, unit, epoch) VALUES (s, u, e);
 END $f$;
-REVOKE ALL ON FUNCTION chorus.record(bigint, bytea, text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION chorus.record(bigint, bytea, text) TO PUBLIC;";
+REVOKE ALL ON FUNCTION chorus.record(bigint, bytea, text, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION chorus.record(bigint, bytea, text, bigint) TO PUBLIC;";
+
+/// The SQLSTATE of a record refused because its epoch is not the backend's: a newer leader
+/// raised the epoch, and this Chorus is deposed.
+pub const FENCED: &str = "57C01";
+
+/// Raises the epoch to `$1` in this database (run by a new leader, in a transaction that
+/// holds `chorus.fence` exclusively); returns the epoch the backend is at afterwards.
+pub const RAISE: &str = "SELECT CASE WHEN pg_sequence_last_value('chorus.epoch') < $1 \
+  THEN setval('chorus.epoch', $1, true) ELSE pg_sequence_last_value('chorus.epoch') END";
+
+/// The server sessions that hold `chorus.fence` (units past their record) in this database,
+/// ended before a raise: they belong to the epoch being replaced.
+pub const END_FENCE_HOLDERS: &str = "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l \
+  WHERE l.locktype = 'relation' AND l.relation = 'chorus.fence'::regclass AND l.pid <> pg_backend_pid() \
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
 /// Whether the schema is there (and so whether this database has a history at all).
 pub const EXISTS: &str = "SELECT to_regclass('chorus.history') IS NOT NULL";
 
 /// Whether the schema is there as this version of Chorus installs it.
-pub const CURRENT: &str = "SELECT to_regclass('chorus.pruned') IS NOT NULL";
+pub const CURRENT: &str = "SELECT to_regclass('chorus.fence') IS NOT NULL";
 
 /// The serials held, as runs without a gap: `(first, last)` per run, in order.
 pub const RUNS: &str = "SELECT min(serial), max(serial) FROM \
@@ -78,5 +108,6 @@ SELECT count(*) FROM gone";
 /// The history's size on disk: table, index and TOAST.
 pub const SIZE: &str = "SELECT pg_total_relation_size('chorus.history')";
 
-/// What a unit's record sends: one statement, prepared unnamed, run with three parameters.
-pub const RECORD: &str = "SELECT chorus.record($1, $2, $3)";
+/// What a unit's record sends: one statement, run with four parameters (serial, entry, key,
+/// the leadership epoch).
+pub const RECORD: &str = "SELECT chorus.record($1, $2, $3, $4)";

@@ -444,9 +444,16 @@ impl<'a> Follow<'a> {
                 && order.iter().any(|(_, d)| d == db)
                 && exists_on(&self.shared.cfg, target, db).await.map_err(fail)?
             {
-                crate::history::install(&self.shared.cfg, &target.host, target.port, db, self.history.key())
-                    .await
-                    .map_err(fail)?;
+                crate::history::install(
+                    &self.shared.cfg,
+                    &target.host,
+                    target.port,
+                    db,
+                    self.history.key(),
+                    self.history.epoch(),
+                )
+                .await
+                .map_err(fail)?;
             }
         }
         let cfg = &self.shared.cfg;

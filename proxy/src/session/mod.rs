@@ -137,6 +137,21 @@ struct Request {
     sent_at: Instant,
 }
 
+/// The SQLSTATE of a record a backend refused for its epoch (`history::schema::FENCED`).
+const FENCED: [u8; 5] = *b"57C01";
+
+/// What every client of a deposed leader gets: its session ends, it reconnects to the leader.
+fn deposed_frame() -> BytesMut {
+    let mut f = BytesMut::new();
+    message::error_response(
+        &mut f,
+        Severity::Fatal,
+        "57P01",
+        "terminating connection: this Chorus no longer leads its group; reconnect to reach the leader",
+    );
+    f
+}
+
 /// A future that completes when something a session waits for may have happened.
 type Wakeup = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -686,6 +701,10 @@ impl Session {
         }
         if ev.shutdown {
             self.shutting_down = true;
+        }
+        if self.shared.deposed.is_cancelled() {
+            // Another member leads now: nothing more of this session can commit anywhere.
+            return Err(End::Fatal(deposed_frame()));
         }
         if self.shutting_down && self.pending.is_empty() && self.last_status == b'I' && !self.router.tx_open {
             return Err(SessionError::ShuttingDown.into());
@@ -1397,6 +1416,14 @@ impl Session {
                 self.fail_conn(*i, &why, false)?;
             }
             return Ok(());
+        }
+        if req.record && finished.iter().any(|(_, o)| o.error == Some(FENCED)) {
+            // A newer leader raised the epoch on some backend: no backend disagrees, this
+            // instance is deposed. The session ends; its unit committed nowhere, or where the
+            // raise had not come yet (the new leader's recovery completes it everywhere).
+            metrics::counter!("chorus_ha_fenced_units_total").increment(1);
+            self.shared.depose("a backend refused a unit's record: its epoch was raised by a newer leader");
+            return Err(End::Fatal(deposed_frame()));
         }
         let v = vote(&finished);
         if !v.losers.is_empty() && self.timing_split(&mut req, &finished)? {

@@ -189,6 +189,13 @@ impl Session {
     /// Every backend failed to record the unit: it rolls back, and the client hears why.
     pub(super) fn tell_record_failed(&mut self, winner: crate::fanout::Outcome) {
         let code = winner.error.map(|c| String::from_utf8_lossy(&c).into_owned()).unwrap_or_default();
+        if code == crate::history::schema::FENCED {
+            // A backend is at a newer leadership epoch: this instance is deposed; the session
+            // ends with 57P01 at once (`handle`), its unit rolled back.
+            metrics::counter!("chorus_ha_fenced_units_total").increment(1);
+            self.shared.depose("a backend refused a unit's record: its epoch was raised by a newer leader");
+            return;
+        }
         tracing::error!(sqlstate = %code, "a unit could not be recorded in the update history; it is rolled back");
         let msg = format!("Chorus could not record this transaction in its update history (SQLSTATE {code}); it is rolled back");
         let mut buf = BytesMut::new();

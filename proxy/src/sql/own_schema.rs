@@ -67,9 +67,35 @@ fn names_schema(sql: &[u8]) -> bool {
             Tok::Word(..) if sql[s..e].eq_ignore_ascii_case(b"search_path") => search_path = true,
             Tok::Literal if sql[s..e].to_ascii_lowercase().windows(11).any(|w| w == b"search_path") => search_path = true,
             Tok::Literal if (bodies || search_path) && literal_names_schema(&sql[s..e], search_path) => return true,
+            // A name in a string: setval('chorus.epoch', ...), table_to_xml('chorus.key', ...),
+            // query_to_xml('select * from chorus.history', ...).
+            Tok::Literal if literal_names_object(&sql[s..e]) => return true,
             _ => {}
         }
         prev = Some((tok, s, e));
+    }
+    false
+}
+
+/// Any literal holding a name qualified by the schema (`chorus.` and a name after it: "a
+/// chorus." at the end of a sentence is not one).
+fn literal_names_object(lit: &[u8]) -> bool {
+    let lower: Vec<u8> = lit.to_ascii_lowercase();
+    let mut i = 0;
+    while let Some(off) = lower[i..].windows(SCHEMA.len()).position(|w| w == SCHEMA) {
+        let at = i + off;
+        let before = at.checked_sub(1).map(|j| lower[j]);
+        let starts = before.is_none_or(|c| !(c.is_ascii_alphanumeric() || c == b'_' || c == b'$'));
+        let mut next = at + SCHEMA.len();
+        if lower.get(next) == Some(&b'"') {
+            next += 1;
+        }
+        let named = lower.get(next) == Some(&b'.')
+            && lower.get(next + 1).is_some_and(|c| c.is_ascii_alphabetic() || *c == b'_' || *c == b'"');
+        if starts && named {
+            return true;
+        }
+        i = at + 1;
     }
     false
 }
@@ -122,13 +148,19 @@ mod tests {
             "DO $$ BEGIN DELETE FROM chorus.history; END $$",
             "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS 'TRUNCATE chorus.history'",
             "select 1; select * from chorus . key",
+            "SELECT setval('chorus.epoch', 99)",
+            "SELECT nextval('\"chorus\".epoch')",
+            "SELECT table_to_xml('chorus.key', true, true, '')",
+            "SELECT query_to_xml('select * from chorus.history', true, true, '')",
+            "SELECT 'chorus.history'::regclass",
         ] {
             assert!(touches(sql.as_bytes()), "{sql}");
         }
         for sql in [
             "SELECT * FROM chorus_members",
             "INSERT INTO notes VALUES ('I sing in a chorus.')",
-            "SELECT 'chorus.history'",
+            "SELECT 'The chorus. It sings.'",
+            "SELECT 'chorus.'",
             "CREATE TABLE chorus_log (a int)",
             "SELECT chorus FROM bands",
             "SET search_path = public",

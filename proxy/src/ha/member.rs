@@ -1,0 +1,328 @@
+//! One member of the group on etcd: its lease, the campaign for the leader key, and the clock
+//! that tells how long its leadership is provably alive.
+//!
+//! Keys, under `/chorus/<cluster>/`: `leader` (the leader's `MemberInfo`, bound to its lease;
+//! its creation revision is the epoch) and `members/<node>` (each member's, bound to its own
+//! lease). A keep-alive sent at `t` and answered proves the lease alive until `t + ttl` at the
+//! earliest (etcd renews from when it receives it), so the leader may serve until then, less a
+//! margin for the step-down itself; past it, it is deposed whatever etcd would say.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{HaStatus, MemberInfo, Role};
+use crate::config::HaConfig;
+
+/// How often a standby tries for the key (and reads who leads).
+const CAMPAIGN_EVERY: Duration = Duration::from_millis(200);
+/// Taken off the proven lease: the step-down must be over before etcd can expire it.
+const MARGIN: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HaError {
+    #[error("etcd at {endpoints}: {source}")]
+    Etcd { endpoints: String, source: etcd_client::Error },
+}
+
+#[derive(Debug)]
+struct State {
+    role: Role,
+    leader: Option<MemberInfo>,
+    epoch: u64,
+    /// Until when this member's lease is provably alive (None: no lease).
+    valid_until: Option<Instant>,
+    members: Vec<MemberInfo>,
+}
+
+/// This instance's membership; cheap to clone.
+#[derive(Clone)]
+pub struct Member {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cluster: String,
+    me: MemberInfo,
+    prefix: String,
+    ttl: Duration,
+    client: Client,
+    state: Mutex<State>,
+    role: watch::Sender<(Role, u64)>,
+    stop: CancellationToken,
+}
+
+impl Member {
+    /// Connects to etcd and starts campaigning in the background.
+    pub async fn start(cfg: &HaConfig, address: String, admin: String) -> Result<Member, HaError> {
+        let endpoints = cfg.etcd_endpoints.join(",");
+        let request_timeout = (cfg.lease_ttl / 3).min(Duration::from_secs(1));
+        let opts = ConnectOptions::new().with_connect_timeout(request_timeout).with_timeout(request_timeout);
+        let client =
+            Client::connect(&cfg.etcd_endpoints, Some(opts)).await.map_err(|source| HaError::Etcd { endpoints, source })?;
+        let me = MemberInfo { node: cfg.node(), address, admin };
+        let (role, _) = watch::channel((Role::Starting, 0));
+        let inner = Arc::new(Inner {
+            cluster: cfg.cluster.clone(),
+            prefix: format!("/chorus/{}/", cfg.cluster),
+            me,
+            ttl: cfg.lease_ttl,
+            client,
+            state: Mutex::new(State { role: Role::Starting, leader: None, epoch: 0, valid_until: None, members: Vec::new() }),
+            role,
+            stop: CancellationToken::new(),
+        });
+        metrics::gauge!("chorus_ha_leader").set(0.0);
+        tokio::spawn(inner.clone().run());
+        tokio::spawn(inner.clone().clock());
+        Ok(Member { inner })
+    }
+
+    /// Waits until this member leads; its epoch.
+    pub async fn leading(&self) -> u64 {
+        let mut rx = self.inner.role.subscribe();
+        loop {
+            if let (Role::Leader, epoch) = &*rx.borrow_and_update() {
+                return *epoch;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Completes when this member no longer leads (deposed).
+    pub async fn lost(&self) {
+        let mut rx = self.inner.role.subscribe();
+        loop {
+            if rx.borrow_and_update().0 == Role::Deposed {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// A backend refused this member's epoch, or its lease ran out: it stops leading.
+    pub fn depose(&self, why: &str) {
+        self.inner.depose(why);
+    }
+
+    pub fn role(&self) -> Role {
+        self.inner.role.borrow().0.clone()
+    }
+
+    pub fn status(&self) -> HaStatus {
+        let s = self.inner.lock();
+        let left = s.valid_until.map_or(0, |t| t.saturating_duration_since(Instant::now()).as_millis() as u64);
+        HaStatus {
+            cluster: self.inner.cluster.clone(),
+            node: self.inner.me.node.clone(),
+            role: s.role.clone(),
+            leader: s.leader.as_ref().map(|l| l.node.clone()),
+            leader_address: s.leader.as_ref().map(|l| l.address.clone()),
+            epoch: s.epoch,
+            lease_left_ms: left,
+            members: s.members.clone(),
+        }
+    }
+
+    /// Gives the leadership up at a clean shutdown: the key goes with the lease, so a standby
+    /// need not wait for it to expire.
+    pub async fn resign(&self) {
+        self.inner.stop.cancel();
+        let lease = *LEASE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(id) = lease {
+            let mut c = self.inner.client.clone();
+            let _ = tokio::time::timeout(Duration::from_secs(1), c.lease_revoke(id)).await;
+        }
+    }
+}
+
+/// The lease this process holds (one member per process).
+static LEASE: Mutex<Option<i64>> = Mutex::new(None);
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_role(&self, role: Role, epoch: u64) {
+        {
+            let mut s = self.lock();
+            s.role = role.clone();
+            if epoch > 0 {
+                s.epoch = epoch;
+            }
+        }
+        metrics::gauge!("chorus_ha_leader").set(if role == Role::Leader { 1.0 } else { 0.0 });
+        if epoch > 0 {
+            metrics::gauge!("chorus_ha_epoch").set(epoch as f64);
+        }
+        self.role.send_replace((role, epoch));
+    }
+
+    fn depose(&self, why: &str) {
+        let was = self.lock().role.clone();
+        if was == Role::Deposed {
+            return;
+        }
+        if was == Role::Leader {
+            tracing::error!(node = %self.me.node, reason = %why, "this Chorus no longer leads: it takes no new work and starts again as a standby");
+            metrics::counter!("chorus_ha_depositions_total").increment(1);
+        }
+        self.set_role(Role::Deposed, 0);
+    }
+
+    /// The leader's own clock, apart from every etcd call (which may hang while etcd is cut
+    /// off): past the proven lease, the leader is deposed.
+    async fn clock(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let expired = {
+                let s = self.lock();
+                s.role == Role::Leader && s.valid_until.is_none_or(|t| Instant::now() >= t)
+            };
+            if expired {
+                metrics::counter!("chorus_ha_lease_lost_total").increment(1);
+                self.depose("its etcd lease was not renewed in time (etcd unreachable or too slow)");
+            }
+            if self.lock().role == Role::Deposed {
+                return;
+            }
+        }
+    }
+
+    async fn run(self: Arc<Self>) {
+        loop {
+            if self.stop.is_cancelled() || self.lock().role == Role::Deposed {
+                return;
+            }
+            if let Err(e) = self.term().await {
+                tracing::warn!(error = %e, "etcd: lease lost or unreachable; trying again");
+            }
+            let leading = self.lock().role == Role::Leader;
+            if leading {
+                self.depose("the lease could not be renewed");
+                return;
+            }
+            self.lock().valid_until = None;
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(CAMPAIGN_EVERY) => {}
+            }
+        }
+    }
+
+    /// One lease's life: keep it alive, campaign with it while standing by, watch the clock
+    /// while leading. Returns when the lease is gone or etcd cannot be reached.
+    async fn term(&self) -> Result<(), etcd_client::Error> {
+        let mut c = self.client.clone();
+        let ttl_s = self.ttl.as_secs().max(1) as i64;
+        let sent = Instant::now();
+        let lease = c.lease_grant(ttl_s, None).await?.id();
+        *LEASE.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
+        self.lock().valid_until = Some(sent + self.ttl - MARGIN);
+        let info = serde_json::to_string(&self.me).unwrap_or_default();
+        let member_key = format!("{}members/{}", self.prefix, self.me.node);
+        c.put(member_key, info.clone(), Some(PutOptions::new().with_lease(lease))).await?;
+        if self.lock().role == Role::Starting {
+            self.set_role(Role::Standby, 0);
+        }
+        let (mut keeper, mut acks) = c.lease_keep_alive(lease).await?;
+        let renew_every = self.ttl / 3;
+        let mut next_renew = Instant::now() + renew_every;
+        let mut next_members = Instant::now();
+        loop {
+            if self.stop.is_cancelled() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= next_renew {
+                let sent = Instant::now();
+                keeper.keep_alive().await?;
+                match tokio::time::timeout(renew_every, acks.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                        self.lock().valid_until = Some(sent + self.ttl - MARGIN);
+                        metrics::histogram!("chorus_ha_lease_renew_seconds").record(sent.elapsed().as_secs_f64());
+                    }
+                    Ok(Ok(Some(_))) => return Ok(()), // expired on etcd's side
+                    Ok(Ok(None)) => return Ok(()),
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        tracing::warn!("etcd did not answer a lease keep-alive in time");
+                        // Renewed through a fresh stream next time; the clock keeps running.
+                        (keeper, acks) = c.lease_keep_alive(lease).await?;
+                    }
+                }
+                next_renew = sent + renew_every;
+            }
+            let role = self.lock().role.clone();
+            match role {
+                Role::Leader => {
+                    if self.lock().valid_until.is_none_or(|t| Instant::now() >= t) {
+                        metrics::counter!("chorus_ha_lease_lost_total").increment(1);
+                        return Ok(());
+                    }
+                }
+                Role::Deposed => return Ok(()),
+                _ => self.campaign(&mut c, lease, &info).await?,
+            }
+            if Instant::now() >= next_members {
+                self.read_members(&mut c).await?;
+                next_members = Instant::now() + Duration::from_secs(1);
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(CAMPAIGN_EVERY.min(next_renew.saturating_duration_since(Instant::now()))) => {}
+            }
+        }
+    }
+
+    /// Takes the leader key when nobody holds it; reads who does otherwise.
+    async fn campaign(&self, c: &mut Client, lease: i64, info: &str) -> Result<(), etcd_client::Error> {
+        let key = format!("{}leader", self.prefix);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), info, Some(PutOptions::new().with_lease(lease)))])
+            .or_else([TxnOp::get(key, None)]);
+        let r = c.txn(txn).await?;
+        if r.succeeded() {
+            let epoch = r.header().map_or(0, |h| h.revision()) as u64;
+            if self.lock().valid_until.is_none_or(|t| Instant::now() >= t) {
+                return Ok(()); // the lease is not provably alive: it expires, and the key with it
+            }
+            self.lock().leader = Some(self.me.clone());
+            tracing::info!(node = %self.me.node, epoch, "this Chorus won the leadership");
+            metrics::counter!("chorus_ha_takeovers_total").increment(1);
+            self.set_role(Role::Leader, epoch);
+            return Ok(());
+        }
+        for op in r.op_responses() {
+            if let TxnOpResponse::Get(g) = op {
+                let mut s = self.lock();
+                s.leader = g.kvs().first().and_then(|kv| serde_json::from_slice(kv.value()).ok());
+                if let Some(kv) = g.kvs().first() {
+                    s.epoch = kv.create_revision() as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_members(&self, c: &mut Client) -> Result<(), etcd_client::Error> {
+        let r = c.get(format!("{}members/", self.prefix), Some(GetOptions::new().with_prefix())).await?;
+        let mut members: Vec<MemberInfo> = r.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect();
+        members.sort_by(|a, b| a.node.cmp(&b.node));
+        self.lock().members = members;
+        Ok(())
+    }
+}
