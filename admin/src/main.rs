@@ -67,6 +67,9 @@ enum Command {
     },
     /// Bring a `down` backend back from the update history (no copy), then into the in-sync set.
     CatchUp { name: String },
+    /// The group on etcd (`[ha]`): which member leads, the epoch, this member's lease, every
+    /// member with a live lease.
+    Ha,
     /// Compare per-table checksums of every in-sync backend at one point.
     Verify {
         #[arg(long)]
@@ -189,6 +192,36 @@ fn run(cli: &Cli, api: &Api) -> Result<(), String> {
         return Err("no admin token: pass --token or set CHORUS_ADMIN_TOKEN".into());
     }
     match &cli.command {
+        Command::Ha => {
+            let v = api.ok("GET", "/ha", None)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                return Ok(());
+            }
+            println!("cluster {}: this member {} is {}", s(&v, "cluster"), s(&v, "node"), s(&v, "role"));
+            let leader = s(&v, "leader");
+            if leader.is_empty() {
+                println!("leader: none now");
+            } else {
+                println!("leader: {leader} at {} (epoch {})", s(&v, "leader_address"), s(&v, "epoch"));
+            }
+            println!("this member's lease: {} ms left", s(&v, "lease_left_ms"));
+            let rows: Vec<Vec<String>> = v
+                .get("members")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .map(|m| {
+                            let node = s(m, "node");
+                            let role = if node == leader { "leader" } else { "standby" };
+                            vec![node, role.to_string(), s(m, "address"), s(m, "admin")]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!("{}", table(&["MEMBER", "ROLE", "CLIENTS", "ADMIN"], &rows));
+            Ok(())
+        }
         Command::Backends => {
             let v = api.ok("GET", "/backends", None)?;
             if cli.json {

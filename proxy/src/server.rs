@@ -112,6 +112,11 @@ impl Server {
             }
             None => None,
         };
+        if let (Some(m), Some(hc)) = (&ha, &cfg.ha) {
+            let mirror = crate::ha::states::EtcdStates::start(hc, m.clone())
+                .map_err(|e| StartError::History(format!("cannot start the etcd state writer: {e}")))?;
+            cluster.share_states(Box::new(mirror));
+        }
         let mut shared = Shared::new(cfg, cluster, history);
         shared.tls = tls;
         shared.ha = ha;
@@ -284,6 +289,16 @@ async fn take_over(
     };
     let started = std::time::Instant::now();
     let cfg = &shared.cfg;
+    // The states the last leader wrote come first: the fence and the recovery work on the
+    // backends it kept in sync, not on this member's own older view.
+    let known = shared.cluster.backends().len();
+    let last = crate::ha::states::load(member)
+        .await
+        .map_err(|e| StartError::History(format!("etcd: the shared backend states: {e}")))?;
+    shared.cluster.adopt(&last.unwrap_or_default(), cfg)?;
+    for b in shared.cluster.backends().iter().skip(known) {
+        cluster::spawn_health_check(shared.cfg.clone(), shared.cluster.clone(), b.clone(), shared.stop.clone());
+    }
     crate::ha::fence::raise(cfg, &shared.cluster, history.key(), epoch).await.map_err(|e| StartError::History(e.to_string()))?;
     history.set_epoch(epoch);
     let done = crate::history::recover::recover(cfg, &shared.cluster, history).await.map_err(StartError::History)?;

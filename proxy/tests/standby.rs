@@ -452,3 +452,36 @@ async fn a_unit_fenced_on_one_backend_only_ejects_nothing_and_the_next_leader_co
     g.assert_equal().await;
     assert_epochs_only_grow(&g).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backend_the_leader_took_out_stays_out_under_the_next_leader() {
+    let mut g = Group::start(2, 1).await;
+    let old = g.leader(Duration::from_secs(30)).await;
+    let (c, conn) = tokio_postgres::connect(&g.conn_str(), NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c.batch_execute("CREATE TABLE t (a int); INSERT INTO t VALUES (1)").await.unwrap();
+    // The second server is changed behind Chorus's back; the next write shows it differs.
+    let direct = g.servers[1].local_client("postgres").await.unwrap();
+    direct.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
+    c.execute("UPDATE t SET a = a + 10", &[]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while g.members[old].states().get("pg2").map(String::as_str) != Some("diverged") {
+        assert!(Instant::now() < deadline, "the leader did not take pg2 out: {}", g.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The standby's own health checks find pg2 answering: only the shared states know.
+    let standby = 1 - old;
+    assert_eq!(g.members[standby].states().get("pg2").map(String::as_str), Some("in_sync"));
+    g.members[old].kill();
+    let new = g.leader(Duration::from_secs(30)).await;
+    assert_eq!(new, standby);
+    assert_eq!(g.members[new].states().get("pg2").map(String::as_str), Some("diverged"), "{}", g.logs());
+    let (c, conn) = tokio_postgres::connect(&g.conn_str(), NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c.execute("INSERT INTO t VALUES (3)", &[]).await.unwrap();
+    let on_pg2: i64 = direct.query_one("SELECT count(*) FROM t WHERE a = 3", &[]).await.unwrap().get(0);
+    assert_eq!(on_pg2, 0, "the new leader wrote to a diverged backend");
+    assert!(!g.members[new].log().contains("epoch raised backend=pg2"), "{}", g.logs());
+    let (ok, out) = g.members[new].verify();
+    assert!(ok, "{out}");
+}

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 pub use health::{check, pg_error, probe, spawn_health_check, spawn_health_checks, Login};
-pub use state::{BackendState, StateRecord, StateStore};
+pub use state::{BackendState, StateMirror, StateRecord, StateStore};
 
 use crate::config::{Config, MAX_BACKENDS};
 
@@ -152,6 +152,8 @@ pub enum ClusterError {
     BadName(String),
     #[error("at most {MAX_BACKENDS} backends are supported")]
     TooMany,
+    #[error("the shared backend states could not be written: {0}")]
+    SharedStates(String),
 }
 
 /// A state saved in the middle of a join that Chorus did not live to finish: the newcomer
@@ -392,6 +394,52 @@ impl Cluster {
                 (b.name.clone(), StateRecord { state: b.state(), reason: b.reason(), address, catch_up: b.may_catch_up() })
             })
             .collect()
+    }
+
+    /// From now on every state change is written to `mirror` first (etcd, with `[ha]`).
+    pub fn share_states(&self, mirror: Box<dyn StateMirror>) {
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).set_mirror(mirror);
+    }
+
+    /// A new leader takes the states the last one wrote (`shared`) over its own view: a
+    /// backend the last leader took out stays out, a backend that joined through it is added,
+    /// states of a join or catch-up it did not live to finish are read as at a restart. Then
+    /// they are written back (through the mirror, under this leader's key).
+    pub fn adopt(
+        &self,
+        shared: &std::collections::BTreeMap<String, StateRecord>,
+        tls: &crate::config::Config,
+    ) -> Result<(), ClusterError> {
+        let _store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut guard = self.backends.write().unwrap_or_else(|p| p.into_inner());
+            let mut list = (**guard).clone();
+            for (name, r) in shared {
+                let (state, reason) = interrupted(r);
+                match list.iter().find(|b| &b.name == name) {
+                    Some(b) => {
+                        b.state.store(state as u8, Ordering::Release);
+                        b.catch_up.store(r.catch_up, Ordering::Release);
+                        if let Ok(mut why) = b.reason.lock() {
+                            *why = reason;
+                        }
+                    }
+                    None => {
+                        let Some((host, port)) = &r.address else { continue };
+                        if list.len() >= MAX_BACKENDS {
+                            return Err(ClusterError::TooMany);
+                        }
+                        let t = tls.backend_tls(host, *port);
+                        list.push(Arc::new(Backend::new(list.len(), name, host, *port, state, reason, true, r.catch_up, t)));
+                    }
+                }
+            }
+            *guard = Arc::new(list);
+        }
+        drop(_store);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.publish_states();
+        self.persist()
     }
 
     fn persist(&self) -> Result<(), ClusterError> {

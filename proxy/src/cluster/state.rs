@@ -90,10 +90,18 @@ struct StateFile {
     backends: BTreeMap<String, StateRecord>,
 }
 
-/// `<data_dir>/backends.json`, replaced atomically (write, fsync, rename, fsync the directory).
+/// Where the states are shared beyond this instance (etcd with `[ha]`): written before the
+/// file, so before the change takes effect.
+pub trait StateMirror: Send + Sync {
+    fn save(&self, backends: &BTreeMap<String, StateRecord>) -> Result<(), String>;
+}
+
+/// `<data_dir>/backends.json`, replaced atomically (write, fsync, rename, fsync the directory),
+/// and the mirror when there is one.
 pub struct StateStore {
     dir: PathBuf,
     path: PathBuf,
+    mirror: Option<Box<dyn StateMirror>>,
 }
 
 impl StateStore {
@@ -103,7 +111,7 @@ impl StateStore {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|source| ClusterError::DataDir { path: dir.into(), source })?;
-        Ok(StateStore { dir: dir.into(), path: dir.join("backends.json") })
+        Ok(StateStore { dir: dir.into(), path: dir.join("backends.json"), mirror: None })
     }
 
     pub fn path(&self) -> &Path {
@@ -122,7 +130,14 @@ impl StateStore {
         Ok(Some(file.backends))
     }
 
+    pub fn set_mirror(&mut self, mirror: Box<dyn StateMirror>) {
+        self.mirror = Some(mirror);
+    }
+
     pub fn save(&self, backends: &BTreeMap<String, StateRecord>) -> Result<(), ClusterError> {
+        if let Some(m) = &self.mirror {
+            m.save(backends).map_err(ClusterError::SharedStates)?;
+        }
         let err = |e: std::io::Error| ClusterError::StateFile { path: self.path.clone(), message: e.to_string() };
         let file = StateFile { version: 1, backends: backends.clone() };
         let text = serde_json::to_string_pretty(&file).map_err(|e| err(std::io::Error::other(e)))?;

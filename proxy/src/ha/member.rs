@@ -35,6 +35,8 @@ struct State {
     epoch: u64,
     /// Until when this member's lease is provably alive (None: no lease).
     valid_until: Option<Instant>,
+    /// The lease's id while it has one.
+    lease: Option<i64>,
     members: Vec<MemberInfo>,
 }
 
@@ -71,7 +73,14 @@ impl Member {
             me,
             ttl: cfg.lease_ttl,
             client,
-            state: Mutex::new(State { role: Role::Starting, leader: None, epoch: 0, valid_until: None, members: Vec::new() }),
+            state: Mutex::new(State {
+                role: Role::Starting,
+                leader: None,
+                epoch: 0,
+                valid_until: None,
+                lease: None,
+                members: Vec::new(),
+            }),
             role,
             stop: CancellationToken::new(),
         });
@@ -112,6 +121,20 @@ impl Member {
         self.inner.depose(why);
     }
 
+    /// The lease this member holds now (None: none; it is not in touch with etcd).
+    pub fn lease(&self) -> Option<i64> {
+        self.inner.lock().lease
+    }
+
+    pub fn cluster(&self) -> String {
+        self.inner.cluster.clone()
+    }
+
+    /// A handle on etcd (cheap: the connection is shared).
+    pub fn client(&self) -> Client {
+        self.inner.client.clone()
+    }
+
     pub fn role(&self) -> Role {
         self.inner.role.borrow().0.clone()
     }
@@ -135,16 +158,13 @@ impl Member {
     /// need not wait for it to expire.
     pub async fn resign(&self) {
         self.inner.stop.cancel();
-        let lease = *LEASE.lock().unwrap_or_else(|e| e.into_inner());
+        let lease = self.inner.lock().lease.take();
         if let Some(id) = lease {
             let mut c = self.inner.client.clone();
             let _ = tokio::time::timeout(Duration::from_secs(1), c.lease_revoke(id)).await;
         }
     }
 }
-
-/// The lease this process holds (one member per process).
-static LEASE: Mutex<Option<i64>> = Mutex::new(None);
 
 impl Inner {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -214,7 +234,11 @@ impl Inner {
                 self.depose("the lease could not be renewed");
                 return;
             }
-            self.lock().valid_until = None;
+            {
+                let mut s = self.lock();
+                s.valid_until = None;
+                s.lease = None;
+            }
             tokio::select! {
                 _ = self.stop.cancelled() => return,
                 _ = tokio::time::sleep(CAMPAIGN_EVERY) => {}
@@ -229,8 +253,11 @@ impl Inner {
         let ttl_s = self.ttl.as_secs().max(1) as i64;
         let sent = Instant::now();
         let lease = c.lease_grant(ttl_s, None).await?.id();
-        *LEASE.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
-        self.lock().valid_until = Some(sent + self.ttl - MARGIN);
+        {
+            let mut s = self.lock();
+            s.lease = Some(lease);
+            s.valid_until = Some(sent + self.ttl - MARGIN);
+        }
         let info = serde_json::to_string(&self.me).unwrap_or_default();
         let member_key = format!("{}members/{}", self.prefix, self.me.node);
         c.put(member_key, info.clone(), Some(PutOptions::new().with_lease(lease))).await?;

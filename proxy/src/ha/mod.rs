@@ -16,6 +16,7 @@
 
 pub mod fence;
 mod member;
+pub mod states;
 
 pub use member::{HaError, Member};
 
