@@ -1702,13 +1702,15 @@ impl Session {
                 return Err(End::Fatal(frame));
             }
         }
-        // (A read the lead ran alone changed nothing: it runs again on another backend. A
-        // request inside the client's transaction that does not end it committed nothing: the
-        // transaction fails with 40001 once the health check answers.)
-        let at_risk =
-            self.conns[i].queue.front().copied().filter(|&seq| {
-                self.locks.holds_any() && !self.pending.iter().any(|r| r.seq == seq && (r.lead_read || r.in_block))
-            });
+        // The first request queued there that may have committed: not a read the lead ran
+        // alone (it changed nothing, and runs again on another backend), not a request inside
+        // the client's transaction that does not end it (the transaction fails with 40001 once
+        // the health check answers); but a COMMIT pipelined behind such a request is one.
+        let at_risk = self.conns[i]
+            .queue
+            .iter()
+            .copied()
+            .find(|&seq| self.locks.holds_any() && !self.pending.iter().any(|r| r.seq == seq && (r.lead_read || r.in_block)));
         tracing::debug!(backend = %self.conns[i].backend.name, reason = %why, "a backend connection of the session ended");
         // Ended by an administrator's command (57P01) in the middle of nothing that may have
         // committed: perhaps a client's pg_terminate_backend through Chorus, which ends this
