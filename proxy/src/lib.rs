@@ -27,4 +27,5 @@ pub mod shared;
 pub mod sql;
 pub mod tls;
 pub mod verify;
+pub mod watchdog;
 pub mod wire;

@@ -155,6 +155,12 @@ fn restart_as_standby() -> String {
         Ok(e) => e,
         Err(e) => return format!("cannot find this program to start again as a standby: {e}"),
     };
-    let err = std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(std::env::args_os().skip(1)).env_remove(chorus::ha::LEASE_ENV);
+    if let Some(lease) = chorus::ha::unrevoked_lease() {
+        // etcd did not take it back: the next run does, as soon as etcd answers.
+        cmd.env(chorus::ha::LEASE_ENV, lease.to_string());
+    }
+    let err = cmd.exec();
     format!("cannot start again as a standby: {err}")
 }

@@ -165,6 +165,9 @@ impl Server {
             }
         };
         cluster::spawn_health_checks(shared.cfg.clone(), shared.cluster.clone(), shared.stop.clone());
+        let probe = shared.clone();
+        crate::watchdog::marks().accepted();
+        crate::watchdog::spawn(Box::new(move || probe.order.locks.probe()), shared.cfg.health_check_interval);
         let reloaded = shared.tls.iter().map(|t| ("clients", t.clone())).chain(admin_tls.map(|t| ("admin API", t))).collect();
         crate::tls::spawn_reload_on_sighup(reloaded, shared.stop.clone());
         tokio::pin!(shutdown);
@@ -197,6 +200,13 @@ impl Server {
             crate::join::catch_up::spawn_watch(shared.clone());
         }
         tracing::info!(listen = %shared.cfg.listen, backends = shared.cluster.in_sync_count(), "Chorus is ready");
+        crate::watchdog::ready(&format!("serving on {}", shared.cfg.listen));
+        let mut tick = tokio::time::interval(crate::watchdog::ACCEPT_TICK);
+        // For the watchdog's test: the accept loop wedges (blocks its thread) after this long.
+        let wedge_at = std::env::var("CHORUS_TEST_WEDGE_ACCEPT_AFTER_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|ms| std::time::Instant::now() + std::time::Duration::from_millis(ms));
         let lost = async {
             match &shared.ha {
                 Some(m) => m.lost().await,
@@ -212,8 +222,16 @@ impl Server {
                     ended = Ended::Deposed;
                     break;
                 }
+                _ = tick.tick() => {
+                    crate::watchdog::marks().accepted();
+                    if wedge_at.is_some_and(|t| std::time::Instant::now() >= t) {
+                        tracing::warn!("CHORUS_TEST_WEDGE_ACCEPT_AFTER_MS: the accept loop blocks its thread now");
+                        std::thread::sleep(std::time::Duration::from_secs(3600));
+                    }
+                }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        crate::watchdog::marks().accepted();
                         let shared = shared.clone();
                         // The session lives on one worker thread with its own runtime: its
                         // sockets' wake-ups never cross threads.
@@ -283,18 +301,37 @@ async fn take_over(
         return Err(StartError::History("[ha] needs the update history".into()));
     };
     tracing::info!("standing by: the client port stays closed while another member leads");
-    let epoch = tokio::select! {
-        e = member.leading() => e,
-        _ = shutdown.as_mut() => return Ok(None),
+    crate::watchdog::ready("standing by");
+    let mut tick = tokio::time::interval(crate::watchdog::ACCEPT_TICK);
+    let leading = member.leading();
+    tokio::pin!(leading);
+    let epoch = loop {
+        tokio::select! {
+            e = &mut leading => break e,
+            _ = shutdown.as_mut() => return Ok(None),
+            // Standing by is this loop's work: the watchdog sees it go round.
+            _ = tick.tick() => crate::watchdog::marks().accepted(),
+        }
     };
+    crate::watchdog::status("taking over: fencing the backends and recovering");
     let started = std::time::Instant::now();
     let cfg = &shared.cfg;
     // The states the last leader wrote come first: the fence and the recovery work on the
     // backends it kept in sync, not on this member's own older view.
     let known = shared.cluster.backends().len();
-    let last = crate::ha::states::load(member)
-        .await
-        .map_err(|e| StartError::History(format!("etcd: the shared backend states: {e}")))?;
+    let mut tries = 0;
+    let last = loop {
+        match crate::ha::states::load(member).await {
+            Ok(l) => break l,
+            // One etcd endpoint of several may be down: another answers the next try.
+            Err(e) if tries < 5 => {
+                tries += 1;
+                tracing::debug!(error = %e, "etcd: reading the shared backend states; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(StartError::History(format!("etcd: the shared backend states: {e}"))),
+        }
+    };
     shared.cluster.adopt(&last.unwrap_or_default(), cfg)?;
     for b in shared.cluster.backends().iter().skip(known) {
         cluster::spawn_health_check(shared.cfg.clone(), shared.cluster.clone(), b.clone(), shared.stop.clone());

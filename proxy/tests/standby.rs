@@ -485,3 +485,80 @@ async fn a_backend_the_leader_took_out_stays_out_under_the_next_leader() {
     let (ok, out) = g.members[new].verify();
     assert!(ok, "{out}");
 }
+
+/// Waits until member `i` no longer serves (its client port closed); how long it took.
+async fn wait_stopped_serving(g: &Group, i: usize, timeout: Duration) -> Duration {
+    let t0 = Instant::now();
+    while g.members[i].serves().await {
+        assert!(t0.elapsed() < timeout, "member {i} still serves after {timeout:?}: {}", g.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t0.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_cut_off_from_etcd_stops_within_the_lease_and_the_standby_takes_over() {
+    // Three etcd members; the first member of the group reaches only the first of them, the
+    // second member only the two others.
+    let etcd = Etcd::start(3).await.expect("start etcd");
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        servers.push(PgServer::start(PgOptions::default()).await.expect("start postgres"));
+    }
+    let mut g = Group { servers, members: Vec::new(), etcd };
+    let a = g.member("a", &[0]).await;
+    g.members.push(a);
+    g.leader(Duration::from_secs(30)).await;
+    let b = g.member("b", &[1, 2]).await;
+    g.members.push(b);
+    assert_eq!(g.leader(Duration::from_secs(10)).await, 0, "the first member leads");
+    create_acks(&g).await;
+    let load = Load::start(g.conn_strs(), 2);
+    load.wait_more(20, Duration::from_secs(30)).await;
+    // Its one etcd endpoint goes: it cannot renew, and stops before the lease can expire.
+    g.etcd.kill(0);
+    let stopped = wait_stopped_serving(&g, 0, Duration::from_secs(3)).await;
+    assert!(stopped <= Duration::from_secs(3), "stopped after {stopped:?}");
+    assert_eq!(g.leader(Duration::from_secs(20)).await, 1, "the member that reaches etcd leads");
+    let n = load.acked();
+    load.wait_more(n + 20, Duration::from_secs(30)).await;
+    let (acked, _) = load.stop().await;
+    for i in 0..2 {
+        assert!(acked.is_subset(&g.acks_on(i).await), "server {i} lacks acknowledged commits");
+    }
+    assert!(g.members[0].log().contains("this Chorus no longer leads"), "{}", g.logs());
+    g.assert_equal().await;
+    assert_epochs_only_grow(&g).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_losing_quorum_stops_the_leader_and_a_leader_serves_once_it_is_back() {
+    let mut g = Group::start(2, 3).await;
+    let first = g.leader(Duration::from_secs(30)).await;
+    create_acks(&g).await;
+    let load = Load::start(g.conn_strs(), 2);
+    load.wait_more(20, Duration::from_secs(30)).await;
+    // Two of three etcd members go: no quorum, no lease renewed anywhere.
+    g.etcd.kill(1);
+    g.etcd.kill(2);
+    wait_stopped_serving(&g, first, Duration::from_secs(3)).await;
+    // Neither member serves while etcd has no quorum.
+    for _ in 0..20 {
+        assert!(!g.members[0].serves().await && !g.members[1].serves().await, "a member serves without etcd");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let acked_while_down = load.acked();
+    g.etcd.restart(1).await.expect("etcd member back");
+    let back = Instant::now();
+    g.leader(Duration::from_secs(20)).await;
+    let took = back.elapsed();
+    load.wait_more(acked_while_down + 20, Duration::from_secs(30)).await;
+    let (acked, _) = load.stop().await;
+    for i in 0..2 {
+        assert!(acked.is_subset(&g.acks_on(i).await), "server {i} lacks acknowledged commits");
+    }
+    eprintln!("a leader served {took:?} after etcd had its quorum back");
+    assert!(took <= Duration::from_secs(3 + 1), "a leader served only {took:?} after etcd had its quorum back (lease_ttl {TTL})");
+    g.assert_equal().await;
+    assert_epochs_only_grow(&g).await;
+}

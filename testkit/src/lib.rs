@@ -535,6 +535,8 @@ pub struct ChorusProcess {
     /// A member of a group (`[ha]`): started once its admin API answers (a standby keeps its
     /// client port closed).
     member: bool,
+    /// Environment variables of the process, beside CHORUS_LOG.
+    env: Vec<(String, String)>,
 }
 
 /// The admin token of every test instance.
@@ -593,7 +595,7 @@ impl ChorusProcess {
         let mut opts = opts;
         opts.extra = format!("admin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n{}", opts.extra);
         std::fs::write(&config, Self::config_over(port, &dir.path().join("data"), servers, &opts, sockets))?;
-        let mut p = ChorusProcess { child: None, dir, port, admin_port, config, bin: bin.into(), member: false };
+        let mut p = ChorusProcess { child: None, dir, port, admin_port, config, bin: bin.into(), member: false, env: Vec::new() };
         p.launch().await?;
         Ok(p)
     }
@@ -609,7 +611,27 @@ impl ChorusProcess {
         opts.extra =
             format!("admin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n{}\n[ha]\n{ha}\n", opts.extra);
         std::fs::write(&config, Self::config_over(port, &dir.path().join("data"), servers, &opts, false))?;
-        let mut p = ChorusProcess { child: None, dir, port, admin_port, config, bin: bin.into(), member: true };
+        let mut p = ChorusProcess { child: None, dir, port, admin_port, config, bin: bin.into(), member: true, env: Vec::new() };
+        p.launch().await?;
+        Ok(p)
+    }
+
+    /// As `start`, with environment variables for the process (`NOTIFY_SOCKET`, say).
+    pub async fn start_env(
+        bin: &Path,
+        servers: &[&PgServer],
+        opts: ChorusOptions,
+        env: &[(&str, &str)],
+    ) -> Result<ChorusProcess> {
+        let dir = tempfile::Builder::new().prefix("chorus-proxy-").tempdir()?;
+        let port = free_port()?;
+        let admin_port = free_port()?;
+        let config = dir.path().join("chorus.toml");
+        let mut opts = opts;
+        opts.extra = format!("admin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n{}", opts.extra);
+        std::fs::write(&config, Self::config_over(port, &dir.path().join("data"), servers, &opts, false))?;
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut p = ChorusProcess { child: None, dir, port, admin_port, config, bin: bin.into(), member: false, env };
         p.launch().await?;
         Ok(p)
     }
@@ -644,6 +666,7 @@ impl ChorusProcess {
             .arg("--config")
             .arg(&self.config)
             .env("CHORUS_LOG", std::env::var("CHORUS_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

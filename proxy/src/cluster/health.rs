@@ -197,6 +197,7 @@ pub fn spawn_health_check(cfg: Arc<Config>, cluster: Arc<Cluster>, b: Arc<Backen
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
+                crate::watchdog::marks().checked();
                 if b.state() != BackendState::InSync {
                     failures = 0;
                     continue;

@@ -62,7 +62,10 @@ impl Member {
     pub async fn start(cfg: &HaConfig, address: String, admin: String) -> Result<Member, HaError> {
         let endpoints = cfg.etcd_endpoints.join(",");
         let request_timeout = (cfg.lease_ttl / 3).min(Duration::from_secs(1));
-        let opts = ConnectOptions::new().with_connect_timeout(request_timeout).with_timeout(request_timeout);
+        // require_leader: a member cut off from etcd's quorum answers with an error at once,
+        // never with what it last knew.
+        let opts =
+            ConnectOptions::new().with_connect_timeout(request_timeout).with_timeout(request_timeout).with_require_leader(true);
         let client =
             Client::connect(&cfg.etcd_endpoints, Some(opts)).await.map_err(|source| HaError::Etcd { endpoints, source })?;
         let me = MemberInfo { node: cfg.node(), address, admin };
@@ -85,6 +88,9 @@ impl Member {
             stop: CancellationToken::new(),
         });
         metrics::gauge!("chorus_ha_leader").set(0.0);
+        if let Some(id) = std::env::var(LEASE_ENV).ok().and_then(|v| v.parse::<i64>().ok()) {
+            tokio::spawn(revoke_stale(inner.client.clone(), id, cfg.lease_ttl * 2));
+        }
         tokio::spawn(inner.clone().run());
         tokio::spawn(inner.clone().clock());
         Ok(Member { inner })
@@ -161,7 +167,38 @@ impl Member {
         let lease = self.inner.lock().lease.take();
         if let Some(id) = lease {
             let mut c = self.inner.client.clone();
-            let _ = tokio::time::timeout(Duration::from_secs(1), c.lease_revoke(id)).await;
+            if !matches!(tokio::time::timeout(Duration::from_secs(1), c.lease_revoke(id)).await, Ok(Ok(_))) {
+                // etcd did not answer: the next run of this process gives it back (`start`).
+                UNREVOKED.store(id, std::sync::atomic::Ordering::Release);
+            }
+        }
+    }
+}
+
+/// A lease `resign` could not give back (0: none), handed to the next run of this process.
+static UNREVOKED: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// The environment variable that hands an unrevoked lease to the next run of this process.
+pub const LEASE_ENV: &str = "CHORUS_HA_LEASE_TO_REVOKE";
+
+/// The lease the last `resign` could not give back, if any.
+pub fn unrevoked_lease() -> Option<i64> {
+    Some(UNREVOKED.load(std::sync::atomic::Ordering::Acquire)).filter(|id| *id != 0)
+}
+
+/// Gives back a lease an earlier run of this process held, once etcd answers: while it lives
+/// it holds the leader key, and nobody could lead until it expired by itself.
+async fn revoke_stale(mut c: Client, id: i64, within: Duration) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        match c.lease_revoke(id).await {
+            Ok(_) => {
+                tracing::info!(lease = id, "gave back the lease of this member's last leadership");
+                return;
+            }
+            // Expired or revoked already.
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("not found") => return,
+            Err(_) => tokio::time::sleep(CAMPAIGN_EVERY).await,
         }
     }
 }
@@ -222,16 +259,22 @@ impl Inner {
     }
 
     async fn run(self: Arc<Self>) {
+        let mut failing = false;
         loop {
             if self.stop.is_cancelled() || self.lock().role == Role::Deposed {
                 return;
             }
-            if let Err(e) = self.term().await {
-                tracing::warn!(error = %e, "etcd: lease lost or unreachable; trying again");
+            match self.term().await {
+                Err(e) if !failing => {
+                    tracing::warn!(error = %e, "etcd does not answer: no lease; trying again every 200 ms");
+                    failing = true;
+                }
+                Err(e) => tracing::debug!(error = %e, "etcd: no lease; trying again"),
+                Ok(()) => failing = false,
             }
             let leading = self.lock().role == Role::Leader;
             if leading {
-                self.depose("the lease could not be renewed");
+                self.depose("its etcd lease expired");
                 return;
             }
             {
@@ -246,8 +289,10 @@ impl Inner {
         }
     }
 
-    /// One lease's life: keep it alive, campaign with it while standing by, watch the clock
-    /// while leading. Returns when the lease is gone or etcd cannot be reached.
+    /// One lease's life: keep it alive, campaign with it while standing by. Returns when the
+    /// lease is gone (etcd says so, or it can no longer be proven alive); a failed call to
+    /// etcd is tried again meanwhile (one endpoint of several may be down), and the leader's
+    /// own clock (`clock`) deposes it if the lease runs out first.
     async fn term(&self) -> Result<(), etcd_client::Error> {
         let mut c = self.client.clone();
         let ttl_s = self.ttl.as_secs().max(1) as i64;
@@ -264,53 +309,79 @@ impl Inner {
         if self.lock().role == Role::Starting {
             self.set_role(Role::Standby, 0);
         }
-        let (mut keeper, mut acks) = c.lease_keep_alive(lease).await?;
+        let mut keeper = None;
         let renew_every = self.ttl / 3;
         let mut next_renew = Instant::now() + renew_every;
         let mut next_members = Instant::now();
+        let mut failing = false;
         loop {
-            if self.stop.is_cancelled() {
+            if self.stop.is_cancelled() || self.lock().role == Role::Deposed {
                 return Ok(());
             }
-            let now = Instant::now();
-            if now >= next_renew {
+            if self.lock().valid_until.is_none_or(|t| Instant::now() >= t) {
+                return Ok(()); // no longer provably alive: a leader's clock has deposed it
+            }
+            let mut step = Ok(());
+            if Instant::now() >= next_renew {
                 let sent = Instant::now();
-                keeper.keep_alive().await?;
-                match tokio::time::timeout(renew_every, acks.message()).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                match self.renew(&mut c, lease, &mut keeper, renew_every).await {
+                    Ok(true) => {
                         self.lock().valid_until = Some(sent + self.ttl - MARGIN);
                         metrics::histogram!("chorus_ha_lease_renew_seconds").record(sent.elapsed().as_secs_f64());
+                        next_renew = sent + renew_every;
                     }
-                    Ok(Ok(Some(_))) => return Ok(()), // expired on etcd's side
-                    Ok(Ok(None)) => return Ok(()),
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => {
-                        tracing::warn!("etcd did not answer a lease keep-alive in time");
-                        // Renewed through a fresh stream next time; the clock keeps running.
-                        (keeper, acks) = c.lease_keep_alive(lease).await?;
-                    }
-                }
-                next_renew = sent + renew_every;
-            }
-            let role = self.lock().role.clone();
-            match role {
-                Role::Leader => {
-                    if self.lock().valid_until.is_none_or(|t| Instant::now() >= t) {
-                        metrics::counter!("chorus_ha_lease_lost_total").increment(1);
-                        return Ok(());
+                    Ok(false) => return Ok(()), // expired on etcd's side
+                    Err(e) => {
+                        keeper = None;
+                        step = Err(e);
+                        next_renew = Instant::now() + CAMPAIGN_EVERY;
                     }
                 }
-                Role::Deposed => return Ok(()),
-                _ => self.campaign(&mut c, lease, &info).await?,
             }
-            if Instant::now() >= next_members {
-                self.read_members(&mut c).await?;
+            if step.is_ok() && self.lock().role != Role::Leader {
+                step = self.campaign(&mut c, lease, &info).await;
+            }
+            if step.is_ok() && Instant::now() >= next_members {
+                step = self.read_members(&mut c).await;
                 next_members = Instant::now() + Duration::from_secs(1);
+            }
+            match step {
+                Err(e) if !failing => {
+                    tracing::warn!(error = %e, "etcd does not answer; trying again (the leader's lease is kept by its clock meanwhile)");
+                    failing = true;
+                }
+                Err(e) => tracing::debug!(error = %e, "etcd still does not answer"),
+                Ok(()) if failing => {
+                    tracing::info!("etcd answers again");
+                    failing = false;
+                }
+                Ok(()) => {}
             }
             tokio::select! {
                 _ = self.stop.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(CAMPAIGN_EVERY.min(next_renew.saturating_duration_since(Instant::now()))) => {}
             }
+        }
+    }
+
+    /// One keep-alive: whether etcd renewed the lease (false: it expired there).
+    async fn renew(
+        &self,
+        c: &mut Client,
+        lease: i64,
+        keeper: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+        wait: Duration,
+    ) -> Result<bool, etcd_client::Error> {
+        if keeper.is_none() {
+            *keeper = Some(c.lease_keep_alive(lease).await?);
+        }
+        let Some((k, acks)) = keeper.as_mut() else { return Ok(true) };
+        k.keep_alive().await?;
+        match tokio::time::timeout(wait, acks.message()).await {
+            Ok(Ok(Some(r))) => Ok(r.ttl() > 0),
+            Ok(Ok(None)) => Err(etcd_client::Error::WatchError("the keep-alive stream ended".into())),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(etcd_client::Error::WatchError("no keep-alive answer in time".into())),
         }
     }
 

@@ -18,7 +18,7 @@ pub mod fence;
 mod member;
 pub mod states;
 
-pub use member::{HaError, Member};
+pub use member::{unrevoked_lease, HaError, Member, LEASE_ENV};
 
 use serde::{Deserialize, Serialize};
 

@@ -126,6 +126,12 @@ impl LockManager {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Takes and lets go of the manager's lock: returns only while the lock manager makes
+    /// progress (the watchdog's probe).
+    pub fn probe(&self) {
+        drop(self.lock());
+    }
+
     /// A new lock owner (one per session).
     pub fn owner(&self) -> LockOwner {
         let mut st = self.lock();
