@@ -203,6 +203,18 @@ async fn connect_any(
     None
 }
 
+/// A newer leader's raise of the epoch on one server, as the fence does it.
+async fn raise_by_hand(srv: &PgServer) {
+    let admin = srv.local_client("postgres").await.unwrap();
+    admin
+        .batch_execute(
+            "BEGIN; LOCK TABLE chorus.fence IN ACCESS EXCLUSIVE MODE; \
+             SELECT setval('chorus.epoch', pg_sequence_last_value('chorus.epoch') + 1); COMMIT",
+        )
+        .await
+        .expect("raise the epoch");
+}
+
 async fn create_acks(g: &Group) {
     let (c, conn) = tokio_postgres::connect(&g.conn_str(), NoTls).await.expect("connect through the leader");
     tokio::spawn(conn);
@@ -277,14 +289,7 @@ async fn a_leader_whose_backends_were_fenced_commits_nothing_and_stands_by() {
     // A newer leader's raise, as the fence does it, backend by backend: the leader has not
     // heard of it (etcd still says it leads).
     for srv in &g.servers {
-        let admin = srv.local_client("postgres").await.unwrap();
-        admin
-            .batch_execute(
-                "BEGIN; LOCK TABLE chorus.fence IN ACCESS EXCLUSIVE MODE; \
-                 SELECT setval('chorus.epoch', pg_sequence_last_value('chorus.epoch') + 1); COMMIT",
-            )
-            .await
-            .expect("raise the epoch");
+        raise_by_hand(srv).await;
     }
     let e = c.batch_execute("COMMIT").await.expect_err("a fenced unit committed");
     assert_eq!(e.code().map(|c| c.code()), Some("57P01"), "{e}");
@@ -423,14 +428,7 @@ async fn a_unit_fenced_on_one_backend_only_ejects_nothing_and_the_next_leader_co
     let ended = tokio::spawn(conn);
     c.batch_execute("BEGIN; INSERT INTO acks (id) VALUES (1)").await.unwrap();
     // The raise has reached the second backend, not yet the first.
-    let admin = g.servers[1].local_client("postgres").await.unwrap();
-    admin
-        .batch_execute(
-            "BEGIN; LOCK TABLE chorus.fence IN ACCESS EXCLUSIVE MODE; \
-             SELECT setval('chorus.epoch', pg_sequence_last_value('chorus.epoch') + 1); COMMIT",
-        )
-        .await
-        .expect("raise the epoch");
+    raise_by_hand(&g.servers[1]).await;
     // Told nothing committed (57P01: the commit's outcome is unknown, as when a server dies
     // during COMMIT); the first backend may hold it, and then every backend does once the next
     // leader has recovered, with no backend ejected.

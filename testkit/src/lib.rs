@@ -539,6 +539,14 @@ pub struct ChorusProcess {
     env: Vec<(String, String)>,
 }
 
+/// How a test instance differs from the plain one (`ChorusProcess::start_with`).
+#[derive(Default)]
+struct Extra<'a> {
+    sockets: bool,
+    ha: Option<&'a str>,
+    env: &'a [(&'a str, &'a str)],
+}
+
 /// The admin token of every test instance.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
@@ -588,32 +596,13 @@ impl ChorusProcess {
 
     /// As `start`; `sockets`: Chorus reaches each backend by its Unix-domain socket.
     pub async fn start_over(bin: &Path, servers: &[&PgServer], opts: ChorusOptions, sockets: bool) -> Result<ChorusProcess> {
-        let dir = tempfile::Builder::new().prefix("chorus-proxy-").tempdir()?;
-        let port = free_port()?;
-        let admin_port = free_port()?;
-        let config = dir.path().join("chorus.toml");
-        let mut opts = opts;
-        opts.extra = format!("admin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n{}", opts.extra);
-        std::fs::write(&config, Self::config_over(port, &dir.path().join("data"), servers, &opts, sockets))?;
-        let mut p = ChorusProcess { child: None, dir, port, admin_port, config, bin: bin.into(), member: false, env: Vec::new() };
-        p.launch().await?;
-        Ok(p)
+        Self::start_with(bin, servers, opts, Extra { sockets, ..Extra::default() }).await
     }
 
     /// A member of a group on etcd: `ha` is the `[ha]` section's body (endpoints, node name,
     /// TTL). Returns once its admin API answers, standby or leader.
     pub async fn start_member(bin: &Path, servers: &[&PgServer], opts: ChorusOptions, ha: &str) -> Result<ChorusProcess> {
-        let dir = tempfile::Builder::new().prefix("chorus-proxy-").tempdir()?;
-        let port = free_port()?;
-        let admin_port = free_port()?;
-        let config = dir.path().join("chorus.toml");
-        let mut opts = opts;
-        opts.extra =
-            format!("admin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n{}\n[ha]\n{ha}\n", opts.extra);
-        std::fs::write(&config, Self::config_over(port, &dir.path().join("data"), servers, &opts, false))?;
-        let mut p = ChorusProcess { child: None, dir, port, admin_port, config, bin: bin.into(), member: true, env: Vec::new() };
-        p.launch().await?;
-        Ok(p)
+        Self::start_with(bin, servers, opts, Extra { ha: Some(ha), ..Extra::default() }).await
     }
 
     /// As `start`, with environment variables for the process (`NOTIFY_SOCKET`, say).
@@ -623,15 +612,21 @@ impl ChorusProcess {
         opts: ChorusOptions,
         env: &[(&str, &str)],
     ) -> Result<ChorusProcess> {
+        Self::start_with(bin, servers, opts, Extra { env, ..Extra::default() }).await
+    }
+
+    async fn start_with(bin: &Path, servers: &[&PgServer], opts: ChorusOptions, x: Extra<'_>) -> Result<ChorusProcess> {
         let dir = tempfile::Builder::new().prefix("chorus-proxy-").tempdir()?;
         let port = free_port()?;
         let admin_port = free_port()?;
         let config = dir.path().join("chorus.toml");
         let mut opts = opts;
-        opts.extra = format!("admin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n{}", opts.extra);
-        std::fs::write(&config, Self::config_over(port, &dir.path().join("data"), servers, &opts, false))?;
-        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut p = ChorusProcess { child: None, dir, port, admin_port, config, bin: bin.into(), member: false, env };
+        let ha = x.ha.map(|h| format!("\n[ha]\n{h}\n")).unwrap_or_default();
+        opts.extra = format!("admin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n{}{ha}", opts.extra);
+        std::fs::write(&config, Self::config_over(port, &dir.path().join("data"), servers, &opts, x.sockets))?;
+        let env = x.env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let member = x.ha.is_some();
+        let mut p = ChorusProcess { child: None, dir, port, admin_port, config, bin: bin.into(), member, env };
         p.launch().await?;
         Ok(p)
     }
