@@ -89,7 +89,7 @@ impl Member {
         });
         metrics::gauge!("chorus_ha_leader").set(0.0);
         if let Some(id) = std::env::var(LEASE_ENV).ok().and_then(|v| v.parse::<i64>().ok()) {
-            tokio::spawn(revoke_stale(inner.client.clone(), id, cfg.lease_ttl * 2));
+            tokio::spawn(revoke_stale(inner.client.clone(), id));
         }
         tokio::spawn(inner.clone().run());
         tokio::spawn(inner.clone().clock());
@@ -186,11 +186,11 @@ pub fn unrevoked_lease() -> Option<i64> {
     Some(UNREVOKED.load(std::sync::atomic::Ordering::Acquire)).filter(|id| *id != 0)
 }
 
-/// Gives back a lease an earlier run of this process held, once etcd answers: while it lives
-/// it holds the leader key, and nobody could lead until it expired by itself.
-async fn revoke_stale(mut c: Client, id: i64, within: Duration) {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
+/// Gives back a lease an earlier run of this process held, once etcd answers (however long
+/// that takes: after a loss of quorum etcd extends every lease, and while it lives it holds the
+/// leader key, so nobody could lead until it expired by itself).
+async fn revoke_stale(mut c: Client, id: i64) {
+    loop {
         match c.lease_revoke(id).await {
             Ok(_) => {
                 tracing::info!(lease = id, "gave back the lease of this member's last leadership");
@@ -277,11 +277,9 @@ impl Inner {
                 self.depose("its etcd lease expired");
                 return;
             }
-            {
-                let mut s = self.lock();
-                s.valid_until = None;
-                s.lease = None;
-            }
+            // The lease id stays until a new one is granted: a member deposed meanwhile gives
+            // it back (`resign`), or hands it to its next run.
+            self.lock().valid_until = None;
             tokio::select! {
                 _ = self.stop.cancelled() => return,
                 _ = tokio::time::sleep(CAMPAIGN_EVERY) => {}
