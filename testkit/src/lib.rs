@@ -196,8 +196,38 @@ fn template(bin: &Path, ids: Option<(u32, u32)>) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A port no other test process holds and the kernel does not hand out on its own.
+///
+/// `bind(":0")` then drop is a race: the port comes from the ephemeral range, which every
+/// outgoing connection (Chorus to its backends, clients to Chorus) also draws from, and another
+/// test may be handed the same port before the server binds it. Ports here come from below the
+/// ephemeral range, each reserved by a lock on a file under the temporary directory that this
+/// process holds until it exits (the kernel drops the lock with the process), and checked free.
+pub fn free_port() -> Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Mutex;
+    const LOW: u32 = 20000;
+    const SPAN: u32 = 12000; // 20000..32000, under Linux's default ephemeral range (32768..)
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("chorus-test-ports");
+    std::fs::create_dir_all(&dir)?;
+    let _ = std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o1777));
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..SPAN {
+        let port = (LOW + (start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))) % SPAN) as u16;
+        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(port.to_string()));
+        let Ok(lock) = lock else { continue };
+        if lock.try_lock().is_err() {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        HELD.lock().map_err(|_| err("port registry poisoned"))?.push(lock);
+        return Ok(port);
+    }
+    Err(err("no free port left in 20000..32000"))
 }
 
 /// Every process whose parent is `pid` (a postmaster's backends).
