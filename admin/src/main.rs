@@ -70,6 +70,14 @@ enum Command {
     /// The group on etcd (`[ha]`): which member leads, the epoch, this member's lease, every
     /// member with a live lease.
     Ha,
+    /// Hand the leadership to a standby (`[ha]`): the leader lets open transactions end, ends
+    /// each session at a transaction boundary, and the standby serves; run it against the
+    /// leader's admin API. Waits until the new leader serves.
+    Switchover {
+        /// The member to hand over to (default: any other member with a live lease).
+        #[arg(long)]
+        to: Option<String>,
+    },
     /// Compare per-table checksums of every in-sync backend at one point.
     Verify {
         #[arg(long)]
@@ -183,6 +191,38 @@ fn table(head: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// Starts the switchover on the leader, then follows `GET /ha` on the same admin API (which
+/// goes quiet while the old leader starts again as a standby) until the target leads.
+fn switchover(api: &Api, to: Option<&str>, json: bool) -> Result<(), String> {
+    let started = api.ok("POST", "/switchover", Some(serde_json::json!({ "to": to })))?;
+    let target = s(&started, "to");
+    let epoch = started.get("epoch").and_then(Value::as_u64).unwrap_or(0);
+    let timeout = Duration::from_millis(started.get("timeout_ms").and_then(Value::as_u64).unwrap_or(5000));
+    if !json {
+        println!("switchover from {} to {target}: draining (open transactions get {timeout:?})", s(&started, "from"));
+    }
+    let began = std::time::Instant::now();
+    let deadline = began + timeout + Duration::from_secs(15);
+    loop {
+        if let Ok((200, v)) = api.call("GET", "/ha", None) {
+            let now = v.get("epoch").and_then(Value::as_u64).unwrap_or(0);
+            let leader = s(&v, "leader");
+            if now > epoch && !leader.is_empty() {
+                if json {
+                    println!("{}", serde_json::json!({ "leader": leader, "epoch": now, "took_ms": began.elapsed().as_millis() as u64 }));
+                } else {
+                    println!("{leader} leads now (epoch {now}), {} ms after the drain began", began.elapsed().as_millis());
+                }
+                return if leader == target { Ok(()) } else { Err(format!("the handover to {target} failed: {leader} won the leadership")) };
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!("no new leader after {:?}: see `chorusctl ha` and the members' logs", deadline - began));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn mib(n: u64) -> String {
     format!("{:.1} MiB", n as f64 / (1024.0 * 1024.0))
 }
@@ -222,6 +262,7 @@ fn run(cli: &Cli, api: &Api) -> Result<(), String> {
             println!("{}", table(&["MEMBER", "ROLE", "CLIENTS", "ADMIN"], &rows));
             Ok(())
         }
+        Command::Switchover { to } => switchover(api, to.as_deref(), cli.json),
         Command::Backends => {
             let v = api.ok("GET", "/backends", None)?;
             if cli.json {

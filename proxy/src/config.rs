@@ -340,6 +340,10 @@ pub struct HaConfig {
     /// `listen`.
     #[serde(default)]
     pub advertise: Option<String>,
+    /// How long a planned switchover (`chorusctl switchover`) lets open transactions run to
+    /// their end before the sessions still in one are ended and the leadership handed over.
+    #[serde(default = "defaults::switchover_timeout", deserialize_with = "duration")]
+    pub switchover_timeout: Duration,
 }
 
 impl HaConfig {
@@ -366,6 +370,9 @@ mod defaults {
         "chorus".into()
     }
     pub fn lease_ttl() -> std::time::Duration {
+        std::time::Duration::from_secs(5)
+    }
+    pub fn switchover_timeout() -> std::time::Duration {
         std::time::Duration::from_secs(5)
     }
     use std::path::PathBuf;
@@ -594,6 +601,9 @@ impl Config {
             }
             if ha.lease_ttl < Duration::from_secs(2) {
                 return bad("[ha] lease_ttl must be at least 2s".into());
+            }
+            if ha.switchover_timeout.is_zero() {
+                return bad("[ha] switchover_timeout must be greater than zero".into());
             }
             if ha.cluster.is_empty() || ha.cluster.contains('/') || ha.node().is_empty() || ha.node().contains('/') {
                 return bad("[ha] cluster and node_name must be non-empty and without '/'".into());

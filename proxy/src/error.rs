@@ -19,6 +19,8 @@ pub enum SessionError {
     TooManyClients,
     #[error("Chorus is shutting down")]
     ShuttingDown,
+    #[error("terminating connection: this Chorus hands the leadership to another member (planned switchover); reconnect")]
+    HandingOver,
     #[error("no in-sync backend can serve the request: {0}")]
     NoBackend(String),
     #[error("terminating connection: idle in a write transaction for longer than idle_in_transaction_timeout ({0:?})")]
@@ -53,6 +55,7 @@ impl SessionError {
             SessionError::AuthFailed(_) => "28P01",
             SessionError::TooManyClients => "53300",
             SessionError::ShuttingDown => "57P03",
+            SessionError::HandingOver => "57P01",
             SessionError::NoBackend(_) | SessionError::ConnectionLost(..) => "08006",
             SessionError::LoginFailed(..) => "08001",
             SessionError::IdleInTransaction(_) => "25P03",

@@ -105,7 +105,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 let server = Server::start(cfg).await.map_err(|e| e.to_string())?;
                 Ok::<_, String>(server.run(chorus::demo::shutdown_signal()).await)
             })?;
-            if ended == Ended::Deposed {
+            if matches!(ended, Ended::Deposed | Ended::HandedOver) {
                 // A deposed leader starts again from nothing as a standby (same process id,
                 // same arguments): no state of its leadership survives into the next.
                 return Err(restart_as_standby());

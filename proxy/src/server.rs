@@ -214,12 +214,23 @@ impl Server {
             }
         };
         tokio::pin!(lost);
+        let draining = async {
+            match &shared.ha {
+                Some(m) => m.draining().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(draining);
         let mut ended = Ended::Shutdown;
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = &mut lost => {
                     ended = Ended::Deposed;
+                    break;
+                }
+                _ = &mut draining => {
+                    ended = Ended::HandedOver;
                     break;
                 }
                 _ = tick.tick() => {
@@ -255,6 +266,10 @@ impl Server {
             // Nothing of this leadership can commit any more: sessions end now, with 57P01.
             shared.deposed.cancel();
         }
+        if ended == Ended::HandedOver {
+            // Sessions end at their transaction boundaries, with 57P01.
+            shared.handing_over.cancel();
+        }
         // Sessions learn first (idle ones end with 57P03), then the listener closes.
         shared.stop.cancel();
         drop(listener);
@@ -263,11 +278,20 @@ impl Server {
             "shutting down: no new clients; waiting for open transactions"
         );
         tracker.close();
-        let wait = if ended == Ended::Deposed { std::time::Duration::from_secs(1) } else { shared.cfg.shutdown_timeout };
+        let wait = match (ended, &shared.cfg.ha) {
+            (Ended::Deposed, _) => std::time::Duration::from_secs(1),
+            (Ended::HandedOver, Some(ha)) => ha.switchover_timeout,
+            _ => shared.cfg.shutdown_timeout,
+        };
         if tokio::time::timeout(wait, tracker.wait()).await.is_err() {
-            tracing::warn!("shutdown_timeout passed; closing the remaining sessions");
+            tracing::warn!(sessions = shared.clients.load(Ordering::Relaxed), "the wait for open transactions ran out; closing the remaining sessions");
         }
         workers.stop();
+        if let (Ended::HandedOver, Some(m)) = (ended, &shared.ha) {
+            // Every session of this leadership is over: the key goes to the standby (or, if
+            // that fails, with the lease below, to whichever standby wins it).
+            let _ = m.hand_over().await;
+        }
         // The lease goes with this leadership, stopped or deposed: the standby need not wait
         // for it to expire (when etcd answers; otherwise it expires on its own).
         if let Some(m) = &shared.ha {
@@ -285,6 +309,8 @@ pub enum Ended {
     Shutdown,
     /// It led and no longer does: start again as a standby.
     Deposed,
+    /// It handed the leadership over in a planned switchover: start again as a standby.
+    HandedOver,
 }
 
 async fn bind(addr: &str) -> Result<TcpListener, StartError> {
@@ -305,10 +331,17 @@ async fn take_over(
     let mut tick = tokio::time::interval(crate::watchdog::ACCEPT_TICK);
     let leading = member.leading();
     tokio::pin!(leading);
+    // Open, not accepting, while a planned switchover names this member: clients that come
+    // meanwhile wait in the backlog and are served once it leads.
+    let mut parked: Option<TcpListener> = None;
     let epoch = loop {
         tokio::select! {
+            biased;
             e = &mut leading => break e,
             _ = shutdown.as_mut() => return Ok(None),
+            park = member.parking_changed(parked.is_some()) => {
+                parked = park_port(member, &shared.cfg.listen, park).await;
+            }
             // Standing by is this loop's work: the watchdog sees it go round.
             _ = tick.tick() => crate::watchdog::marks().accepted(),
         }
@@ -342,6 +375,11 @@ async fn take_over(
     if shared.cluster.in_sync().is_empty() {
         return Err(StartError::NoBackend("the takeover left no in-sync backend".into()));
     }
+    if let Some(l) = parked {
+        let _ = member.announce_ready(false).await;
+        tracing::info!(epoch, took_ms = started.elapsed().as_millis() as u64, "leading after a planned switchover: accepting");
+        return Ok(Some(l));
+    }
     // The port the last leader had on this host may take a moment to be free.
     let mut tries = 0;
     let listener = loop {
@@ -363,6 +401,34 @@ async fn take_over(
         "leading: backends fenced, history recovered, client port open"
     );
     Ok(Some(listener))
+}
+
+/// Opens (or closes) the client port of a standby a planned switchover names, and tells the
+/// leader. The listener, when open.
+async fn park_port(member: &crate::ha::Member, listen: &str, open: bool) -> Option<TcpListener> {
+    if !open {
+        tracing::info!("the planned switchover to this member was called off: client port closed");
+        let _ = member.announce_ready(false).await;
+        return None;
+    }
+    match bind(listen).await {
+        Ok(l) => match member.announce_ready(true).await {
+            Ok(()) => {
+                tracing::info!(listen, "a planned switchover names this member: client port open, accepting once it leads");
+                Some(l)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell etcd the client port is open: keeping it closed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "a planned switchover names this member, but its client port cannot be opened");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            None
+        }
+    }
 }
 
 /// Every client session holds one connection per backend: a warning when the backends'

@@ -47,6 +47,9 @@ pub struct Shared {
     pub ha: Option<crate::ha::Member>,
     /// Cancelled when this instance stops leading: sessions end at once with 57P01.
     pub deposed: CancellationToken,
+    /// Cancelled (before `stop`) when a planned switchover drains this leader: sessions end
+    /// at their next transaction boundary with 57P01 rather than 57P03.
+    pub handing_over: CancellationToken,
 }
 
 impl Shared {
@@ -70,6 +73,7 @@ impl Shared {
             clients: AtomicUsize::new(0),
             ha: None,
             deposed: CancellationToken::new(),
+            handing_over: CancellationToken::new(),
         }
     }
 

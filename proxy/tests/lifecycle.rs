@@ -35,7 +35,7 @@ async fn startup_failures_are_one_clear_line() {
     let (ok, out) = run_with_config(&good.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")));
     assert!(!ok && out.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{out}");
 
-    let dead = testkit::free_port().unwrap();
+    let dead = chorus_testkit::free_port().unwrap();
     let (ok, out) = run_with_config(&good.replace(&format!("port = {}", pg.port()), &format!("port = {dead}")));
     assert!(!ok && out.contains("no reachable in-sync backend"), "{out}");
 }

@@ -562,3 +562,71 @@ async fn etcd_losing_quorum_stops_the_leader_and_a_leader_serves_once_it_is_back
     g.assert_equal().await;
     assert_epochs_only_grow(&g).await;
 }
+
+/// pgbench_history's rows on server `i`: one per transaction pgbench committed.
+async fn bench_rows(g: &Group, i: usize) -> i64 {
+    let c = g.servers[i].local_client("postgres").await.expect("connect to server");
+    c.query_one("SELECT count(*) FROM pgbench_history", &[]).await.expect("count").get(0)
+}
+
+async fn wait_bench_rows(g: &Group, more_than: i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bench_rows(g, 0).await <= more_than {
+        assert!(Instant::now() < deadline, "pgbench committed nothing for 30 s: {}", g.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A planned switchover there and back under `pgbench -C` (a new connection per transaction)
+/// through the multi-host string: pgbench reports no failed transaction and no aborted client,
+/// every transaction it counts is in every backend's pgbench_history (none more), the old
+/// leader stands by with its port closed, and the backends are equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_planned_switchover_there_and_back_under_pgbench_fails_no_transaction() {
+    let g = Group::start(2, 1).await;
+    let first = g.leader(Duration::from_secs(30)).await;
+    let second = 1 - first;
+    let names = ["a", "b"];
+    // One thread per client: pgbench connects blocking, and a client waiting at the new
+    // leader's port must not hold up another finishing its transaction at the old one.
+    let url = g.conn_str().replace("connect_timeout=2", "connect_timeout=10");
+    let (ok, out) = common::sh(std::process::Command::new("pgbench").args(["-i", "-q", "-s", "1"]).arg(&url));
+    assert!(ok, "{out}");
+    let bench = std::process::Command::new("pgbench")
+        .args(["-n", "-C", "-c", "4", "-j", "4", "-R", "200", "-T", "25", "--verbose-errors"])
+        .arg(&url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pgbench");
+    for (from, to) in [(first, second), (second, first)] {
+        wait_bench_rows(&g, bench_rows(&g, 0).await + 100).await;
+        let (ok, out) = g.members[from].chorusctl(&["switchover", "--to", names[to]]);
+        assert!(ok, "switchover from {} to {}: {out}\n{}", names[from], names[to], g.logs());
+        assert!(out.contains(&format!("{} leads now", names[to])), "{out}");
+        assert_eq!(g.leader(Duration::from_secs(10)).await, to);
+        // The old leader stands by again, its port closed; commits go on through the new one.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while g.members[from].role().await.as_deref() != Some("standby") {
+            assert!(Instant::now() < deadline, "the old leader never stood by: {}", g.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!g.members[from].serves().await, "the old leader's port is closed");
+        wait_bench_rows(&g, bench_rows(&g, 0).await + 100).await;
+    }
+    let out = bench.wait_with_output().expect("pgbench");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "pgbench failed (an aborted client?):\n{text}\n{}", g.logs());
+    let number = |prefix: &str| -> i64 {
+        let line = text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in:\n{text}"));
+        line[prefix.len()..].split(|c: char| !c.is_ascii_digit()).find(|n| !n.is_empty()).and_then(|n| n.parse().ok()).expect("a number")
+    };
+    assert_eq!(number("number of failed transactions"), 0, "{text}");
+    let processed = number("number of transactions actually processed");
+    for i in 0..g.servers.len() {
+        assert_eq!(bench_rows(&g, i).await, processed, "server {i}: one pgbench_history row per acknowledged transaction");
+    }
+    g.assert_equal().await;
+    let (ok, out) = g.members[first].verify();
+    assert!(ok, "{out}");
+}

@@ -71,6 +71,7 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener, tls: 
         .route("/metrics", get(metrics))
         .route("/series", get(series_since))
         .route("/ha", get(ha_status))
+        .route("/switchover", axum::routing::post(switchover))
         .layer(middleware::from_fn_with_state(api.clone(), auth))
         .route("/leader", get(leader_check))
         .merge(page::routes())
@@ -94,6 +95,20 @@ async fn ha_status(State(api): State<Arc<Api>>) -> Response {
     match &api.shared.ha {
         Some(m) => Json(m.status()).into_response(),
         None => error(StatusCode::NOT_FOUND, "this Chorus runs alone (no [ha] section)"),
+    }
+}
+
+/// A planned switchover: 202 once the named standby's port is open and this leader drains;
+/// the handover follows when its sessions have ended (`GET /ha` on either member shows it).
+async fn switchover(State(api): State<Arc<Api>>, body: Option<Json<crate::ha::SwitchoverRequest>>) -> Response {
+    let (Some(m), Some(ha)) = (&api.shared.ha, &api.shared.cfg.ha) else {
+        return error(StatusCode::NOT_FOUND, "this Chorus runs alone (no [ha] section)");
+    };
+    let to = body.and_then(|Json(b)| b.to);
+    match m.switchover(to, ha.switchover_timeout).await {
+        Ok(started) => (StatusCode::ACCEPTED, Json(started)).into_response(),
+        Err(e @ crate::ha::SwitchoverError::Etcd(_)) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(e) => error(StatusCode::CONFLICT, &e.to_string()),
     }
 }
 

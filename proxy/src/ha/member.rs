@@ -19,6 +19,8 @@ use crate::config::HaConfig;
 
 /// How often a standby tries for the key (and reads who leads).
 const CAMPAIGN_EVERY: Duration = Duration::from_millis(200);
+/// How often a standby named by a switchover looks for the key.
+const PARKED_POLL: Duration = Duration::from_millis(20);
 /// Taken off the proven lease: the step-down must be over before etcd can expire it.
 const MARGIN: Duration = Duration::from_millis(500);
 
@@ -29,32 +31,47 @@ pub enum HaError {
 }
 
 #[derive(Debug)]
-struct State {
-    role: Role,
+pub(super) struct State {
+    pub(super) role: Role,
     leader: Option<MemberInfo>,
     epoch: u64,
     /// Until when this member's lease is provably alive (None: no lease).
     valid_until: Option<Instant>,
     /// The lease's id while it has one.
-    lease: Option<i64>,
+    pub(super) lease: Option<i64>,
     members: Vec<MemberInfo>,
 }
 
 /// This instance's membership; cheap to clone.
 #[derive(Clone)]
 pub struct Member {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(super) struct Inner {
     cluster: String,
-    me: MemberInfo,
-    prefix: String,
+    pub(super) me: MemberInfo,
+    pub(super) prefix: String,
     ttl: Duration,
-    client: Client,
+    pub(super) client: Client,
     state: Mutex<State>,
     role: watch::Sender<(Role, u64)>,
+    /// A planned switchover's course (`switchover`).
+    pub(super) handover: watch::Sender<Handover>,
+    /// True while a switchover to this member is announced: it opens its client port (and
+    /// lets connections wait in the backlog) before it leads.
+    parking: watch::Sender<bool>,
     stop: CancellationToken,
+}
+
+/// Where a planned switchover stands, on the leader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Handover {
+    None,
+    /// The target has its port open: the leader drains and then hands over to it.
+    Draining { to: MemberInfo, lease: i64 },
+    /// Over: the key is the target's (Ok), or the handover failed (Err, the reason).
+    Done(Result<u64, String>),
 }
 
 impl Member {
@@ -85,6 +102,8 @@ impl Member {
                 members: Vec::new(),
             }),
             role,
+            handover: watch::channel(Handover::None).0,
+            parking: watch::channel(false).0,
             stop: CancellationToken::new(),
         });
         metrics::gauge!("chorus_ha_leader").set(0.0);
@@ -115,6 +134,21 @@ impl Member {
         loop {
             if rx.borrow_and_update().0 == Role::Deposed {
                 return;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// True while a switchover to this standby is announced (it opens its client port early);
+    /// waits for a change.
+    pub async fn parking_changed(&self, now: bool) -> bool {
+        let mut rx = self.inner.parking.subscribe();
+        loop {
+            let v = *rx.borrow_and_update();
+            if v != now {
+                return v;
             }
             if rx.changed().await.is_err() {
                 std::future::pending::<()>().await;
@@ -204,11 +238,11 @@ async fn revoke_stale(mut c: Client, id: i64) {
 }
 
 impl Inner {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn set_role(&self, role: Role, epoch: u64) {
+    pub(super) fn set_role(&self, role: Role, epoch: u64) {
         {
             let mut s = self.lock();
             s.role = role.clone();
@@ -357,8 +391,18 @@ impl Inner {
             }
             tokio::select! {
                 _ = self.stop.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(CAMPAIGN_EVERY.min(next_renew.saturating_duration_since(Instant::now()))) => {}
+                _ = tokio::time::sleep(self.poll_every().min(next_renew.saturating_duration_since(Instant::now()))) => {}
             }
+        }
+    }
+
+    /// A standby the leader is about to hand over to looks for the key often: the clients
+    /// waiting at its port wait that much less.
+    fn poll_every(&self) -> Duration {
+        if *self.parking.borrow() {
+            PARKED_POLL
+        } else {
+            CAMPAIGN_EVERY
         }
     }
 
@@ -383,35 +427,58 @@ impl Inner {
         }
     }
 
-    /// Takes the leader key when nobody holds it; reads who does otherwise.
+    /// Takes the leader key when nobody holds it; reads who does otherwise, and whether a
+    /// planned switchover names this member (then the key may come to it from the leader).
     async fn campaign(&self, c: &mut Client, lease: i64, info: &str) -> Result<(), etcd_client::Error> {
         let key = format!("{}leader", self.prefix);
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), info, Some(PutOptions::new().with_lease(lease)))])
-            .or_else([TxnOp::get(key, None)]);
+            .or_else([TxnOp::get(key, None), TxnOp::get(format!("{}{}", self.prefix, super::switchover::KEY), None)]);
         let r = c.txn(txn).await?;
         if r.succeeded() {
             let epoch = r.header().map_or(0, |h| h.revision()) as u64;
-            if self.lock().valid_until.is_none_or(|t| Instant::now() >= t) {
-                return Ok(()); // the lease is not provably alive: it expires, and the key with it
-            }
-            self.lock().leader = Some(self.me.clone());
-            tracing::info!(node = %self.me.node, epoch, "this Chorus won the leadership");
-            metrics::counter!("chorus_ha_takeovers_total").increment(1);
-            self.set_role(Role::Leader, epoch);
+            self.won(epoch, "won the leadership");
             return Ok(());
         }
-        for op in r.op_responses() {
-            if let TxnOpResponse::Get(g) = op {
-                let mut s = self.lock();
-                s.leader = g.kvs().first().and_then(|kv| serde_json::from_slice(kv.value()).ok());
-                if let Some(kv) = g.kvs().first() {
-                    s.epoch = kv.create_revision() as u64;
+        let mut handed = None;
+        let mut parked = false;
+        for (i, op) in r.op_responses().into_iter().enumerate() {
+            let TxnOpResponse::Get(g) = op else { continue };
+            let Some(kv) = g.kvs().first() else { continue };
+            if i == 0 {
+                let leader: Option<MemberInfo> = serde_json::from_slice(kv.value()).ok();
+                // The epoch is the key's last write: a handover rewrites it for the new holder.
+                let epoch = kv.mod_revision() as u64;
+                if leader.as_ref() == Some(&self.me) && kv.lease() == lease {
+                    handed = Some(epoch);
                 }
+                let mut s = self.lock();
+                s.leader = leader;
+                s.epoch = epoch;
+            } else {
+                parked = serde_json::from_slice::<super::switchover::Announced>(kv.value()).is_ok_and(|a| a.to == self.me.node);
+            }
+        }
+        match handed {
+            // The port opened for the switchover stays open: it is the leader's now.
+            Some(epoch) => self.won(epoch, "was handed the leadership"),
+            None => {
+                self.parking.send_if_modified(|p| std::mem::replace(p, parked) != parked);
             }
         }
         Ok(())
+    }
+
+    /// This member holds the key now (won or handed it), as of `epoch`.
+    fn won(&self, epoch: u64, how: &str) {
+        if self.lock().valid_until.is_none_or(|t| Instant::now() >= t) {
+            return; // the lease is not provably alive: it expires, and the key with it
+        }
+        self.lock().leader = Some(self.me.clone());
+        tracing::info!(node = %self.me.node, epoch, "this Chorus {how}");
+        metrics::counter!("chorus_ha_takeovers_total").increment(1);
+        self.set_role(Role::Leader, epoch);
     }
 
     async fn read_members(&self, c: &mut Client) -> Result<(), etcd_client::Error> {

@@ -17,8 +17,10 @@
 pub mod fence;
 mod member;
 pub mod states;
+pub mod switchover;
 
 pub use member::{unrevoked_lease, HaError, Member, LEASE_ENV};
+pub use switchover::{SwitchoverError, SwitchoverRequest, SwitchoverStarted};
 
 use serde::{Deserialize, Serialize};
 

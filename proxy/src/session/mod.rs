@@ -140,6 +140,10 @@ struct Request {
 /// The SQLSTATE of a record a backend refused for its epoch (`history::schema::FENCED`).
 const FENCED: [u8; 5] = *b"57C01";
 
+/// In a planned switchover, how long a session at a transaction boundary that has answered
+/// nothing since the drain began waits for its client's next request before it ends.
+const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// What every client of a deposed leader gets: its session ends, it reconnects to the leader.
 fn deposed_frame() -> BytesMut {
     let mut f = BytesMut::new();
@@ -232,6 +236,11 @@ pub struct Session {
     last_client_activity: Instant,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     shutting_down: bool,
+    /// Shutting down for a planned switchover: the session ends at a transaction boundary,
+    /// once it has answered a request since or its client has been quiet for `DRAIN_GRACE`.
+    handing_over: bool,
+    /// A request was answered since the shutdown began.
+    answered_since_stop: bool,
     requests_one: metrics::Counter,
     requests_all: metrics::Counter,
     errors: metrics::Counter,
@@ -485,6 +494,8 @@ impl Session {
             last_client_activity: Instant::now(),
             shutdown,
             shutting_down: false,
+            handing_over: false,
+            answered_since_stop: false,
             requests_one: metrics::counter!("chorus_requests_total", "fanout" => "one"),
             requests_all: metrics::counter!("chorus_requests_total", "fanout" => "all"),
             errors: metrics::counter!("chorus_request_errors_total"),
@@ -701,13 +712,21 @@ impl Session {
         }
         if ev.shutdown {
             self.shutting_down = true;
+            self.handing_over = self.shared.handing_over.is_cancelled();
         }
         if self.shared.deposed.is_cancelled() {
             // Another member leads now: nothing more of this session can commit anywhere.
             return Err(End::Fatal(deposed_frame()));
         }
         if self.shutting_down && self.pending.is_empty() && self.last_status == b'I' && !self.router.tx_open {
-            return Err(SessionError::ShuttingDown.into());
+            if !self.handing_over {
+                return Err(SessionError::ShuttingDown.into());
+            }
+            // A client that has just logged in, or is between the statements of a script,
+            // is about to send its next one: it is not cut off mid-stride.
+            if self.answered_since_stop || Instant::now() >= self.last_client_activity + DRAIN_GRACE {
+                return Err(SessionError::HandingOver.into());
+            }
         }
         self.flush_run();
         Ok(())
@@ -836,7 +855,8 @@ impl Session {
         let wait = self.lock_wait.map(|t| t + cfg.lock_timeout);
         let cat = self.catalog_wait.as_ref().map(|(t, _)| *t + cfg.lock_timeout);
         let stall = self.conns.iter().filter_map(|c| c.stalled_since).min().map(|t| t + cfg.backend_timeout);
-        [idle, lag, wait, cat, stall, self.stall_check].into_iter().flatten().min()
+        let drain = (self.handing_over && !self.answered_since_stop).then(|| self.last_client_activity + DRAIN_GRACE);
+        [idle, lag, wait, cat, stall, self.stall_check, drain].into_iter().flatten().min()
     }
 
     fn on_timer(&mut self) -> Result<(), End> {
@@ -1544,6 +1564,9 @@ impl Session {
             }
         }
         self.last_status = winner.status;
+        if self.shutting_down && !req.internal {
+            self.answered_since_stop = true;
+        }
         if req.wrapped {
             self.close_wrap(req, winner);
         }
