@@ -209,11 +209,18 @@ fn switchover(api: &Api, to: Option<&str>, json: bool) -> Result<(), String> {
             let leader = s(&v, "leader");
             if now > epoch && !leader.is_empty() {
                 if json {
-                    println!("{}", serde_json::json!({ "leader": leader, "epoch": now, "took_ms": began.elapsed().as_millis() as u64 }));
+                    println!(
+                        "{}",
+                        serde_json::json!({ "leader": leader, "epoch": now, "took_ms": began.elapsed().as_millis() as u64 })
+                    );
                 } else {
                     println!("{leader} leads now (epoch {now}), {} ms after the drain began", began.elapsed().as_millis());
                 }
-                return if leader == target { Ok(()) } else { Err(format!("the handover to {target} failed: {leader} won the leadership")) };
+                return if leader == target {
+                    Ok(())
+                } else {
+                    Err(format!("the handover to {target} failed: {leader} won the leadership"))
+                };
             }
         }
         if std::time::Instant::now() >= deadline {

@@ -8,6 +8,7 @@
 //! backends' states. `verify` compares the backends' data at a quiesced point.
 
 pub mod admin;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod demo;

@@ -30,6 +30,10 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Ha(#[from] crate::ha::HaError),
+    #[error("the new leader's fence: {0}")]
+    Fence(#[from] crate::ha::fence::FenceError),
+    #[error("etcd: {0}")]
+    SharedStates(String),
 }
 
 pub struct Server {
@@ -114,7 +118,7 @@ impl Server {
         };
         if let (Some(m), Some(hc)) = (&ha, &cfg.ha) {
             let mirror = crate::ha::states::EtcdStates::start(hc, m.clone())
-                .map_err(|e| StartError::History(format!("cannot start the etcd state writer: {e}")))?;
+                .map_err(|e| StartError::SharedStates(format!("cannot start the state writer: {e}")))?;
             cluster.share_states(Box::new(mirror));
         }
         let mut shared = Shared::new(cfg, cluster, history);
@@ -284,7 +288,10 @@ impl Server {
             _ => shared.cfg.shutdown_timeout,
         };
         if tokio::time::timeout(wait, tracker.wait()).await.is_err() {
-            tracing::warn!(sessions = shared.clients.load(Ordering::Relaxed), "the wait for open transactions ran out; closing the remaining sessions");
+            tracing::warn!(
+                sessions = shared.clients.load(Ordering::Relaxed),
+                "the wait for open transactions ran out; closing the remaining sessions"
+            );
         }
         workers.stop();
         if let (Ended::HandedOver, Some(m)) = (ended, &shared.ha) {
@@ -362,14 +369,14 @@ async fn take_over(
                 tracing::debug!(error = %e, "etcd: reading the shared backend states; trying again");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
-            Err(e) => return Err(StartError::History(format!("etcd: the shared backend states: {e}"))),
+            Err(e) => return Err(StartError::SharedStates(format!("reading the shared backend states: {e}"))),
         }
     };
     shared.cluster.adopt(&last.unwrap_or_default(), cfg)?;
     for b in shared.cluster.backends().iter().skip(known) {
         cluster::spawn_health_check(shared.cfg.clone(), shared.cluster.clone(), b.clone(), shared.stop.clone());
     }
-    crate::ha::fence::raise(cfg, &shared.cluster, history.key(), epoch).await.map_err(|e| StartError::History(e.to_string()))?;
+    crate::ha::fence::raise(cfg, &shared.cluster, history.key(), epoch).await?;
     history.set_epoch(epoch);
     let done = crate::history::recover::recover(cfg, &shared.cluster, history).await.map_err(StartError::History)?;
     if shared.cluster.in_sync().is_empty() {

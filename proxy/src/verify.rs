@@ -184,7 +184,7 @@ pub async fn prepare(
         let c = connect(&lead.host, lead.port, cfg, &cfg.health_check_database, "chorus-verify")
             .await
             .map_err(db_err(format!("connect to {}", lead.name)))?;
-        c.query("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1", &[])
+        c.query(crate::history::schema::DATABASES, &[])
             .await
             .map_err(db_err("list databases"))?
             .iter()

@@ -40,9 +40,13 @@ impl Group {
     }
 
     async fn member(&self, node: &str, etcd: &[usize]) -> ChorusProcess {
+        self.member_with(node, etcd, ChorusOptions::default()).await
+    }
+
+    async fn member_with(&self, node: &str, etcd: &[usize], opts: ChorusOptions) -> ChorusProcess {
         let refs: Vec<&PgServer> = self.servers.iter().collect();
         let ha = format!("{}\ncluster = \"t\"\nnode_name = \"{node}\"\nlease_ttl = \"{TTL}\"", self.etcd.endpoints_toml(etcd));
-        ChorusProcess::start_member(common::chorus_bin(), &refs, ChorusOptions::default(), &ha).await.expect("start member")
+        ChorusProcess::start_member(common::chorus_bin(), &refs, opts, &ha).await.expect("start member")
     }
 
     /// The multi-host connection string a client uses: every member, libpq's order.
@@ -619,7 +623,11 @@ async fn a_planned_switchover_there_and_back_under_pgbench_fails_no_transaction(
     assert!(out.status.success(), "pgbench failed (an aborted client?):\n{text}\n{}", g.logs());
     let number = |prefix: &str| -> i64 {
         let line = text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in:\n{text}"));
-        line[prefix.len()..].split(|c: char| !c.is_ascii_digit()).find(|n| !n.is_empty()).and_then(|n| n.parse().ok()).expect("a number")
+        line[prefix.len()..]
+            .split(|c: char| !c.is_ascii_digit())
+            .find(|n| !n.is_empty())
+            .and_then(|n| n.parse().ok())
+            .expect("a number")
     };
     assert_eq!(number("number of failed transactions"), 0, "{text}");
     let processed = number("number of transactions actually processed");
@@ -629,4 +637,87 @@ async fn a_planned_switchover_there_and_back_under_pgbench_fails_no_transaction(
     g.assert_equal().await;
     let (ok, out) = g.members[first].verify();
     assert!(ok, "{out}");
+}
+
+/// A standby never writes: the standby logs in to the backends as its own user (its health
+/// check user, `postgres`; the leader's is the application's), every statement is logged by
+/// the servers, and during a run of writes through the leader every statement of the standby's
+/// user is a read; every unit in the histories carries the leader's epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_only_reads_from_the_backends() {
+    let etcd = Etcd::start(1).await.expect("start etcd");
+    let logged = PgOptions {
+        extra_conf: vec!["log_statement = 'all'".into(), "log_line_prefix = '<%u> '".into()],
+        ..PgOptions::default()
+    };
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        servers.push(PgServer::start(logged.clone()).await.expect("start postgres"));
+    }
+    let mut g = Group { servers, members: Vec::new(), etcd };
+    let a = g.member("a", &[0]).await;
+    g.members.push(a);
+    assert_eq!(g.leader(Duration::from_secs(30)).await, 0);
+    // The servers' logs from here on: the test's own setup logged in as postgres before.
+    let from: Vec<usize> = g.servers.iter().map(|s| s.log().len()).collect();
+    let b = g
+        .member_with("b", &[0], ChorusOptions { extra: "health_check_user = \"postgres\"".into(), ..ChorusOptions::default() })
+        .await;
+    g.members.push(b);
+    g.wait_log(1, "standing by").await;
+    create_acks(&g).await;
+    let load = Load::start(g.conn_strs(), 4);
+    // Long enough for the standby's every periodic read (health checks every second).
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        load.wait_more(load.acked() + 10, Duration::from_secs(30)).await;
+    }
+    let (acked, errors) = load.stop().await;
+    assert!(errors.is_empty(), "the leader served without error: {errors:?}");
+    assert!(g.members[1].role().await.as_deref() == Some("standby") && !g.members[1].serves().await);
+    let mut seen = 0;
+    for (i, srv) in g.servers.iter().enumerate() {
+        let log = srv.log();
+        let standby: Vec<&str> = log[from[i]..]
+            .lines()
+            .filter(|l| l.starts_with("<postgres> "))
+            .filter_map(|l| {
+                l.split_once("statement: ").or_else(|| l.split_once("execute ").and_then(|(_, r)| r.split_once(": ")))
+            })
+            .map(|(_, stmt)| stmt.trim())
+            .collect();
+        for stmt in &standby {
+            let upper = stmt.to_ascii_uppercase();
+            let read = (upper.starts_with("SELECT ") || upper.starts_with("SHOW "))
+                && !["SETVAL", "NEXTVAL", "CHORUS.RECORD", "PG_TERMINATE", "FOR UPDATE", "FOR SHARE", "INTO "]
+                    .iter()
+                    .any(|w| upper.contains(w));
+            assert!(read, "server {i}: the standby ran a statement that is not a plain read: {stmt}");
+        }
+        seen += standby.len();
+    }
+    assert!(seen > 0, "the standby's statements were not in the servers' logs");
+    let epoch = leader_epoch(&g.members[0]).await;
+    for (i, srv) in g.servers.iter().enumerate() {
+        let c = srv.local_client("postgres").await.expect("connect");
+        let other: i64 = c
+            .query_one("SELECT count(*) FROM chorus.history WHERE epoch <> $1", &[&(epoch as i64)])
+            .await
+            .expect("epochs")
+            .get(0);
+        assert_eq!(other, 0, "server {i} holds units of another epoch than the leader's {epoch}");
+        assert!(acked.is_subset(&g.acks_on(i).await), "server {i} lacks acknowledged commits");
+    }
+    g.assert_equal().await;
+    let (ok, out) = g.members[0].verify();
+    assert!(ok, "{out}");
+}
+
+/// The leader's epoch, as its admin API says.
+async fn leader_epoch(m: &ChorusProcess) -> u64 {
+    let (ok, out) = m.chorusctl(&["--json", "ha"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("chorusctl --json ha");
+    assert_eq!(v["role"], "leader", "{out}");
+    v["epoch"].as_u64().expect("an epoch")
 }

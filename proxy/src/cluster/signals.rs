@@ -13,8 +13,7 @@
 //! kept: what a single server would have done anyway.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long after a pid signal answered a 57P01 on its backend still counts as requested.
 const GRACE: Duration = Duration::from_secs(3);
@@ -26,14 +25,7 @@ pub struct PidSignals {
     done_at: AtomicU64,
 }
 
-fn base() -> Instant {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    *BASE.get_or_init(Instant::now)
-}
-
-fn now_ms() -> u64 {
-    base().elapsed().as_millis() as u64 + 1
-}
+use crate::clock::{base, now_ms};
 
 impl PidSignals {
     /// A statement that signals pids was sent to this backend.

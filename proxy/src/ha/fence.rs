@@ -52,10 +52,7 @@ async fn raise_backend(cfg: &Config, b: &Backend, key: &str, epoch: u64) -> Resu
     };
     let home = &cfg.health_check_database;
     let c = Login::health(cfg, &b.host, b.port, home, "chorus-fence").connect().await.map_err(|e| fail(home, pg_error(&e)))?;
-    let rows = c
-        .query("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1", &[])
-        .await
-        .map_err(|e| fail(home, pg_error(&e)))?;
+    let rows = c.query(crate::history::schema::DATABASES, &[]).await.map_err(|e| fail(home, pg_error(&e)))?;
     drop(c);
     let mut n = 0;
     for row in rows {

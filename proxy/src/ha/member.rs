@@ -2,7 +2,7 @@
 //! that tells how long its leadership is provably alive.
 //!
 //! Keys, under `/chorus/<cluster>/`: `leader` (the leader's `MemberInfo`, bound to its lease;
-//! its creation revision is the epoch) and `members/<node>` (each member's, bound to its own
+//! its last write's revision is the epoch: the creation, or a switchover's handover) and `members/<node>` (each member's, bound to its own
 //! lease). A keep-alive sent at `t` and answered proves the lease alive until `t + ttl` at the
 //! earliest (etcd renews from when it receives it), so the leader may serve until then, less a
 //! margin for the step-down itself; past it, it is deposed whatever etcd would say.
@@ -69,7 +69,10 @@ pub(super) struct Inner {
 pub(super) enum Handover {
     None,
     /// The target has its port open: the leader drains and then hands over to it.
-    Draining { to: MemberInfo, lease: i64 },
+    Draining {
+        to: MemberInfo,
+        lease: i64,
+    },
     /// Over: the key is the target's (Ok), or the handover failed (Err, the reason).
     Done(Result<u64, String>),
 }

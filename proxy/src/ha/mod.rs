@@ -2,7 +2,7 @@
 //! them (the leader) serves clients; the others stand by with their client port closed.
 //!
 //! Why etcd and a lease: the leader key lives only as long as its holder renews a lease, so a
-//! dead or cut-off leader loses it without anyone's help, and the key's creation revision is a
+//! dead or cut-off leader loses it without anyone's help, and the key's revision (its last write) is a
 //! number that only grows: the leadership's epoch. Why the backends as well: etcd can only
 //! say who should lead; a leader that was frozen past its lease does not know it yet. Every
 //! unit's record checks, inside the unit's transaction, that its epoch is the backend's, and

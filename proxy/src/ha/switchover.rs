@@ -101,9 +101,11 @@ impl Member {
             }));
         };
         let announced = serde_json::to_string(&Announced { from: me.node.clone(), to: target.node.clone() }).unwrap_or_default();
-        let txn = Txn::new()
-            .when([Compare::lease(format!("{prefix}leader"), CompareOp::Equal, lease)])
-            .and_then([TxnOp::put(format!("{prefix}{KEY}"), announced, Some(PutOptions::new().with_lease(lease)))]);
+        let txn = Txn::new().when([Compare::lease(format!("{prefix}leader"), CompareOp::Equal, lease)]).and_then([TxnOp::put(
+            format!("{prefix}{KEY}"),
+            announced,
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
         if !c.txn(txn).await?.succeeded() {
             return Err(SwitchoverError::NotLeader(Role::Deposed));
         }
@@ -152,12 +154,10 @@ impl Member {
         let prefix = &self.inner.prefix;
         let key = format!("{prefix}leader");
         let info = serde_json::to_string(&to).unwrap_or_default();
-        let txn = Txn::new()
-            .when([Compare::lease(key.clone(), CompareOp::Equal, mine)])
-            .and_then([
-                TxnOp::put(key, info, Some(PutOptions::new().with_lease(theirs))),
-                TxnOp::delete(format!("{prefix}{KEY}"), None),
-            ]);
+        let txn = Txn::new().when([Compare::lease(key.clone(), CompareOp::Equal, mine)]).and_then([
+            TxnOp::put(key, info, Some(PutOptions::new().with_lease(theirs))),
+            TxnOp::delete(format!("{prefix}{KEY}"), None),
+        ]);
         let mut c = self.client();
         let result = match tokio::time::timeout(Duration::from_secs(2), c.txn(txn)).await {
             Ok(Ok(r)) if r.succeeded() => Ok(r.header().map_or(0, |h| h.revision()) as u64),
@@ -168,7 +168,9 @@ impl Member {
         self.inner.set_role(Role::Deposed, 0);
         match &result {
             Ok(epoch) => tracing::info!(to = %to.node, epoch, "planned switchover: the leadership is handed over"),
-            Err(e) => tracing::error!(to = %to.node, error = %e, "planned switchover: the handover failed; giving the lease back"),
+            Err(e) => {
+                tracing::error!(to = %to.node, error = %e, "planned switchover: the handover failed; giving the lease back")
+            }
         }
         self.inner.handover.send_replace(Handover::Done(result.clone()));
         result

@@ -65,10 +65,7 @@ async fn databases(cfg: &Config, cluster: &Cluster) -> Result<Vec<String>, Strin
                 continue;
             }
         };
-        let rows = c
-            .query("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1", &[])
-            .await
-            .map_err(|e| crate::cluster::pg_error(&e))?;
+        let rows = c.query(crate::history::schema::DATABASES, &[]).await.map_err(|e| crate::cluster::pg_error(&e))?;
         return Ok(rows.iter().map(|r| r.get(0)).collect());
     }
     Err(format!("cannot list databases for recovery: {last}"))

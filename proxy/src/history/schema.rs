@@ -60,6 +60,9 @@ pub const END_FENCE_HOLDERS: &str = "SELECT count(pg_terminate_backend(l.pid)) F
   WHERE l.locktype = 'relation' AND l.relation = 'chorus.fence'::regclass AND l.pid <> pg_backend_pid() \
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
+/// The databases of a server that may hold a history (recovery and the fence visit each).
+pub const DATABASES: &str = "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1";
+
 /// Whether the schema is there (and so whether this database has a history at all).
 pub const EXISTS: &str = "SELECT to_regclass('chorus.history') IS NOT NULL";
 

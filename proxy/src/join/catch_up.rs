@@ -369,7 +369,7 @@ impl<'a> Follow<'a> {
         let cfg = &self.shared.cfg;
         let src = self.clients.get(cfg, &source, &cfg.health_check_database).await.map_err(fail)?;
         let dbs: Vec<String> = src
-            .query("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1", &[])
+            .query(crate::history::schema::DATABASES, &[])
             .await
             .map_err(|e| fail(cluster::pg_error(&e)))?
             .iter()

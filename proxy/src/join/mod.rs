@@ -287,7 +287,7 @@ async fn plan(shared: &Arc<Shared>, req: &JoinRequest) -> Result<Plan, JoinError
             req.name
         )));
     }
-    let databases = names(&dc, "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1").await?;
+    let databases = names(&dc, crate::history::schema::DATABASES).await?;
     let existing = names(&nc, "SELECT datname FROM pg_database").await?;
     if !req.force {
         for db in databases.iter().filter(|d| existing.contains(d)) {
