@@ -218,7 +218,8 @@ pub fn free_port() -> Result<u16> {
         let port = (LOW + (start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))) % SPAN) as u16;
         let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(port.to_string()));
         let Ok(lock) = lock else { continue };
-        if lock.try_lock().is_err() {
+        // SAFETY: flock on a descriptor this File owns; no memory is passed.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             continue;
         }
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
