@@ -26,6 +26,7 @@ pub mod server;
 pub mod session;
 pub mod shared;
 pub mod sql;
+pub mod supervise;
 pub mod tls;
 pub mod verify;
 pub mod watchdog;

@@ -346,6 +346,7 @@ async fn take_over(
             biased;
             e = &mut leading => break e,
             _ = shutdown.as_mut() => return Ok(None),
+            _ = member.lost() => return Err(crate::ha::HaError::TaskEnded.into()),
             park = member.parking_changed(parked.is_some()) => {
                 parked = park_port(member, &shared.cfg.listen, park).await;
             }

@@ -188,27 +188,30 @@ pub fn spawn_health_checks(cfg: Arc<Config>, cluster: Arc<Cluster>, stop: Cancel
 /// The health check of one backend (also started for a backend that joins).
 pub fn spawn_health_check(cfg: Arc<Config>, cluster: Arc<Cluster>, b: Arc<Backend>, stop: CancellationToken) {
     {
-        tokio::spawn(async move {
-            let mut failures = 0u32;
-            let mut tick = tokio::time::interval(cfg.health_check_interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                crate::watchdog::marks().checked();
-                if b.state() != BackendState::InSync {
-                    failures = 0;
-                    continue;
-                }
-                match probe(&cfg, &b, cfg.health_check_timeout).await {
-                    Ok(()) => failures = 0,
-                    Err(e) => {
-                        failures += 1;
-                        tracing::warn!(backend = %b.name, failures, error = %e, "health check failed");
-                        if failures >= cfg.health_check_failures {
-                            cluster.eject(b.idx, BackendState::Down, &format!("health check failed {failures} times: {e}"));
+        crate::supervise::spawn_restarting("health_check", move || {
+            let (cfg, cluster, b, stop) = (cfg.clone(), cluster.clone(), b.clone(), stop.clone());
+            async move {
+                let mut failures = 0u32;
+                let mut tick = tokio::time::interval(cfg.health_check_interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    crate::watchdog::marks().checked();
+                    if b.state() != BackendState::InSync {
+                        failures = 0;
+                        continue;
+                    }
+                    match probe(&cfg, &b, cfg.health_check_timeout).await {
+                        Ok(()) => failures = 0,
+                        Err(e) => {
+                            failures += 1;
+                            tracing::warn!(backend = %b.name, failures, error = %e, "health check failed");
+                            if failures >= cfg.health_check_failures {
+                                cluster.eject(b.idx, BackendState::Down, &format!("health check failed {failures} times: {e}"));
+                            }
                         }
                     }
                 }

@@ -28,6 +28,8 @@ const MARGIN: Duration = Duration::from_millis(500);
 pub enum HaError {
     #[error("etcd at {endpoints}: {source}")]
     Etcd { endpoints: String, source: etcd_client::Error },
+    #[error("this member's leadership task ended (a panic): starting again")]
+    TaskEnded,
 }
 
 #[derive(Debug)]
@@ -113,8 +115,18 @@ impl Member {
         if let Some(id) = std::env::var(LEASE_ENV).ok().and_then(|v| v.parse::<i64>().ok()) {
             tokio::spawn(revoke_stale(inner.client.clone(), id));
         }
-        tokio::spawn(inner.clone().run());
-        tokio::spawn(inner.clone().clock());
+        // A panic in either task leaves the lease unproven: the member is deposed (and starts
+        // again), never left leading without its clock.
+        for task in [tokio::spawn(inner.clone().run()), tokio::spawn(inner.clone().clock())] {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                if task.await.is_err_and(|e| e.is_panic()) {
+                    tracing::error!("a leadership task panicked");
+                    metrics::counter!("chorus_job_panics_total", "job" => "ha").increment(1);
+                    inner.depose("a leadership task panicked");
+                }
+            });
+        }
         Ok(Member { inner })
     }
 

@@ -18,28 +18,31 @@ use crate::config::Config;
 /// Prunes every `history_retention / 10` (at most a minute) until `stop`.
 pub fn spawn(cfg: Arc<Config>, cluster: Arc<Cluster>, history: Arc<History>, stop: CancellationToken) {
     let every = (cfg.history_retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
-            }
-            for db in history.ready_databases() {
-                for b in cluster.in_sync() {
-                    match prune(&cfg, &b.host, b.port, &db, history.prunable_upto()).await {
-                        Ok((n, size)) => {
-                            metrics::gauge!("chorus_history_size_bytes", "backend" => b.name.clone(), "database" => db.clone())
+    crate::supervise::spawn_restarting("history_prune", move || {
+        let (cfg, cluster, history, stop) = (cfg.clone(), cluster.clone(), history.clone(), stop.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                for db in history.ready_databases() {
+                    for b in cluster.in_sync() {
+                        match prune(&cfg, &b.host, b.port, &db, history.prunable_upto()).await {
+                            Ok((n, size)) => {
+                                metrics::gauge!("chorus_history_size_bytes", "backend" => b.name.clone(), "database" => db.clone())
                                 .set(size as f64);
-                            if n > 0 {
-                                metrics::counter!("chorus_history_pruned_total").increment(n);
-                                tracing::debug!(database = %db, backend = %b.name, entries = n, "history pruned");
+                                if n > 0 {
+                                    metrics::counter!("chorus_history_pruned_total").increment(n);
+                                    tracing::debug!(database = %db, backend = %b.name, entries = n, "history pruned");
+                                }
                             }
+                            Err(e) => tracing::warn!(database = %db, backend = %b.name, error = %e, "history pruning failed"),
                         }
-                        Err(e) => tracing::warn!(database = %db, backend = %b.name, error = %e, "history pruning failed"),
                     }
                 }
+                metrics::counter!("chorus_history_prune_passes_total").increment(1);
             }
-            metrics::counter!("chorus_history_prune_passes_total").increment(1);
         }
     });
 }

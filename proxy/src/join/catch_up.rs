@@ -88,56 +88,59 @@ pub struct CatchUpReport {
 /// until its state changes; one that failed along the way is tried again later.
 pub fn spawn_watch(shared: Arc<Shared>) {
     let Some(history) = shared.history.clone() else { return };
-    tokio::spawn(async move {
-        let cfg = shared.cfg.clone();
-        let mut last: HashMap<String, BackendState> = HashMap::new();
-        let mut refused: HashSet<String> = HashSet::new();
-        let mut retry: HashMap<String, (Instant, Duration)> = HashMap::new();
-        let mut tick = tokio::time::interval(cfg.health_check_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shared.stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let head = history.last_serial();
-            for b in shared.cluster.backends().iter() {
-                let now = b.state();
-                let was = last.insert(b.name.clone(), now);
-                if now == BackendState::InSync || was == Some(BackendState::InSync) {
-                    // In sync: it holds every serial handed out (to within units in flight).
-                    b.set_applied(head);
+    crate::supervise::spawn_restarting("catch_up_watch", move || {
+        let (shared, history) = (shared.clone(), history.clone());
+        async move {
+            let cfg = shared.cfg.clone();
+            let mut last: HashMap<String, BackendState> = HashMap::new();
+            let mut refused: HashSet<String> = HashSet::new();
+            let mut retry: HashMap<String, (Instant, Duration)> = HashMap::new();
+            let mut tick = tokio::time::interval(cfg.health_check_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shared.stop.cancelled() => return,
+                    _ = tick.tick() => {}
                 }
-                let lag = if b.applied() == 0 && head > 0 { f64::NAN } else { head.saturating_sub(b.applied()) as f64 };
-                metrics::gauge!("chorus_history_lag_units", "backend" => b.name.clone()).set(lag);
-                if now != BackendState::Down {
-                    refused.remove(&b.name);
-                    retry.remove(&b.name);
-                    continue;
-                }
-                if !cfg.auto_catch_up || !b.may_catch_up() || refused.contains(&b.name) {
-                    continue;
-                }
-                if retry.get(&b.name).is_some_and(|(at, _)| Instant::now() < *at) {
-                    continue;
-                }
-                if cluster::probe(&cfg, b, cfg.health_check_timeout).await.is_err() {
-                    continue;
-                }
-                match catch_up(shared.clone(), &b.name).await {
-                    Ok(_) => {
+                let head = history.last_serial();
+                for b in shared.cluster.backends().iter() {
+                    let now = b.state();
+                    let was = last.insert(b.name.clone(), now);
+                    if now == BackendState::InSync || was == Some(BackendState::InSync) {
+                        // In sync: it holds every serial handed out (to within units in flight).
+                        b.set_applied(head);
+                    }
+                    let lag = if b.applied() == 0 && head > 0 { f64::NAN } else { head.saturating_sub(b.applied()) as f64 };
+                    metrics::gauge!("chorus_history_lag_units", "backend" => b.name.clone()).set(lag);
+                    if now != BackendState::Down {
+                        refused.remove(&b.name);
                         retry.remove(&b.name);
+                        continue;
                     }
-                    Err(CatchUpError::Busy(_)) => {}
-                    Err(CatchUpError::Failed(..)) => {
-                        let wait = retry
-                            .get(&b.name)
-                            .map(|(_, w)| (*w * 2).min(Duration::from_secs(60)))
-                            .unwrap_or(Duration::from_secs(1));
-                        retry.insert(b.name.clone(), (Instant::now() + wait, wait));
+                    if !cfg.auto_catch_up || !b.may_catch_up() || refused.contains(&b.name) {
+                        continue;
                     }
-                    Err(_) => {
-                        refused.insert(b.name.clone());
+                    if retry.get(&b.name).is_some_and(|(at, _)| Instant::now() < *at) {
+                        continue;
+                    }
+                    if cluster::probe(&cfg, b, cfg.health_check_timeout).await.is_err() {
+                        continue;
+                    }
+                    match catch_up(shared.clone(), &b.name).await {
+                        Ok(_) => {
+                            retry.remove(&b.name);
+                        }
+                        Err(CatchUpError::Busy(_)) => {}
+                        Err(CatchUpError::Failed(..)) => {
+                            let wait = retry
+                                .get(&b.name)
+                                .map(|(_, w)| (*w * 2).min(Duration::from_secs(60)))
+                                .unwrap_or(Duration::from_secs(1));
+                            retry.insert(b.name.clone(), (Instant::now() + wait, wait));
+                        }
+                        Err(_) => {
+                            refused.insert(b.name.clone());
+                        }
                     }
                 }
             }
