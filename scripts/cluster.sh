@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The compose cluster (docker-compose.yml) without a container engine: three PostgreSQL
-# backends, a PostgreSQL 18 server left out for an upgrade by join, Chorus in front with
-# deploy/chorus.toml, and a pgbench load through Chorus (Prometheus is left out: scrape
-# $CHORUS_ADMIN/metrics with your own).
+# backends, a PostgreSQL 18 server left out for an upgrade by join, three etcd members, two
+# Chorus members in front with deploy/chorus.toml (chorus-a on its ports, chorus-b ten ports
+# up; one leads, one stands by), and a pgbench load through both (Prometheus is left out:
+# scrape each member's admin API's /metrics with your own).
 #
 #   scripts/cluster.sh up [--no-load]   start everything, print how to use it
 #   scripts/cluster.sh status           chorusctl backends
@@ -45,22 +46,28 @@ up() {
   [[ -f $dir/cluster.env ]] || { echo "cluster.sh: chorus did not come up within 120 s" >&2; exit 1; }
   # shellcheck disable=SC1091
   source "$dir/cluster.env"
-  local host=${CHORUS_ADDR%:*} port=${CHORUS_ADDR##*:}
+  local conn="host=$CHORUS_HOSTS port=$CHORUS_PORTS user=postgres dbname=postgres"
   if ((load)); then
-    pgbench -h "$host" -p "$port" -U postgres -i -s 1 --no-vacuum postgres >"$dir/load-init.log" 2>&1
-    nohup pgbench -h "$host" -p "$port" -U postgres -c 2 -R 20 -T 86400 -P 10 postgres \
-      >"$dir/load.log" 2>&1 </dev/null &
+    if ! pgbench -i -s 1 --no-vacuum "$conn" >"$dir/load-init.log" 2>&1; then
+      echo "cluster.sh: pgbench -i failed (the cluster stays up; scripts/cluster.sh down stops it):" >&2
+      cat "$dir/load-init.log" >&2
+      exit 1
+    fi
+    nohup pgbench -c 2 -R 20 -T 86400 -P 10 "$conn" >"$dir/load.log" 2>&1 </dev/null &
     echo $! >"$dir/load.pid"
   fi
   cat <<MSG
 The cluster is up ($dir).
-  clients:    psql "host=$host port=$port user=postgres password=postgres dbname=postgres"
+  clients:    psql "$conn password=postgres"
+  members:    $CHORUS_MEMBERS  (the leader: $CHORUS_ADMIN; logs in $dir/<member>.log)
   dashboard:  $CHORUS_ADMIN/  (token: $CHORUS_ADMIN_TOKEN)
   chorusctl:  source $dir/cluster.env; export CHORUS_ADMIN CHORUS_ADMIN_TOKEN
               $CHORUSCTL_BIN backends
               $CHORUSCTL_BIN join $SPARE_NAME --host 127.0.0.1 --port $SPARE_PORT   # PostgreSQL $SPARE_VERSION
               $CHORUSCTL_BIN remove pg3
               $CHORUSCTL_BIN verify
+              $CHORUSCTL_BIN ha
+              $CHORUSCTL_BIN switchover
   load:       pgbench at 20 TPS, log in $dir/load.log
   stop:       scripts/cluster.sh down
 MSG

@@ -337,7 +337,7 @@ pub struct HaConfig {
     #[serde(default = "defaults::lease_ttl", deserialize_with = "duration")]
     pub lease_ttl: Duration,
     /// Where clients reach this member (shown to operators and in the leader key); default
-    /// `listen`.
+    /// `listen`, with 0.0.0.0 or [::] replaced by `node_name`.
     #[serde(default)]
     pub advertise: Option<String>,
     /// How long a planned switchover (`chorusctl switchover`) lets open transactions run to
@@ -347,6 +347,19 @@ pub struct HaConfig {
 }
 
 impl HaConfig {
+    /// Where clients reach this member: `advertise`, else `listen` with an address that means
+    /// "every interface" (0.0.0.0, [::]) replaced by the node's name, which in a container is
+    /// its host name.
+    pub fn address(&self, listen: &str) -> String {
+        if let Some(a) = &self.advertise {
+            return a.clone();
+        }
+        match listen.rsplit_once(':') {
+            Some(("0.0.0.0" | "[::]" | "", port)) => format!("{}:{port}", self.node()),
+            _ => listen.to_string(),
+        }
+    }
+
     pub fn node(&self) -> String {
         self.node_name.clone().unwrap_or_else(|| {
             std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "chorus".into())

@@ -111,7 +111,7 @@ impl Server {
         };
         let ha = match &cfg.ha {
             Some(ha) => {
-                let address = ha.advertise.clone().unwrap_or_else(|| cfg.listen.clone());
+                let address = ha.address(&cfg.listen);
                 Some(crate::ha::Member::start(ha, address, cfg.admin_listen.clone()).await?)
             }
             None => None,

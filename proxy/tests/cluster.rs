@@ -45,47 +45,73 @@ fn port_of(addr: &str) -> u64 {
 fn the_compose_file_describes_what_cluster_sh_runs() {
     let c = compose();
     let services: BTreeSet<&str> = c["services"].as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(services, BTreeSet::from(["chorus", "load", "pg1", "pg18", "pg2", "pg3", "prometheus"]));
+    assert_eq!(
+        services,
+        BTreeSet::from(["chorus-a", "chorus-b", "etcd1", "etcd2", "etcd3", "load", "pg1", "pg18", "pg2", "pg3", "prometheus"])
+    );
     let cfg = chorus::config::Config::parse(&read("deploy/chorus.toml")).unwrap();
     let svc = |n: &str| &c["services"][n];
+    let members: Vec<&str> = chorus::local::MEMBERS.iter().map(|(m, _)| *m).collect();
 
     // The backends of the config are the PostgreSQL 15 services, each with a health check
-    // Chorus waits for, and a named volume.
+    // the members wait for, and a named volume.
     let backends: Vec<&str> = cfg.backends.iter().map(|b| b.name.as_str()).collect();
     assert_eq!(backends, ["pg1", "pg2", "pg3"]);
     for b in &cfg.backends {
         assert_eq!((b.host.as_str(), b.port), (b.name.as_str(), 5432));
         assert_eq!(svc(&b.name)["image"], "postgres:15");
         assert!(svc(&b.name)["healthcheck"]["test"].to_string().contains("pg_isready"));
-        assert_eq!(svc("chorus")["depends_on"][&b.name]["condition"], "service_healthy");
+        for m in &members {
+            assert_eq!(svc(m)["depends_on"][&b.name]["condition"], "service_healthy");
+        }
         assert!(c["volumes"].get(&b.name).is_some(), "a named volume for {}", b.name);
     }
     // The spare: PostgreSQL 18, not a backend, the one cluster.sh starts with --spare.
     assert_eq!(svc("pg18")["image"], "postgres:18");
     assert!(read("scripts/cluster.sh").contains("--spare pg18:18"));
 
-    // Chorus: the config file mounted where the image reads it, its two ports published as they
-    // are, its state on a named volume, its secrets from the environment only.
-    let vols = svc("chorus")["volumes"].to_string();
-    assert!(vols.contains("deploy/chorus.toml:/etc/chorus/chorus.toml:ro"), "{vols}");
-    assert!(vols.contains(&format!("chorus:{}", cfg.data_dir.display())), "{vols}");
-    assert!(read("Dockerfile").contains("\"--config\", \"/etc/chorus/chorus.toml\""));
-    let ports: BTreeSet<(u64, u64)> = svc("chorus")["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| (p["published"].as_u64().unwrap(), p["target"].as_u64().unwrap()))
-        .collect();
-    let (pg, admin) = (port_of(&cfg.listen), port_of(&cfg.admin_listen));
-    assert_eq!(ports, BTreeSet::from([(pg, pg), (admin, admin)]));
-    assert!(cfg.admin_token.is_empty() && cfg.users.iter().all(|u| u.password.is_empty()), "no secret in the file");
-    let env = &svc("chorus")["environment"];
-    assert!(env.get("CHORUS_ADMIN_TOKEN").is_some() && env.get("CHORUS_PASSWORD_POSTGRES").is_some());
+    // etcd: the config's endpoints are the three etcd services, which form one cluster, each
+    // with its data on a named volume (cluster.sh starts three local members).
+    let ha = cfg.ha.as_ref().expect("[ha] in deploy/chorus.toml");
+    assert_eq!(ha.etcd_endpoints, ["http://etcd1:2379", "http://etcd2:2379", "http://etcd3:2379"]);
+    for e in ["etcd1", "etcd2", "etcd3"] {
+        let cmd = svc(e)["command"].to_string();
+        assert!(cmd.contains(&format!("--advertise-client-urls=http://{e}:2379")), "{cmd}");
+        assert!(cmd.contains("--initial-cluster=etcd1=http://etcd1:2380,etcd2=http://etcd2:2380,etcd3=http://etcd3:2380"), "{cmd}");
+        assert!(svc(e)["volumes"].to_string().contains(&format!("{e}:/etcd-data")));
+        assert!(c["volumes"].get(e).is_some());
+    }
 
-    // The load goes through Chorus; Prometheus scrapes its admin port.
-    assert!(svc("load")["command"].to_string().contains(&format!("-h chorus -p {pg}")));
+    // The members: the same config file mounted where the image reads it, each its host name
+    // as its node name, its state on a named volume of its own, its two ports published where
+    // cluster.sh puts them, its secrets from the environment only.
+    assert!(read("Dockerfile").contains("\"--config\", \"/etc/chorus/chorus.toml\""));
+    let (pg, admin) = (port_of(&cfg.listen), port_of(&cfg.admin_listen));
+    for (m, up) in chorus::local::MEMBERS {
+        assert_eq!(svc(m)["hostname"], m, "node_name is the host name");
+        let vols = svc(m)["volumes"].to_string();
+        assert!(vols.contains("deploy/chorus.toml:/etc/chorus/chorus.toml:ro"), "{vols}");
+        assert!(vols.contains(&format!("{m}:{}", cfg.data_dir.display())), "{vols}");
+        assert!(c["volumes"].get(m).is_some());
+        let ports: BTreeSet<(u64, u64)> = svc(m)["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["published"].as_u64().unwrap(), p["target"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(ports, BTreeSet::from([(pg + u64::from(up), pg), (admin + u64::from(up), admin)]));
+        let env = &svc(m)["environment"];
+        assert!(env.get("CHORUS_ADMIN_TOKEN").is_some() && env.get("CHORUS_PASSWORD_POSTGRES").is_some());
+        for e in ["etcd1", "etcd2", "etcd3"] {
+            assert!(svc(m)["depends_on"].get(e).is_some(), "{m} starts after {e}");
+        }
+    }
+    assert!(cfg.admin_token.is_empty() && cfg.users.iter().all(|u| u.password.is_empty()), "no secret in the file");
+
+    // The load goes through both members (libpq finds the leader); Prometheus scrapes both.
+    assert!(svc("load")["command"].to_string().contains(&format!("host=chorus-a,chorus-b port={pg},{pg}")));
     let prom = read("deploy/prometheus.yml");
-    assert!(prom.contains(&format!("\"chorus:{admin}\"")) && prom.contains("metrics_path: /metrics"), "{prom}");
+    assert!(prom.contains(&format!("[\"chorus-a:{admin}\", \"chorus-b:{admin}\"]")) && prom.contains("metrics_path: /metrics"), "{prom}");
 }
 
 fn sh(cmd: &mut Command) -> String {
@@ -108,17 +134,22 @@ fn cluster_sh_up_pgbench_join_remove_verify_down() {
             .env("CHORUSCTL_BIN", &ctl);
         c
     };
-    let up = sh(&mut script("up"));
-    // A failed assertion below still takes the cluster down (its load runs for a day).
-    struct Down<'a>(&'a dyn Fn(&str) -> Command, bool);
+    // A failed assertion below (or a failed start) still takes the cluster down (its load
+    // runs for a day), and shows what its members logged.
+    struct Down<'a>(&'a dyn Fn(&str) -> Command, bool, &'a Path);
     impl Drop for Down<'_> {
         fn drop(&mut self) {
             if !self.1 {
                 let _ = (self.0)("down").output();
+                for log in ["chorus.log", "chorus-a.log", "chorus-b.log"] {
+                    let text = std::fs::read_to_string(self.2.join(log)).unwrap_or_default();
+                    eprintln!("--- {log}:\n{text}");
+                }
             }
         }
     }
-    let mut guard = Down(&script, false);
+    let mut guard = Down(&script, false, dir.path());
+    let up = sh(&mut script("up"));
     assert!(up.contains("The cluster is up"), "{up}");
     let env = std::fs::read_to_string(dir.path().join("cluster.env")).unwrap();
     let var = |k: &str| env.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap().to_string();
