@@ -144,7 +144,12 @@ fn start_member(
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| format!("{name}.log: {e}"))?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let mut cmd = Command::new(exe);
-    cmd.arg("--config").arg(&path).arg("run").env("CHORUS_ADMIN_TOKEN", token).stdout(log.try_clone().map_err(|e| e.to_string())?).stderr(log);
+    cmd.arg("--config")
+        .arg(&path)
+        .arg("run")
+        .env("CHORUS_ADMIN_TOKEN", token)
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log);
     // A member outlives nothing: if this process dies, so do they.
     // SAFETY: prctl in the child before exec; no allocation, no lock.
     unsafe {

@@ -116,14 +116,17 @@ impl Server {
             }
             None => None,
         };
+        let mut ha_states = None;
         if let (Some(m), Some(hc)) = (&ha, &cfg.ha) {
             let mirror = crate::ha::states::EtcdStates::start(hc, m.clone())
                 .map_err(|e| StartError::SharedStates(format!("cannot start the state writer: {e}")))?;
-            cluster.share_states(Box::new(mirror));
+            cluster.share_states(Box::new(mirror.clone()));
+            ha_states = Some(mirror);
         }
         let mut shared = Shared::new(cfg, cluster, history);
         shared.tls = tls;
         shared.ha = ha;
+        shared.ha_states = ha_states;
         let shared = Arc::new(shared);
         if let Some(addr) = admin.as_ref().and_then(|l| l.local_addr().ok()) {
             if admin_tls.is_none() && !addr.ip().is_loopback() {
@@ -374,6 +377,12 @@ async fn take_over(
         }
     };
     shared.cluster.adopt(&last.unwrap_or_default(), cfg)?;
+    // The last leader's join, as far as it came (shown by GET /join and the dashboard).
+    match crate::ha::states::load_join(member).await {
+        Ok(Some(p)) => shared.joins.adopt(p),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "etcd: the last leader's join progress could not be read"),
+    }
     for b in shared.cluster.backends().iter().skip(known) {
         cluster::spawn_health_check(shared.cfg.clone(), shared.cluster.clone(), b.clone(), shared.stop.clone());
     }

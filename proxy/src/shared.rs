@@ -45,6 +45,8 @@ pub struct Shared {
     pub(crate) clients: AtomicUsize,
     /// This instance's membership of a group on etcd (None: no `[ha]`, it runs alone).
     pub ha: Option<crate::ha::Member>,
+    /// What the leader shares through etcd besides the backend states (a join's progress).
+    pub ha_states: Option<crate::ha::states::EtcdStates>,
     /// Cancelled when this instance stops leading: sessions end at once with 57P01.
     pub deposed: CancellationToken,
     /// Cancelled (before `stop`) when a planned switchover drains this leader: sessions end
@@ -72,6 +74,7 @@ impl Shared {
             tls: None,
             clients: AtomicUsize::new(0),
             ha: None,
+            ha_states: None,
             deposed: CancellationToken::new(),
             handing_over: CancellationToken::new(),
         }

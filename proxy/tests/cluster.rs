@@ -77,7 +77,10 @@ fn the_compose_file_describes_what_cluster_sh_runs() {
     for e in ["etcd1", "etcd2", "etcd3"] {
         let cmd = svc(e)["command"].to_string();
         assert!(cmd.contains(&format!("--advertise-client-urls=http://{e}:2379")), "{cmd}");
-        assert!(cmd.contains("--initial-cluster=etcd1=http://etcd1:2380,etcd2=http://etcd2:2380,etcd3=http://etcd3:2380"), "{cmd}");
+        assert!(
+            cmd.contains("--initial-cluster=etcd1=http://etcd1:2380,etcd2=http://etcd2:2380,etcd3=http://etcd3:2380"),
+            "{cmd}"
+        );
         assert!(svc(e)["volumes"].to_string().contains(&format!("{e}:/etcd-data")));
         assert!(c["volumes"].get(e).is_some());
     }
@@ -111,7 +114,10 @@ fn the_compose_file_describes_what_cluster_sh_runs() {
     // The load goes through both members (libpq finds the leader); Prometheus scrapes both.
     assert!(svc("load")["command"].to_string().contains(&format!("host=chorus-a,chorus-b port={pg},{pg}")));
     let prom = read("deploy/prometheus.yml");
-    assert!(prom.contains(&format!("[\"chorus-a:{admin}\", \"chorus-b:{admin}\"]")) && prom.contains("metrics_path: /metrics"), "{prom}");
+    assert!(
+        prom.contains(&format!("[\"chorus-a:{admin}\", \"chorus-b:{admin}\"]")) && prom.contains("metrics_path: /metrics"),
+        "{prom}"
+    );
 }
 
 fn sh(cmd: &mut Command) -> String {

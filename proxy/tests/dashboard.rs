@@ -186,3 +186,56 @@ async fn the_dashboard_shows_the_cluster_and_drives_it() {
     assert!(failed.iter().all(|f| f.starts_with("401 /status")), "{failed:?}");
     drop(newcomer);
 }
+
+/// Waits until `m`'s admin API says it has `role`.
+async fn wait_role(m: &common::ChorusProcess, role: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while m.role().await.as_deref() != Some(role) {
+        assert!(Instant::now() < deadline, "never {role}: {}", m.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// With `[ha]`: the leader's page shows both members with their roles and the epoch, and its
+/// button hands the leadership to the standby, which then leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_members_and_switches_over() {
+    let etcd = chorus_testkit::etcd::Etcd::start(1).await.unwrap();
+    let servers = [PgServer::start(PgOptions::default()).await.unwrap(), PgServer::start(PgOptions::default()).await.unwrap()];
+    let refs: Vec<&PgServer> = servers.iter().collect();
+    let ha = |node: &str| format!("{}\ncluster = \"d\"\nnode_name = \"{node}\"\nlease_ttl = \"3s\"", etcd.endpoints_toml(&[0]));
+    let bin = common::chorus_bin();
+    let a = common::ChorusProcess::start_member(bin, &refs, ChorusOptions::default(), &ha("a")).await.unwrap();
+    wait_role(&a, "leader").await;
+    let b = common::ChorusProcess::start_member(bin, &refs, ChorusOptions::default(), &ha("b")).await.unwrap();
+    wait_role(&b, "standby").await;
+
+    let mut page = Browser::start().await.unwrap();
+    page.open(&format!("{}/", a.admin_url())).await.unwrap();
+    page.fill("#token", ADMIN_TOKEN).await.unwrap();
+    page.click("#login-form button").await.unwrap();
+    page.wait("document.querySelectorAll('tr[data-member]').length === 2", Duration::from_secs(10)).await.unwrap();
+    let role = |m: &str| format!("document.querySelector('tr[data-member=\"{m}\"] [data-role]').dataset.role");
+    assert_eq!(page.eval(&role("a")).await.unwrap(), serde_json::json!("leader"));
+    assert_eq!(page.eval(&role("b")).await.unwrap(), serde_json::json!("standby"));
+    let title = page.eval("document.getElementById('members-title').textContent").await.unwrap();
+    assert!(title.as_str().unwrap().starts_with("epoch ") && title.as_str().unwrap().contains("from a (leader)"), "{title}");
+    // Only the standby has a button: the leader hands over, it does not take over.
+    let buttons = page.eval("[...document.querySelectorAll('[data-switchover]')].map(b => b.dataset.switchover)").await.unwrap();
+    assert_eq!(buttons, serde_json::json!(["b"]));
+    shot(&mut page, "08-members").await;
+
+    page.dialogs(true).await.unwrap();
+    page.click("button[data-switchover=\"b\"]").await.unwrap();
+    let said = page
+        .wait("document.getElementById('members-result').textContent.startsWith('Switching over to b') && document.getElementById('members-result').textContent", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(said.as_str().unwrap().contains("open transactions get 5 s"), "{said}");
+    shot(&mut page, "09-switchover").await;
+    wait_role(&b, "leader").await;
+    wait_role(&a, "standby").await;
+    assert!(b.serves().await && !a.serves().await, "b serves, a stands by with its port closed");
+    let dialogs = page.dialogs(true).await.unwrap();
+    assert!(dialogs.iter().any(|d| d.starts_with("Hand the leadership to b?")), "{dialogs:?}");
+}

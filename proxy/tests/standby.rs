@@ -721,3 +721,70 @@ async fn leader_epoch(m: &ChorusProcess) -> u64 {
     assert_eq!(v["role"], "leader", "{out}");
     v["epoch"].as_u64().expect("an epoch")
 }
+
+/// The join progress this member's admin API shows (`status`'s `join`).
+fn join_of(m: &ChorusProcess) -> serde_json::Value {
+    let (ok, out) = m.chorusctl(&["--json", "status"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("chorusctl --json status");
+    v["join"].clone()
+}
+
+/// A join's progress goes to etcd: after the leader that ran a join is killed, the next leader
+/// shows it done, with the newcomer in sync and equal; a join cut off by its leader's death
+/// (killed while it copies) shows as failed on the next leader, its newcomer out of the
+/// in-sync set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_next_leader_shows_the_last_leaders_join() {
+    let mut g = Group::start(2, 1).await;
+    let spare = PgServer::start(PgOptions::default()).await.expect("start the spare");
+    let mut leader = g.leader(Duration::from_secs(30)).await;
+    create_acks(&g).await;
+    let (c, conn) = tokio_postgres::connect(&g.conn_str(), NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    c.batch_execute("INSERT INTO acks SELECT g FROM generate_series(1, 1000) g").await.expect("rows");
+    let port = spare.port().to_string();
+    let (ok, out) = g.members[leader].chorusctl(&["join", "pg3", "--host", "127.0.0.1", "--port", &port]);
+    assert!(ok && out.contains("pg3 is in sync"), "{out}");
+    g.members[leader].kill();
+    let killed = leader;
+    leader = g.leader(Duration::from_secs(30)).await;
+    assert_ne!(leader, killed);
+    let join = join_of(&g.members[leader]);
+    assert_eq!((join["name"].as_str(), join["phase"].as_str()), (Some("pg3"), Some("done")), "{join}");
+    let states = g.members[leader].states();
+    assert_eq!(states.get("pg3").map(String::as_str), Some("in_sync"), "{states:?}");
+    let (ok, out) = g.members[leader].verify();
+    assert!(ok, "{out}");
+    g.members[killed].launch().await.expect("restart the killed member");
+
+    // A second join, of a bigger copy, cut off in the middle by the leader's death.
+    let (c, conn) = tokio_postgres::connect(&g.conn_str(), NoTls).await.expect("connect to the new leader");
+    tokio::spawn(conn);
+    c.batch_execute("CREATE TABLE big AS SELECT g AS id, repeat('x', 300) AS pad FROM generate_series(1, 300000) g")
+        .await
+        .expect("big");
+    let spare2 = PgServer::start(PgOptions::default()).await.expect("start the second spare");
+    let port = spare2.port().to_string();
+    let (ok, out) = g.members[leader].chorusctl(&["join", "pg4", "--host", "127.0.0.1", "--port", &port, "--no-wait"]);
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(join_of(&g.members[leader])["phase"].as_str(), Some("dumping" | "restoring")) {
+        assert!(Instant::now() < deadline, "the join never copied: {}", join_of(&g.members[leader]));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    g.members[leader].kill();
+    let killed = leader;
+    leader = g.leader(Duration::from_secs(30)).await;
+    assert_ne!(leader, killed);
+    let join = join_of(&g.members[leader]);
+    assert_eq!((join["name"].as_str(), join["phase"].as_str()), (Some("pg4"), Some("failed")), "{join}");
+    assert!(join["error"].as_str().is_some_and(|e| e.contains("interrupted in phase")), "{join}");
+    let states = g.members[leader].states();
+    assert!(states.get("pg4").is_some_and(|s| s != "in_sync"), "the new leader knows pg4, out of the in-sync set: {states:?}");
+    for i in 0..g.servers.len() {
+        assert_eq!(g.acks_on(i).await.len(), 1000, "server {i}");
+    }
+    let (ok, out) = g.members[leader].verify();
+    assert!(ok, "{out}");
+}

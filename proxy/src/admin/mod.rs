@@ -220,6 +220,8 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
         "in_sync": c.in_sync_count(),
         "join": api.shared.joins.progress(),
         "join_running": api.shared.joins.running(),
+        // With [ha]: this member's role (the dashboard then shows the group from GET /ha).
+        "ha_role": api.shared.ha.as_ref().map(|m| m.role()),
     }))
     .into_response()
 }

@@ -1,5 +1,6 @@
 //! The backends' states shared through etcd: with `[ha]`, every state change the leader makes
-//! is written to `/chorus/<cluster>/backends` before it takes effect, in an etcd transaction
+//! is written to `/chorus/<cluster>/backends` before it takes effect (and each phase of a join
+//! to `/chorus/<cluster>/join`, as it happens), in an etcd transaction
 //! that succeeds only while this member's lease holds the leader key, so a deposed leader
 //! cannot change them. A new leader reads them before it fences and recovers, so a backend the
 //! last leader took out (diverged, down, joining) stays out, and one that joined through the
@@ -14,6 +15,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
 
 use super::{Member, Role};
 use crate::cluster::{StateMirror, StateRecord};
@@ -27,15 +29,16 @@ struct Shared {
     backends: BTreeMap<String, StateRecord>,
 }
 
-use serde::{Deserialize, Serialize};
-
 struct Job {
+    key: String,
     json: String,
     lease: i64,
-    reply: std::sync::mpsc::SyncSender<Result<bool, String>>,
+    /// None: nobody waits for the answer.
+    reply: Option<std::sync::mpsc::SyncSender<Result<bool, String>>>,
 }
 
-/// The leader's writer of shared states (a `StateMirror` for the cluster).
+/// The leader's writer of shared states (a `StateMirror` for the cluster); cheap to clone.
+#[derive(Clone)]
 pub struct EtcdStates {
     member: Member,
     jobs: tokio::sync::mpsc::UnboundedSender<Job>,
@@ -46,14 +49,16 @@ impl EtcdStates {
     pub fn start(cfg: &HaConfig, member: Member) -> std::io::Result<EtcdStates> {
         let (jobs, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
         let endpoints = cfg.etcd_endpoints.clone();
-        let (leader_key, states_key) = keys(&cfg.cluster);
+        let leader_key = key(&cfg.cluster, "leader");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         std::thread::Builder::new().name("chorus-ha-states".into()).spawn(move || {
             rt.block_on(async move {
                 let mut client: Option<Client> = None;
                 while let Some(job) = rx.recv().await {
-                    let r = write(&mut client, &endpoints, &leader_key, &states_key, &job).await;
-                    let _ = job.reply.send(r);
+                    let r = write(&mut client, &endpoints, &leader_key, &job).await;
+                    if let Some(reply) = &job.reply {
+                        let _ = reply.send(r);
+                    }
                 }
             })
         })?;
@@ -61,18 +66,18 @@ impl EtcdStates {
     }
 }
 
-fn keys(cluster: &str) -> (String, String) {
-    (format!("/chorus/{cluster}/leader"), format!("/chorus/{cluster}/backends"))
+fn key(cluster: &str, name: &str) -> String {
+    format!("/chorus/{cluster}/{name}")
 }
 
-async fn write(client: &mut Option<Client>, endpoints: &[String], leader: &str, states: &str, job: &Job) -> Result<bool, String> {
+async fn write(client: &mut Option<Client>, endpoints: &[String], leader: &str, job: &Job) -> Result<bool, String> {
     if client.is_none() {
         let opts = ConnectOptions::new().with_connect_timeout(WRITE_TIMEOUT).with_timeout(WRITE_TIMEOUT);
         *client = Some(Client::connect(endpoints, Some(opts)).await.map_err(|e| e.to_string())?);
     }
     let Some(c) = client.as_mut() else { return Err("no etcd connection".into()) };
     let txn = Txn::new().when([Compare::lease(leader, CompareOp::Equal, job.lease)]).and_then([TxnOp::put(
-        states,
+        job.key.as_str(),
         job.json.as_str(),
         None,
     )]);
@@ -96,7 +101,8 @@ impl StateMirror for EtcdStates {
         };
         let json = serde_json::to_string(&Shared { backends: backends.clone() }).map_err(|e| e.to_string())?;
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        self.jobs.send(Job { json, lease, reply }).map_err(|_| "the etcd writer stopped".to_string())?;
+        let job = Job { key: key(&self.member.cluster(), "backends"), json, lease, reply: Some(reply) };
+        self.jobs.send(job).map_err(|_| "the etcd writer stopped".to_string())?;
         match answer.recv_timeout(WRITE_TIMEOUT + Duration::from_millis(500)) {
             Ok(Ok(true)) => Ok(()),
             Ok(Ok(false)) => {
@@ -109,11 +115,30 @@ impl StateMirror for EtcdStates {
     }
 }
 
+impl EtcdStates {
+    /// The leader's latest join progress, written as it goes (nobody waits for it: it only
+    /// tells the next leader, and the operators reading it, how far the join came).
+    pub fn publish_join(&self, progress: &crate::join::Progress) {
+        let (Role::Leader, Some(lease)) = (self.member.role(), self.member.lease()) else { return };
+        let Ok(json) = serde_json::to_string(progress) else { return };
+        let _ = self.jobs.send(Job { key: key(&self.member.cluster(), "join"), json, lease, reply: None });
+    }
+}
+
+/// The join progress the last leader wrote (None: none).
+pub async fn load_join(member: &Member) -> Result<Option<crate::join::Progress>, String> {
+    let mut c = member.client();
+    let r = c.get(key(&member.cluster(), "join"), None).await.map_err(|e| e.to_string())?;
+    match r.kvs().first() {
+        None => Ok(None),
+        Some(kv) => serde_json::from_slice(kv.value()).map(Some).map_err(|e| e.to_string()),
+    }
+}
+
 /// The states the last leader wrote (None: no leader wrote any yet).
 pub async fn load(member: &Member) -> Result<Option<BTreeMap<String, StateRecord>>, String> {
-    let (_, key) = keys(&member.cluster());
     let mut c = member.client();
-    let r = c.get(key, None).await.map_err(|e| e.to_string())?;
+    let r = c.get(key(&member.cluster(), "backends"), None).await.map_err(|e| e.to_string())?;
     match r.kvs().first() {
         None => Ok(None),
         Some(kv) => serde_json::from_slice::<Shared>(kv.value()).map(|s| Some(s.backends)).map_err(|e| e.to_string()),

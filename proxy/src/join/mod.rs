@@ -73,7 +73,7 @@ pub struct JoinRequest {
     pub skip_verify: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Starting,
@@ -94,7 +94,7 @@ impl Phase {
 }
 
 /// What `chorusctl join` and the admin API show of a join.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Progress {
     pub name: String,
     pub method: Method,
@@ -156,6 +156,22 @@ impl Joins {
 
     pub fn running(&self) -> bool {
         self.running.load(Ordering::Acquire)
+    }
+
+    /// The last join of the leader before this one (from etcd), when this member has run
+    /// none: shown as it was left; one that was still under way is failed, since nobody runs it
+    /// now (its newcomer stays out of the in-sync set and is joined again).
+    pub fn adopt(&self, mut last: Progress) {
+        let Ok(mut cur) = self.current.lock() else { return };
+        if cur.is_some() || self.running() {
+            return;
+        }
+        if !matches!(last.phase, Phase::Done | Phase::Failed) {
+            last.error =
+                Some(format!("interrupted in phase {:?}: the leader that ran it stopped leading; join it again", last.phase));
+            last.phase = Phase::Failed;
+        }
+        *cur = Some(Arc::new(Mutex::new(last)));
     }
 }
 
@@ -423,7 +439,13 @@ struct Job {
 impl Job {
     fn update(&self, f: impl FnOnce(&mut Progress)) {
         if let Ok(mut p) = self.progress.lock() {
+            let before = p.phase;
             f(&mut p);
+            if p.phase != before {
+                if let Some(states) = &self.shared.ha_states {
+                    states.publish_join(&p);
+                }
+            }
             p.elapsed_seconds = self.started.elapsed().as_secs_f64();
             if let Some(log) = &self.log {
                 p.log_units = log.units();

@@ -81,6 +81,39 @@ function renderBackends(list) {
   }));
 }
 
+// The group on etcd (GET /ha; 404 without [ha]: the card stays hidden).
+function renderMembers(ha) {
+  const card = $("members");
+  if (!ha) { card.hidden = true; return; }
+  card.hidden = false;
+  const lease = ha.role === "leader" ? " · lease " + (ha.lease_left_ms / 1000).toFixed(1) + " s left" : "";
+  $("members-title").textContent = "epoch " + ha.epoch + " · this page from " + ha.node + " (" + ha.role + ")" + lease;
+  const body = $("members-table").tBodies[0];
+  body.replaceChildren(...ha.members.map((m) => {
+    const role = m.node === ha.leader ? "leader" : "standby";
+    const cell = el("td", {});
+    if (ha.role === "leader" && role === "standby") {
+      const b = el("button", { "data-switchover": m.node, text: "Switch over to " + m.node });
+      b.addEventListener("click", () => switchover(m.node));
+      cell.append(b);
+    }
+    return el("tr", { "data-member": m.node },
+      el("td", {}, el("b", { text: m.node })),
+      el("td", {}, el("span", { class: "role " + role, "data-role": role, text: role })),
+      el("td", { text: m.address }),
+      el("td", { text: m.admin }),
+      cell);
+  }));
+}
+
+async function switchover(to) {
+  if (!confirm("Hand the leadership to " + to + "? Open transactions finish; each session ends at a transaction boundary and its client reconnects to " + to + ".")) return;
+  const r = await api("POST", "/switchover", { to });
+  showResult("members-result", r.ok, r.ok
+    ? "Switching over to " + to + ": open transactions get " + (r.data.timeout_ms / 1000) + " s; this member then stands by (open " + to + "'s dashboard)."
+    : "Switchover refused: " + (r.data && r.data.error));
+}
+
 function renderJoin(j) {
   const card = $("join");
   if (!j) { card.hidden = true; return; }
@@ -169,6 +202,9 @@ async function refresh() {
     const [st, bk, se] = await Promise.all([api("GET", "/status"), api("GET", "/backends"), api("GET", "/series?since=" + since)]);
     if (st.ok) renderSummary(st.data);
     if (bk.ok) renderBackends(bk.data);
+    // The group, for a member of one ([ha]); an instance alone has none to show.
+    const ha = st.ok && st.data.ha_role ? await api("GET", "/ha") : null;
+    renderMembers(ha && ha.ok ? ha.data : null);
     if (se.ok) {
       samples = samples.concat(se.data.samples).slice(-600);
       document.body.dataset.samples = String(samples.length);
