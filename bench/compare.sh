@@ -23,9 +23,12 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 # A Chorus that ejected a backend at startup would be measured over fewer backends.
 in_sync() { if grep -q "backend ejected" "$work/$1.log"; then echo "chorus $1 ejected a backend: $(grep ejected "$work/$1.log")" >&2; exit 1; fi; }
+# Only one instance may write a server's update history (its writer lock): chorus1 and
+# chorus2u share servers with chorus2, so they run with history = false (HISTORY=false).
 start_chorus() { # name port backends...
   local name=$1 port=$2; shift 2
   { echo "listen = \"127.0.0.1:$port\""; echo "data_dir = \"$work/$name\""; echo "health_check_database = \"bench\""
+    echo "history = ${HISTORY:-true}"
     echo '[auth]'; echo 'method = "trust"'; echo '[[users]]'; echo 'name = "postgres"'
     local i=1; for p in "$@"; do echo '[[backends]]'; echo "name = \"pg$i\""; echo "host = \"${BACKEND_HOST:-127.0.0.1}\""; echo "port = $p"; i=$((i+1)); done
   } >"$work/$name.toml"
@@ -34,11 +37,11 @@ start_chorus() { # name port backends...
   for _ in $(seq 100); do psql -h 127.0.0.1 -p "$port" -U postgres -d bench -qAtc 'select 1' >/dev/null 2>&1 && { in_sync "$name"; return; }; sleep 0.1; done
   echo "chorus $name did not start: $(cat "$work/$name.log")" >&2; exit 1
 }
-start_chorus one 6441 "$PG_A"
+HISTORY=false start_chorus one 6441 "$PG_A"
 start_chorus two 6442 "$PG_A" "$PG_B"
 if [[ -n ${BASELINE_BIN:-} ]]; then CHORUS_BIN=$BASELINE_BIN start_chorus before2 6443 "$PG_A" "$PG_B"; fi
 # Target "chorus2u": this build over both servers' Unix-domain sockets (the peers' directory).
-if [[ " ${TARGETS:-} " == *" chorus2u "* ]]; then BACKEND_HOST=${PEERS_DIR:-/tmp/peers} start_chorus twou 6444 "$PG_A" "$PG_B"; fi
+if [[ " ${TARGETS:-} " == *" chorus2u "* ]]; then HISTORY=false BACKEND_HOST=${PEERS_DIR:-/tmp/peers} start_chorus twou 6444 "$PG_A" "$PG_B"; fi
 declare -A port=([direct]=$PG_A [pgbouncer]=${PGBOUNCER:-55510} [chorus1]=6441 [chorus2]=6442 [before2]=6443 [chorus2u]=6444 [pgpool]=${PGPOOL:-55520})
 list=""
 for t in ${TARGETS:-direct pgbouncer chorus1 chorus2 pgpool}; do list+="$t:${port[$t]} "; done

@@ -59,6 +59,9 @@ as_peers pgbouncer -d "$work/pgbouncer.ini"
 start_chorus() { # name port tls
   { echo "listen = \"127.0.0.1:$2\""; echo "data_dir = \"$work/$1\""; echo "health_check_database = \"bench\""
     echo 'backend_sslmode = "disable"'
+    # Two instances on one server: only one may write its update history (the writer lock),
+    # and select-only writes none.
+    echo 'history = false'
     echo '[auth]'; echo 'method = "trust"'; echo '[[users]]'; echo 'name = "postgres"'
     echo '[[backends]]'; echo 'name = "pg1"'; echo 'host = "127.0.0.1"'; echo "port = $PG_A"
     if [[ $3 == tls ]]; then echo '[tls]'; echo 'mode = "require"'; echo "cert_file = \"$work/server.crt\""; echo "key_file = \"$work/server.key\""; fi

@@ -34,6 +34,8 @@ pub enum StartError {
     Fence(#[from] crate::ha::fence::FenceError),
     #[error("etcd: {0}")]
     SharedStates(String),
+    #[error(transparent)]
+    OtherWriter(cluster::writer::WriterError),
 }
 
 pub struct Server {
@@ -77,6 +79,9 @@ impl Server {
             return Err(StartError::NoBackend(failures.join("; ")));
         }
         warn_about_connection_limits(&cfg, &cluster).await;
+        if cfg.history && cfg.ha.is_none() {
+            hold_histories(&cfg, &cluster, false).await?;
+        }
         let history = if cfg.history && cfg.ha.is_some() {
             // A member of a group recovers when it wins the leadership, not before.
             Some(Arc::new(crate::history::History::open(&cfg).map_err(|e| StartError::History(e.to_string()))?))
@@ -387,6 +392,7 @@ async fn take_over(
         cluster::spawn_health_check(shared.cfg.clone(), shared.cluster.clone(), b.clone(), shared.stop.clone());
     }
     crate::ha::fence::raise(cfg, &shared.cluster, history.key(), epoch).await?;
+    hold_histories(cfg, &shared.cluster, true).await?;
     history.set_epoch(epoch);
     let done = crate::history::recover::recover(cfg, &shared.cluster, history).await.map_err(StartError::History)?;
     if shared.cluster.in_sync().is_empty() {
@@ -446,6 +452,22 @@ async fn park_port(member: &crate::ha::Member, listen: &str, open: bool) -> Opti
             None
         }
     }
+}
+
+/// Takes the update history's writer lock on every in-sync backend (`cluster::writer`): one
+/// held by another instance stops the start; one that cannot be reached leaves the in-sync
+/// set. A new leader (`evict`) ends the last writer's session first.
+async fn hold_histories(cfg: &Config, cluster: &Cluster, evict: bool) -> Result<(), StartError> {
+    for (idx, e) in cluster::writer::take_all(cfg, &cluster.in_sync(), evict).await {
+        match e {
+            cluster::writer::WriterError::Held { .. } if !evict => return Err(StartError::OtherWriter(e)),
+            e => {
+                cluster.eject(idx, BackendState::Down, &format!("cannot hold its update history: {e}"));
+            }
+        }
+    }
+    cluster.become_history_writer();
+    Ok(())
 }
 
 /// Every client session holds one connection per backend: a warning when the backends'

@@ -79,3 +79,40 @@ async fn sigterm_lets_open_transactions_finish() {
     }
     s.assert_identical().await;
 }
+
+/// Two instances without a group never write one history (contract, "Leadership and
+/// fencing"): a second Chorus in front of the same servers refuses to start, naming the holder
+/// of the history's writer lock, and writes nothing; once the first is killed, the second
+/// starts and serves, and the backends are equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_on_the_same_backends_refuses_to_start() {
+    let mut s = Setup::new(2).await;
+    let c = s.client().await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)").await.unwrap();
+    let before = (units(&s.servers[0]).await, units(&s.servers[1]).await);
+    let refused = ChorusProcess::start(chorus_bin(), &s.refs(), ChorusOptions::default()).await;
+    let e = refused.err().expect("a second writer of the same histories started").to_string();
+    assert!(
+        e.contains("another Chorus instance writes the update history of backend pg")
+            && e.contains("client 127.0.0.1:")
+            && e.contains("run two instances only as a group ([ha])"),
+        "{e}"
+    );
+    assert_eq!((units(&s.servers[0]).await, units(&s.servers[1]).await), before, "the refused instance wrote nothing");
+    // The first one dies: its lock goes with its connections, and the second one starts.
+    s.chorus.kill();
+    let second = ChorusProcess::start(chorus_bin(), &s.refs(), ChorusOptions::default()).await.expect("the second starts");
+    let (c2, conn) =
+        tokio_postgres::connect(&second.conn_str(common::APP_USER, "postgres"), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c2.execute("INSERT INTO t VALUES (2)", &[]).await.expect("the second instance serves writes");
+    s.assert_identical().await;
+    let (ok, out) = second.verify();
+    assert!(ok, "{out}");
+}
+
+/// The units in a server's history.
+async fn units(srv: &PgServer) -> i64 {
+    let c = srv.local_client("postgres").await.unwrap();
+    c.query_one("SELECT count(*) FROM chorus.history", &[]).await.unwrap().get(0)
+}

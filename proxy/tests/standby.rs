@@ -330,7 +330,7 @@ async fn a_frozen_leader_commits_nothing_once_the_standby_took_over() {
     stale.batch_execute("BEGIN; INSERT INTO acks (id) VALUES (-1)").await.unwrap();
     signal(&g.members[old], libc::SIGSTOP);
     let new = g.leader(Duration::from_secs(40)).await;
-    assert_ne!(new, old);
+    assert_ne!(new, old, "the frozen member still answered as the leader: {}", g.logs());
     let load = Load::start(g.conn_strs(), 2);
     load.wait_more(10, Duration::from_secs(30)).await;
     // The old leader wakes with its transaction open and its clients still there.
@@ -597,7 +597,9 @@ async fn a_planned_switchover_there_and_back_under_pgbench_fails_no_transaction(
     let (ok, out) = common::sh(std::process::Command::new("pgbench").args(["-i", "-q", "-s", "1"]).arg(&url));
     assert!(ok, "{out}");
     let bench = std::process::Command::new("pgbench")
-        .args(["-n", "-C", "-c", "4", "-j", "4", "-R", "200", "-T", "25", "--verbose-errors"])
+        // A count, not a duration: however slow the machine, pgbench still runs when the
+        // second switchover is done (each wait below needs 100 transactions).
+        .args(["-n", "-C", "-c", "4", "-j", "4", "-t", "200", "--verbose-errors"])
         .arg(&url)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -205,7 +205,10 @@ pub fn spawn_health_check(cfg: Arc<Config>, cluster: Arc<Cluster>, b: Arc<Backen
                         continue;
                     }
                     match probe(&cfg, &b, cfg.health_check_timeout).await {
-                        Ok(()) => failures = 0,
+                        Ok(()) => {
+                            failures = 0;
+                            hold_history(&cfg, &cluster, &b).await;
+                        }
                         Err(e) => {
                             failures += 1;
                             tracing::warn!(backend = %b.name, failures, error = %e, "health check failed");
@@ -217,6 +220,23 @@ pub fn spawn_health_check(cfg: Arc<Config>, cluster: Arc<Cluster>, b: Arc<Backen
                 }
             }
         });
+    }
+}
+
+/// A backend this instance writes the history of keeps its writer lock (taken again after the
+/// backend restarted, or when it came back in sync); one whose lock another instance holds
+/// leaves the in-sync set.
+async fn hold_history(cfg: &Config, cluster: &Cluster, b: &Backend) {
+    if !cluster.history_writer() {
+        return;
+    }
+    match super::writer::take(cfg, b, std::time::Duration::ZERO, false).await {
+        Ok(()) => {}
+        Err(e @ super::writer::WriterError::Held { .. }) => {
+            cluster.eject(b.idx, BackendState::Down, &e.to_string());
+        }
+        // Unreachable: the next check says so.
+        Err(e) => tracing::debug!(backend = %b.name, error = %e, "writer lock not taken"),
     }
 }
 

@@ -10,6 +10,7 @@
 mod health;
 pub mod signals;
 mod state;
+pub mod writer;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -55,6 +56,8 @@ pub struct Backend {
     pub(crate) no_cleartext: Mutex<Option<(String, String, String)>>,
     /// Pid signals clients sent through Chorus to this backend (see `signals`).
     pub signals: signals::PidSignals,
+    /// This instance's hold on the backend's update history (see `writer`).
+    pub writer: writer::WriterLock,
 }
 
 impl Backend {
@@ -134,6 +137,7 @@ impl Backend {
             tls,
             no_cleartext: Mutex::new(None),
             signals: signals::PidSignals::default(),
+            writer: writer::WriterLock::default(),
         }
     }
 }
@@ -180,6 +184,9 @@ pub struct Cluster {
     joined_tls: crate::config::BackendTls,
     store: Mutex<StateStore>,
     epoch: AtomicU64,
+    /// This instance writes the backends' update histories now: it holds their writer locks,
+    /// and the health checks take the lock of a backend that comes back (`writer`).
+    history_writer: AtomicBool,
 }
 
 impl Cluster {
@@ -221,6 +228,7 @@ impl Cluster {
             joined_tls: cfg.backend_tls("", 0),
             store: Mutex::new(store),
             epoch: AtomicU64::new(0),
+            history_writer: AtomicBool::new(false),
         };
         cluster.persist()?;
         cluster.publish_states();
@@ -241,6 +249,15 @@ impl Cluster {
 
     pub fn in_sync(&self) -> Vec<Arc<Backend>> {
         self.backends().iter().filter(|b| b.is_in_sync()).cloned().collect()
+    }
+
+    /// From now on this instance writes the update histories (`writer`).
+    pub fn become_history_writer(&self) {
+        self.history_writer.store(true, Ordering::Release);
+    }
+
+    pub fn history_writer(&self) -> bool {
+        self.history_writer.load(Ordering::Acquire)
     }
 
     pub fn in_sync_count(&self) -> usize {
