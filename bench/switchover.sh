@@ -13,26 +13,11 @@ cd "$(dirname "$0")/.."
 source bench/peers.sh
 rounds=${1:-5}
 work=$(mktemp -d /tmp/chorus-switchover.XXXXXX)
-etcd_port=55532
-etcd --name sw --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$etcd_port" \
-  --advertise-client-urls "http://127.0.0.1:$etcd_port" --listen-peer-urls http://127.0.0.1:55533 \
-  --initial-advertise-peer-urls http://127.0.0.1:55533 --initial-cluster sw=http://127.0.0.1:55533 \
-  >"$work/etcd.log" 2>&1 &
-etcd_pid=$!
-declare -A pid port
-port[a]=55543 port[b]=55544
-cleanup() { kill -9 "${pid[a]:-}" "${pid[b]:-}" "$etcd_pid" "${bench_pid:-}" 2>/dev/null || true; }
+ETCD_PORT=55532 PORT_A=55543 PORT_B=55544 CLUSTER=sw
+cleanup() { kill -9 "${pid[a]:-}" "${pid[b]:-}" "${etcd_pid:-}" "${bench_pid:-}" 2>/dev/null || true; }
 trap cleanup EXIT
-config() {
-  printf 'listen = "127.0.0.1:%s"\nadmin_listen = "127.0.0.1:%s"\nadmin_token = "bench"\ndata_dir = "%s"\nhealth_check_database = "bench"\n[auth]\nmethod = "trust"\n[[users]]\nname = "postgres"\n[[backends]]\nname = "pg1"\nhost = "127.0.0.1"\nport = %s\n[[backends]]\nname = "pg2"\nhost = "127.0.0.1"\nport = %s\n[ha]\netcd_endpoints = ["http://127.0.0.1:%s"]\ncluster = "bench-sw"\nnode_name = "%s"\n' \
-    "${port[$1]}" "$((port[$1] + 10))" "$work/$1" "$PG_A" "$PG_B" "$etcd_port" "$1" >"$work/$1.toml"
-}
-start() { CHORUS_LOG=info target/release/chorus --config "$work/$1.toml" >>"$work/$1.log" 2>&1 & pid[$1]=$!; }
+source bench/members.sh
 conn="host=127.0.0.1,127.0.0.1 port=${port[a]},${port[b]} user=postgres dbname=bench connect_timeout=10"
-leader() { for m in a b; do curl -sf "http://127.0.0.1:$((port[$m] + 10))/leader" >/dev/null 2>&1 && { echo "$m"; return; }; done; }
-until curl -sf "http://127.0.0.1:$etcd_port/health" >/dev/null; do sleep 0.1; done
-for m in a b; do config "$m"; start "$m"; done
-until [[ -n $(leader) ]]; do sleep 0.1; done
 # Both members up: the standby has its lease before the first switchover names it.
 until [[ $(curl -sf -H 'Authorization: Bearer bench' "http://127.0.0.1:$((port[a] + 10))/ha" | grep -o '"node"' | wc -l) -ge 3 ]]; do sleep 0.1; done
 pgbench -i -q -s 1 "$conn" >/dev/null 2>&1
@@ -58,5 +43,4 @@ for m in "${marks[@]}"; do
 done >"$work/pauses"
 echo "pauses (s): $(tr '\n' ' ' <"$work/pauses")"
 sort -n "$work/pauses" | awk '{a[NR]=$1} END {printf "planned switchover, longest pause between commits under pgbench -C: median %.3f s, worst %.3f s over %d rounds\n", a[int((NR+1)/2)], a[NR], NR}'
-cp "$work/$(leader).toml" "$work/verify.toml"
-target/release/chorus --config "$work/verify.toml" verify | tail -1
+verify_equal

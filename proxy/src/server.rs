@@ -214,11 +214,7 @@ impl Server {
         tracing::info!(listen = %shared.cfg.listen, backends = shared.cluster.in_sync_count(), "Chorus is ready");
         crate::watchdog::ready(&format!("serving on {}", shared.cfg.listen));
         let mut tick = tokio::time::interval(crate::watchdog::ACCEPT_TICK);
-        // For the watchdog's test: the accept loop wedges (blocks its thread) after this long.
-        let wedge_at = std::env::var("CHORUS_TEST_WEDGE_ACCEPT_AFTER_MS")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(|ms| std::time::Instant::now() + std::time::Duration::from_millis(ms));
+        let wedge_at = crate::watchdog::test_wedge_at();
         let lost = async {
             match &shared.ha {
                 Some(m) => m.lost().await,
@@ -247,10 +243,7 @@ impl Server {
                 }
                 _ = tick.tick() => {
                     crate::watchdog::marks().accepted();
-                    if wedge_at.is_some_and(|t| std::time::Instant::now() >= t) {
-                        tracing::warn!("CHORUS_TEST_WEDGE_ACCEPT_AFTER_MS: the accept loop blocks its thread now");
-                        std::thread::sleep(std::time::Duration::from_secs(3600));
-                    }
+                    crate::watchdog::test_wedge(wedge_at);
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {

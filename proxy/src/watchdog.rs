@@ -101,3 +101,21 @@ pub fn spawn(probe: Box<dyn Fn() + Send>, health_every: Duration) {
         }
     });
 }
+
+/// For the watchdog's test, in debug builds only: `CHORUS_TEST_WEDGE_ACCEPT_AFTER_MS` makes the
+/// accept loop wedge (block its thread) that long after it started.
+pub fn test_wedge_at() -> Option<std::time::Instant> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    let ms = std::env::var("CHORUS_TEST_WEDGE_ACCEPT_AFTER_MS").ok()?.parse::<u64>().ok()?;
+    Some(std::time::Instant::now() + Duration::from_millis(ms))
+}
+
+/// Blocks the calling thread for good once `at` has passed (see `test_wedge_at`).
+pub fn test_wedge(at: Option<std::time::Instant>) {
+    if at.is_some_and(|t| std::time::Instant::now() >= t) {
+        tracing::warn!("CHORUS_TEST_WEDGE_ACCEPT_AFTER_MS: the accept loop blocks its thread now");
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}

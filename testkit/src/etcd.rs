@@ -119,13 +119,9 @@ impl Etcd {
     pub async fn restart(&mut self, i: usize) -> Result<()> {
         self.kill(i);
         // Rejoins the cluster it was a member of.
-        self.spawn_existing(i)?;
-        self.wait_healthy(i, Duration::from_secs(20)).await
-    }
-
-    fn spawn_existing(&mut self, i: usize) -> Result<()> {
         // --initial-cluster-state is ignored once the data directory holds a member.
-        self.spawn(i)
+        self.spawn(i)?;
+        self.wait_healthy(i, Duration::from_secs(20)).await
     }
 
     pub fn log(&self, i: usize) -> String {

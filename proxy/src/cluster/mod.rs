@@ -425,7 +425,7 @@ impl Cluster {
     pub fn adopt(
         &self,
         shared: &std::collections::BTreeMap<String, StateRecord>,
-        tls: &crate::config::Config,
+        cfg: &crate::config::Config,
     ) -> Result<(), ClusterError> {
         let _store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         {
@@ -446,7 +446,7 @@ impl Cluster {
                         if list.len() >= MAX_BACKENDS {
                             return Err(ClusterError::TooMany);
                         }
-                        let t = tls.backend_tls(host, *port);
+                        let t = cfg.backend_tls(host, *port);
                         list.push(Arc::new(Backend::new(list.len(), name, host, *port, state, reason, true, r.catch_up, t)));
                     }
                 }
