@@ -19,6 +19,12 @@ impl Stmt<'_> {
     /// A DDL statement: locked by the names it gives where it can be, else the cluster-wide lock.
     pub(super) fn ddl(&mut self, node: &N) {
         self.other();
+        if let Some(why) = match node {
+            N::AlterTableStmt(a) => self.uneven_fill(a),
+            _ => None,
+        } {
+            self.refuse(&why);
+        }
         let Some(cat) = self.cat else { return };
         if cat.event_triggers {
             return;
@@ -43,6 +49,74 @@ impl Stmt<'_> {
         locked.dedup();
         self.out.global = false;
         self.out.names = locked;
+    }
+}
+
+impl Stmt<'_> {
+    /// An ALTER TABLE that fills the table's existing rows with values each backend computes on
+    /// its own: ADD COLUMN with a default that is not the same everywhere (a time, random or
+    /// other non-immutable function), or with a serial type or an identity (each backend numbers
+    /// the rows in its own physical order), or ALTER COLUMN TYPE with such a USING. Every
+    /// backend would accept it, and they would differ from then on.
+    fn uneven_fill(&self, a: &protobuf::AlterTableStmt) -> Option<String> {
+        use protobuf::{AlterTableType as At, ConstrType};
+        for c in &a.cmds {
+            let Some(N::AlterTableCmd(cmd)) = &c.node else { continue };
+            let Some(N::ColumnDef(col)) = cmd.def.as_ref().and_then(|d| d.node.as_ref()) else { continue };
+            if cmd.subtype == At::AtAlterColumnType as i32 {
+                if let Some(f) = col.raw_default.as_deref().and_then(|e| self.not_the_same_everywhere(e)) {
+                    return Some(format!(
+                        "ALTER COLUMN {} TYPE ... USING {f} (each backend would convert the rows with its own value)",
+                        cmd.name
+                    ));
+                }
+                continue;
+            }
+            if cmd.subtype != At::AtAddColumn as i32 {
+                continue;
+            }
+            let then = "add the column without it, then SET DEFAULT, then UPDATE the existing rows";
+            let ty = col.type_name.as_ref().and_then(|t| t.names.last()).and_then(|n| match &n.node {
+                Some(N::String(s)) => Some(s.sval.as_str()),
+                _ => None,
+            });
+            if matches!(ty, Some("serial" | "serial2" | "serial4" | "serial8" | "smallserial" | "bigserial")) {
+                return Some(format!(
+                    "ADD COLUMN {} of a serial type (each backend would number the existing rows in its own physical order; {then})",
+                    col.colname
+                ));
+            }
+            for k in &col.constraints {
+                let Some(N::Constraint(k)) = &k.node else { continue };
+                if k.contype == ConstrType::ConstrIdentity as i32 {
+                    return Some(format!(
+                        "ADD COLUMN {} GENERATED AS IDENTITY (each backend would number the existing rows in its own physical order; {then})",
+                        col.colname
+                    ));
+                }
+                let default = (k.contype == ConstrType::ConstrDefault as i32).then_some(k.raw_expr.as_deref()).flatten();
+                if let Some(f) = default.and_then(|e| self.not_the_same_everywhere(e)) {
+                    return Some(format!(
+                        "ADD COLUMN {} DEFAULT {f} (each backend would fill the existing rows with its own value; {then})",
+                        col.colname
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// What in an expression may differ from one backend to the next: a time keyword, or a
+    /// function that is not immutable (unknown ones count as such).
+    fn not_the_same_everywhere(&self, e: &protobuf::Node) -> Option<String> {
+        let found = self.walk(e.node.as_ref()?);
+        if found.value_functions.iter().any(|(op, _, _)| (1..=9).contains(op)) {
+            return Some("CURRENT_TIMESTAMP (or another time keyword)".into());
+        }
+        let immutable = |name: &str| {
+            self.cat.and_then(|c| c.function(name)).is_some_and(|(v, _)| v == crate::sql::catalog::Volatility::Immutable)
+        };
+        found.calls.iter().find(|(name, _, _)| !immutable(name)).map(|(name, _, _)| format!("{name}()"))
     }
 }
 

@@ -414,3 +414,33 @@ fn a_pid_signal_reads_alone_and_is_refused_inside_a_write() {
     let w = an("INSERT INTO accounts (id) SELECT pg_cancel_backend(42)");
     assert!(w.refusal.as_deref().is_some_and(|r| r.contains("pg_cancel_backend")), "{w:?}");
 }
+
+#[test]
+fn alter_table_that_fills_rows_unevenly_is_refused() {
+    let refused = |sql: &str, what: &str| {
+        let a = analyze(sql.as_bytes(), Some(&catalog_with(&[("lower", Volatility::Immutable, true)])));
+        assert!(a.refusal.as_deref().is_some_and(|r| r.contains(what)), "{sql}: {:?}", a.refusal);
+    };
+    refused("ALTER TABLE accounts ADD COLUMN at timestamptz DEFAULT now()", "ADD COLUMN at DEFAULT now()");
+    refused("ALTER TABLE accounts ADD COLUMN at timestamptz NOT NULL DEFAULT CURRENT_TIMESTAMP", "time keyword");
+    refused("ALTER TABLE accounts ADD COLUMN r float8 DEFAULT random() * 10", "DEFAULT random()");
+    refused("ALTER TABLE accounts ADD COLUMN u uuid DEFAULT gen_random_uuid()", "gen_random_uuid()");
+    refused("ALTER TABLE accounts ADD COLUMN w int DEFAULT my_writer()", "my_writer()");
+    refused("ALTER TABLE accounts ADD COLUMN n bigserial", "serial type");
+    refused("ALTER TABLE accounts ADD COLUMN n int GENERATED ALWAYS AS IDENTITY", "IDENTITY");
+    refused("ALTER TABLE accounts ALTER COLUMN owner TYPE text USING owner || random()::text", "USING random()");
+    refused("ALTER TABLE accounts ADD COLUMN a int DEFAULT 1, ADD COLUMN b timestamptz DEFAULT now()", "ADD COLUMN b");
+    // The same for every row everywhere: constants and immutable functions; a new default that
+    // reaches only future INSERTs (Chorus supplies those values).
+    for sql in [
+        "ALTER TABLE accounts ADD COLUMN note text DEFAULT 'x'",
+        "ALTER TABLE accounts ADD COLUMN n int NOT NULL DEFAULT 0",
+        "ALTER TABLE accounts ADD COLUMN l text DEFAULT lower('X')",
+        "ALTER TABLE accounts ADD COLUMN plain timestamptz",
+        "ALTER TABLE accounts ALTER COLUMN owner SET DEFAULT now()::text",
+        "ALTER TABLE accounts ALTER COLUMN balance TYPE numeric USING balance::numeric",
+    ] {
+        let a = analyze(sql.as_bytes(), Some(&catalog_with(&[("lower", Volatility::Immutable, true)])));
+        assert!(a.refusal.is_none(), "{sql}: {:?}", a.refusal);
+    }
+}
