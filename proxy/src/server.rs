@@ -248,16 +248,7 @@ impl Server {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         crate::watchdog::marks().accepted();
-                        let shared = shared.clone();
-                        // The session lives on one worker thread with its own runtime: its
-                        // sockets' wake-ups never cross threads.
-                        let Ok(std) = stream.into_std() else { continue };
-                        workers.next().spawn(tracker.track_future(async move {
-                            match TcpStream::from_std(std) {
-                                Ok(stream) => client(stream, peer, shared).await,
-                                Err(e) => tracing::warn!(error = %e, "cannot register a client socket"),
-                            }
-                        }));
+                        workers.serve(&tracker, stream, peer, shared.clone());
                     }
                     Err(e) => {
                         // Out of descriptors, say: wait a moment rather than spin.
@@ -275,8 +266,13 @@ impl Server {
             // Sessions end at their transaction boundaries, with 57P01.
             shared.handing_over.cancel();
         }
-        // Sessions learn first (idle ones end with 57P03), then the listener closes.
+        // Sessions learn first (idle ones end with 57P03), then the listener closes. Clients
+        // the kernel accepted that the loop did not yet take are answered 57P03 at their login
+        // (libpq then tries the next host of a multi-host string), not reset by the close.
         shared.stop.cancel();
+        while let Some(Ok((stream, peer))) = futures::FutureExt::now_or_never(listener.accept()) {
+            workers.serve(&tracker, stream, peer, shared.clone());
+        }
         drop(listener);
         tracing::info!(
             sessions = shared.clients.load(Ordering::Relaxed),
@@ -516,6 +512,18 @@ impl Workers {
     fn next(&self) -> &tokio::runtime::Handle {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         &self.handles[i % self.handles.len()]
+    }
+
+    /// Runs an accepted client's session on the next worker thread: its sockets' wake-ups
+    /// never cross threads.
+    fn serve(&self, tracker: &TaskTracker, stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+        let Ok(std) = stream.into_std() else { return };
+        self.next().spawn(tracker.track_future(async move {
+            match TcpStream::from_std(std) {
+                Ok(stream) => client(stream, peer, shared).await,
+                Err(e) => tracing::warn!(error = %e, "cannot register a client socket"),
+            }
+        }));
     }
 
     fn stop(self) {

@@ -605,6 +605,9 @@ async fn a_planned_switchover_there_and_back_under_pgbench_fails_no_transaction(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("pgbench");
+    // Asked of the standby, the switchover is refused, naming the leader's admin API.
+    let (ok, out) = g.members[second].chorusctl(&["switchover"]);
+    assert!(!ok && out.contains("does not lead") && out.contains(&format!("the leader is {}", names[first])), "{out}");
     for (from, to) in [(first, second), (second, first)] {
         wait_bench_rows(&g, bench_rows(&g, 0).await + 100).await;
         let (ok, out) = g.members[from].chorusctl(&["switchover", "--to", names[to]]);

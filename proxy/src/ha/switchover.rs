@@ -56,8 +56,8 @@ pub struct SwitchoverStarted {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchoverError {
-    #[error("this member does not lead (it is {0:?}): ask the leader's admin API")]
-    NotLeader(Role),
+    #[error("this member does not lead (it is {0:?}); the leader is {1}")]
+    NotLeader(Role, String),
     #[error("a switchover is already under way")]
     Busy,
     #[error("no member to hand over to: {0}")]
@@ -74,7 +74,7 @@ impl Member {
     pub async fn switchover(&self, to: Option<String>, timeout: Duration) -> Result<SwitchoverStarted, SwitchoverError> {
         let role = self.role();
         let Some(lease) = self.lease().filter(|_| role == Role::Leader) else {
-            return Err(SwitchoverError::NotLeader(role));
+            return Err(SwitchoverError::NotLeader(role, self.leader_text()));
         };
         if *self.inner.handover.borrow() != Handover::None {
             return Err(SwitchoverError::Busy);
@@ -107,7 +107,7 @@ impl Member {
             Some(PutOptions::new().with_lease(lease)),
         )]);
         if !c.txn(txn).await?.succeeded() {
-            return Err(SwitchoverError::NotLeader(Role::Deposed));
+            return Err(SwitchoverError::NotLeader(Role::Deposed, "another member".into()));
         }
         tracing::info!(to = %target.node, "planned switchover announced; waiting for the standby's port");
         let ready_key = format!("{prefix}{READY}{}", target.node);
@@ -128,6 +128,15 @@ impl Member {
         tracing::info!(to = %target.node, timeout_ms = started.timeout_ms, "planned switchover: draining");
         self.inner.handover.send_replace(Handover::Draining { to: target, lease: their_lease });
         Ok(started)
+    }
+
+    /// Who leads, as this member last read it, for an operator: "b (admin API at ...)".
+    fn leader_text(&self) -> String {
+        let st = self.status();
+        match st.members.iter().find(|m| Some(&m.node) == st.leader.as_ref()) {
+            Some(m) => format!("{} (admin API at {}): run the switchover there", m.node, m.admin),
+            None => "not known now".into(),
+        }
     }
 
     /// Completes when a switchover has begun to drain this leader.
